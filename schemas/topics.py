@@ -1,0 +1,63 @@
+"""Every Kafka topic popbridge uses, with the partition counts and settings `popbridge topics create` applies.
+
+The Strimzi KafkaTopic resources under deploy/k8s are checked against this module, so it is the one
+place a topic is declared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MIB = 1024 * 1024
+DAY_MS = 24 * 60 * 60 * 1000
+
+# A raw message may be up to the fetcher's default size limit (50 MB) plus event framing.
+MAX_MESSAGE_BYTES = 64 * MIB
+
+FETCHED = "popbridge.mail.fetched"
+ROUTED = "popbridge.mail.routed"
+DELIVERY_ATTEMPTS = "popbridge.delivery.attempts"
+DEAD_LETTERS = "popbridge.delivery.dead-letters"
+# Compacted: per (mailbox, UIDL) the latest fetch record, so a restarted fetcher re-downloads nothing.
+FETCH_STATE = "popbridge.fetch.state"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic as popbridge creates it: the name, a partition count and topic-level configs."""
+
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def _mail_topic(name: str, partitions: int, retention_days: int) -> TopicSpec:
+    return TopicSpec(
+        name,
+        partitions,
+        {
+            "max.message.bytes": str(MAX_MESSAGE_BYTES),
+            "retention.ms": str(retention_days * DAY_MS),
+            "cleanup.policy": "delete",
+            # Replay by time (`popbridge replay --from`) looks records up by timestamp; the broker's
+            # append time cannot be forged by a skewed fetcher clock.
+            "message.timestamp.type": "LogAppendTime",
+        },
+    )
+
+
+TOPICS: tuple[TopicSpec, ...] = (
+    _mail_topic(FETCHED, 6, retention_days=14),
+    _mail_topic(ROUTED, 6, retention_days=14),
+    _mail_topic(DELIVERY_ATTEMPTS, 6, retention_days=30),
+    _mail_topic(DEAD_LETTERS, 3, retention_days=90),
+    TopicSpec(FETCH_STATE, 6, {"cleanup.policy": "compact", "min.compaction.lag.ms": str(60 * 60 * 1000)}),
+)
+
+
+def topic_spec(name: str) -> TopicSpec:
+    """The spec of one of popbridge's topics; KeyError names an unknown topic."""
+    for spec in TOPICS:
+        if spec.name == name:
+            return spec
+    raise KeyError(name)

@@ -1,0 +1,88 @@
+"""The `popbridge` command: one click group whose subcommands load lazily from the services.
+
+This is the only module that reads the environment: `POPBRIDGE_*` variables become a
+`DeploymentSettings` on the click context object (`ctx.obj`), and the environment mapping is handed to
+the commands that resolve referenced secrets. A `ConfigError` anywhere becomes one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+import click
+
+from services.runtime.settings import ConfigError, DeploymentSettings
+
+# name -> "module:attribute" of a click command; imported only when that command runs.
+COMMANDS = {
+    "topics": "services.runtime.commands:topics",
+    "fetcher": "services.fetcher.commands:fetcher",
+    "router": "services.router.worker:router",
+    "route": "services.router.commands:route",
+    "deliverer": "services.deliverer.commands:deliverer",
+}
+
+
+class LazyGroup(click.Group):
+    """click's documented lazy-loading group: `--help` and each command import only what they need."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, _, attribute = target.partition(":")
+        command = getattr(importlib.import_module(module), attribute)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{target} is not a click command")
+        return command
+
+
+def deployment_settings(environ: dict[str, str]) -> DeploymentSettings:
+    """Deployment knobs from the environment, as Kubernetes sets them."""
+    port = environ.get("POPBRIDGE_HTTP_PORT", "0") or "0"
+    if not port.isdigit():
+        raise ConfigError(f"environment: POPBRIDGE_HTTP_PORT: not a port number: {port!r}")
+    return DeploymentSettings(
+        kafka_bootstrap=environ.get("POPBRIDGE_KAFKA_BOOTSTRAP") or None,
+        kafka_security_protocol=environ.get("POPBRIDGE_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT"),
+        kafka_sasl_mechanism=environ.get("POPBRIDGE_KAFKA_SASL_MECHANISM") or None,
+        kafka_sasl_username=environ.get("POPBRIDGE_KAFKA_SASL_USERNAME") or None,
+        kafka_sasl_password_file=environ.get("POPBRIDGE_KAFKA_SASL_PASSWORD_FILE") or None,
+        kafka_ca_file=environ.get("POPBRIDGE_KAFKA_CA_FILE") or None,
+        topic_prefix=environ.get("POPBRIDGE_TOPIC_PREFIX", ""),
+        group_prefix=environ.get("POPBRIDGE_GROUP_PREFIX", "popbridge"),
+        log_level=environ.get("POPBRIDGE_LOG_LEVEL", "INFO"),
+        data_dir=environ.get("POPBRIDGE_DATA_DIR", ""),
+        http_port=int(port),
+    )
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="popbridge")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """popbridge: fetch mail from POP3 mailboxes and deliver it to the right local recipients."""
+    environ = dict(os.environ)
+    ctx.obj = Context(settings=deployment_settings(environ), environ=environ)
+
+
+class Context:
+    """What every command receives: deployment settings and the environment for secret references."""
+
+    def __init__(self, settings: DeploymentSettings, environ: dict[str, str]) -> None:
+        self.settings = settings
+        self.environ = environ
+
+
+def main(argv: list[str] | None = None) -> Any:
+    try:
+        return cli.main(args=argv, prog_name="popbridge", standalone_mode=True)
+    except ConfigError as exc:
+        click.echo(f"popbridge: config error: {exc}", err=True)
+        sys.exit(2)

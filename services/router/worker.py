@@ -1,0 +1,52 @@
+"""`popbridge router`: runs the faust router app until stopped, or until caught up with --until-idle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import click
+
+from schemas.topics import FETCHED
+from services.router.app import create_app
+from services.runtime.idle import wait_until_idle
+from services.runtime.kafka import KafkaLog
+from services.runtime.settings import ConfigError, DeploymentSettings, MailConfig, load_config
+
+log = logging.getLogger("popbridge.router")
+
+
+async def run_router(settings: DeploymentSettings, config: MailConfig, *, until_idle: bool) -> None:
+    """Start the app, wait for a signal (or for idleness), stop the app cleanly."""
+    if not settings.kafka_bootstrap:
+        raise ConfigError("environment: POPBRIDGE_KAFKA_BOOTSTRAP: the router service needs Kafka")
+    app = create_app(settings, config)
+    await app.start()
+    try:
+        if until_idle:
+            log_ = KafkaLog(settings.kafka_bootstrap)
+            await wait_until_idle(log_, settings.group("router"), [settings.topic(FETCHED)])
+        else:
+            await _wait_for_signal()
+    finally:
+        await app.stop()
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True, help="Mail config (TOML).")
+@click.option("--until-idle", is_flag=True, help="Exit once every fetched message is routed and committed.")
+@click.pass_obj
+def router(obj: object, config_path: Path, until_idle: bool) -> None:
+    """Route fetched messages to their local recipients (faust-streaming app)."""
+    settings: DeploymentSettings = obj.settings  # type: ignore[attr-defined]  # services.cli.Context
+    asyncio.run(run_router(settings, load_config(config_path), until_idle=until_idle))

@@ -1,0 +1,43 @@
+"""`popbridge topics`: create and list the topics of schemas.topics on the configured log."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+
+from schemas.topics import TOPICS, TopicSpec
+from services.runtime.kafka import KafkaLog
+from services.runtime.settings import ConfigError, DeploymentSettings
+
+
+def deployed_specs(settings: DeploymentSettings) -> list[TopicSpec]:
+    """schemas.topics with this deployment's topic prefix applied."""
+    return [TopicSpec(settings.topic(s.name), s.partitions, dict(s.config)) for s in TOPICS]
+
+
+@click.group()
+def topics() -> None:
+    """Manage popbridge's Kafka topics."""
+
+
+@topics.command("create")
+@click.pass_obj
+def create(obj: object) -> None:
+    """Create every topic with its partition count and settings (existing topics are left alone)."""
+    settings: DeploymentSettings = obj.settings  # type: ignore[attr-defined]  # services.cli.Context
+    if not settings.kafka_bootstrap:
+        raise ConfigError("environment: POPBRIDGE_KAFKA_BOOTSTRAP is not set")
+    specs = deployed_specs(settings)
+    created = asyncio.run(KafkaLog(settings.kafka_bootstrap).ensure_topics(specs))
+    for spec in specs:
+        state = "created" if spec.name in created else "exists"
+        settings_text = " ".join(f"{k}={v}" for k, v in sorted(spec.config.items()))
+        click.echo(f"{state:8} {spec.name} partitions={spec.partitions} {settings_text}")
+
+
+@topics.command("list")
+def list_() -> None:
+    """Print the topics popbridge uses, with their settings."""
+    for spec in TOPICS:
+        click.echo(f"{spec.name} partitions={spec.partitions} " + " ".join(f"{k}={v}" for k, v in sorted(spec.config.items())))

@@ -1,0 +1,112 @@
+"""The small log interface every stage uses: topics, partitions, offsets, consumer groups, commit.
+
+Two implementations stand behind it: Apache Kafka (`services.runtime.kafka`) and the embedded SQLite log
+for one machine (`services.runtime.embedded`). Stages depend only on these Protocols, so the same stage
+code runs on either.
+
+Contracts:
+- `LogProducer.send` returns only once the record is durable (Kafka: acknowledged by all in-sync
+  replicas, idempotent producer). It raises `LogError` when it cannot make it durable.
+- `LogConsumer.fetch` returns records of the assigned partitions in offset order per partition.
+- `LogConsumer.commit` takes the offset of the NEXT record to read per partition, and is to be called
+  only after the outcome of every earlier record is itself durable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from schemas.topics import TopicSpec
+
+
+class LogError(Exception):
+    """The log could not do what was asked. `retriable` says whether trying again later can help."""
+
+    retriable: bool = True
+
+
+@dataclass(frozen=True, order=True)
+class TopicPartition:
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record read from the log."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp_ms: int
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One record to write."""
+
+    topic: str
+    value: bytes
+    key: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Written:
+    """Where a durable record landed."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class LogProducer(Protocol):
+    async def send(self, record: Outgoing) -> Written:
+        """Write one record; returns once it is durable."""
+        ...
+
+    async def send_all(self, records: Sequence[Outgoing]) -> list[Written]:
+        """Write several records concurrently; returns once every one is durable, in the given order."""
+        ...
+
+
+class LogConsumer(Protocol):
+    async def fetch(self, timeout: float, max_records: int = 500) -> list[Record]:
+        """The next records of the assigned partitions; an empty list when none arrived within `timeout`."""
+        ...
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Record, per partition, the offset of the next record to read."""
+        ...
+
+    async def caught_up(self) -> bool:
+        """True when every assigned partition has been read to its end (used by --until-idle)."""
+        ...
+
+
+class Log(Protocol):
+    """A durable, partitioned log: Kafka or the embedded one."""
+
+    async def ensure_topics(self, specs: Sequence[TopicSpec]) -> list[str]:
+        """Create the topics that do not exist yet; returns the names created."""
+        ...
+
+    def producer(self) -> AbstractAsyncContextManager[LogProducer]: ...
+
+    def consumer(self, group: str, topics: Sequence[str]) -> AbstractAsyncContextManager[LogConsumer]: ...
+
+
+def next_offsets(records: Sequence[Record]) -> dict[TopicPartition, int]:
+    """The commit that covers `records`: per partition, one past the highest offset seen."""
+    offsets: dict[TopicPartition, int] = {}
+    for record in records:
+        offsets[record.tp] = max(offsets.get(record.tp, 0), record.offset + 1)
+    return offsets

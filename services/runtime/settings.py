@@ -1,0 +1,236 @@
+"""The mail configuration (one TOML file: mailboxes, routing, delivery target) and the deployment settings.
+
+Both are msgspec Structs. The mail configuration rejects unknown keys, so a typo is an error that names
+the key and the file (`ConfigError`); secrets are referenced by environment variable or file name, never
+inlined. Deployment knobs (`DeploymentSettings`) are built by `services.cli` from `POPBRIDGE_*` variables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+DEFAULT_ENVELOPE_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "X-RCPT-TO")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the key. Exit code 2."""
+
+
+class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of configuration Structs: unknown keys are errors."""
+
+
+class FallbackHeaders(_Config, frozen=True):
+    primary: tuple[str, ...] = ("Resent-To", "Resent-Cc")
+    otherwise: tuple[str, ...] = ("To", "Cc")
+
+
+class ListRule(_Config, frozen=True):
+    list_id: str
+    deliver_to: str
+
+
+class Pop3MailboxInfo(_Config, frozen=True):
+    """Informational only (ROUTING.md section 1): the ISP catch-all mailbox; its address is not local."""
+
+    host: str = ""
+    user: str = ""
+    address: str = ""
+
+
+class RoutingRules(_Config, frozen=True):
+    """The routing settings of one catch-all mailbox, exactly the keys of ROUTING.md section 1.
+
+    `users = None` (absent) accepts every local part at a local domain (ROUTING.md section 6).
+    """
+
+    primary_domain: str
+    local_domains: tuple[str, ...]
+    postmaster: str
+    alias_domains: dict[str, str] = {}
+    users: tuple[str, ...] | None = None
+    aliases: dict[str, tuple[str, ...]] = {}
+    recipient_delimiter: str = "+"
+    unknown_local_user: str = "postmaster"
+    trusted_received_hosts: tuple[str, ...] = ()
+    envelope_headers: tuple[str, ...] = DEFAULT_ENVELOPE_HEADERS
+    delivered_to_strip_prefix: str = ""
+    fallback_headers: FallbackHeaders = FallbackHeaders()
+    list_rules: tuple[ListRule, ...] = ()
+    max_received: int = 50
+    pop3_mailbox: Pop3MailboxInfo | None = None
+
+
+def rules_version(rules: RoutingRules) -> str:
+    """A short hash of the routing rules, carried in every routed event so a rule change is visible."""
+    canonical = json.dumps(msgspec.to_builtins(rules), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class SecretRef(_Config, frozen=True):
+    """Where a secret comes from: an environment variable or a file (e.g. a mounted Kubernetes Secret)."""
+
+    env: str | None = None
+    file: str | None = None
+
+
+class Mailbox(_Config, frozen=True):
+    """One POP3 mailbox to drain. `recipients` set: a single-user mailbox; otherwise a catch-all one."""
+
+    id: str
+    host: str
+    username: str
+    port: int | None = None
+    tls: Literal["implicit", "starttls", "none"] = "implicit"
+    ca_file: str | None = None
+    verify_tls: bool = True
+    password_env: str | None = None
+    password_file: str | None = None
+    mode: Literal["delete", "keep"] = "delete"
+    recipients: tuple[str, ...] = ()
+    routing: RoutingRules | None = None
+    poll_interval: float = 60.0
+    max_message_size: int = 50 * 1024 * 1024
+    timeout: float = 60.0
+
+    @property
+    def catch_all(self) -> bool:
+        return not self.recipients
+
+    @property
+    def effective_port(self) -> int:
+        return self.port if self.port is not None else (995 if self.tls == "implicit" else 110)
+
+    @property
+    def password(self) -> SecretRef:
+        return SecretRef(env=self.password_env, file=self.password_file)
+
+
+class SmtpTarget(_Config, frozen=True):
+    """The organisation's own mail server that receives every delivered copy."""
+
+    host: str
+    port: int = 25
+    protocol: Literal["smtp", "lmtp"] = "smtp"
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    ca_file: str | None = None
+    verify_tls: bool = True
+    helo_name: str | None = None
+    username: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    timeout: float = 60.0
+
+
+class MailConfig(_Config, frozen=True):
+    """The whole mail configuration file."""
+
+    delivery: SmtpTarget
+    mailboxes: tuple[Mailbox, ...]
+    routing: dict[str, Any] = {}
+
+    def mailbox(self, mailbox_id: str) -> Mailbox | None:
+        return next((m for m in self.mailboxes if m.id == mailbox_id), None)
+
+    @property
+    def postmaster(self) -> str:
+        """Where mail goes that no rule can place: [routing] postmaster, else the first one configured."""
+        shared = self.routing.get("postmaster")
+        if isinstance(shared, str) and shared:
+            return shared
+        for mailbox in self.mailboxes:
+            if mailbox.routing is not None:
+                return mailbox.routing.postmaster
+        return self.mailboxes[0].recipients[0]
+
+
+class DeploymentSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Deployment knobs from `POPBRIDGE_*` environment variables (see services.cli)."""
+
+    kafka_bootstrap: str | None = None
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password_file: str | None = None
+    kafka_ca_file: str | None = None
+    topic_prefix: str = ""
+    group_prefix: str = "popbridge"
+    log_level: str = "INFO"
+    data_dir: str = ""
+    http_port: int = 0
+
+    def group(self, stage: str) -> str:
+        """The consumer group id of a stage, e.g. `popbridge-deliverer`."""
+        return f"{self.group_prefix}-{stage}"
+
+    def topic(self, name: str) -> str:
+        """The full name of one of schemas.topics' topics in this deployment."""
+        return f"{self.topic_prefix}{name}"
+
+
+def _read_document(path: Path) -> Any:
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        return tomllib.loads(text.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from None
+
+
+def _convert(document: Any, cls: type[Any], path: Path) -> Any:
+    try:
+        return msgspec.convert(document, cls)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `$")
+        key = where.rstrip("`").lstrip(".") if where else ""
+        raise ConfigError(f"{path}: {key + ': ' if key else ''}{message}") from None
+
+
+def _with_shared_routing(document: Any) -> Any:
+    """Each catch-all mailbox gets the global [routing] keys, overridden by its own [mailboxes.routing]."""
+    if not isinstance(document, dict):
+        return document
+    shared = document.get("routing", {})
+    for mailbox in document.get("mailboxes", []):
+        if isinstance(mailbox, dict) and not mailbox.get("recipients") and isinstance(shared, dict):
+            own = mailbox.get("routing", {})
+            mailbox["routing"] = {**shared, **own} if isinstance(own, dict) else own
+    return document
+
+
+def load_config(path: str | Path) -> MailConfig:
+    """Read and check the mail configuration; ConfigError names the file and the key."""
+    path = Path(path)
+    config: MailConfig = _convert(_with_shared_routing(_read_document(path)), MailConfig, path)
+    if not config.mailboxes:
+        raise ConfigError(f"{path}: mailboxes: configure at least one [[mailboxes]] entry")
+    seen: set[str] = set()
+    for index, mailbox in enumerate(config.mailboxes):
+        where = f"{path}: mailboxes[{index}]"
+        if mailbox.id in seen:
+            raise ConfigError(f"{where}.id: duplicate mailbox id {mailbox.id!r}")
+        seen.add(mailbox.id)
+        if mailbox.catch_all and mailbox.routing is None:
+            raise ConfigError(f"{where}: a catch-all mailbox (no `recipients`) needs [routing] settings")
+        if not mailbox.catch_all and mailbox.routing is not None:
+            raise ConfigError(f"{where}: a single-user mailbox (with `recipients`) takes no [routing] settings")
+        if not (mailbox.password_env or mailbox.password_file):
+            raise ConfigError(f"{where}: set password_env or password_file (passwords are never inlined)")
+    return config
+
+
+def load_routing_rules(path: str | Path) -> RoutingRules:
+    """Read a file holding only the routing keys (ROUTING.md section 1), as JSON or TOML."""
+    path = Path(path)
+    rules: RoutingRules = _convert(_read_document(path), RoutingRules, path)
+    return rules
