@@ -9,14 +9,32 @@ from typing import TypeVar
 
 import msgspec
 
-from schemas.events import DeliveryAttempted, Event, FetchRecorded, MailFetched, RecipientsResolved
+from schemas.events import (
+    DeliveryAttempted,
+    DeliveryDeadLettered,
+    Event,
+    FetchRecorded,
+    MailFetched,
+    RecipientDelivered,
+    RecipientsResolved,
+    RetryScheduled,
+)
 
 T = TypeVar("T")
 
 _encoder = msgspec.msgpack.Encoder()
 _any_event = msgspec.msgpack.Decoder(Event)
 _decoders: dict[type[object], msgspec.msgpack.Decoder[object]] = {
-    cls: msgspec.msgpack.Decoder(cls) for cls in (MailFetched, RecipientsResolved, DeliveryAttempted, FetchRecorded)
+    cls: msgspec.msgpack.Decoder(cls)
+    for cls in (
+        MailFetched,
+        RecipientsResolved,
+        DeliveryAttempted,
+        FetchRecorded,
+        RetryScheduled,
+        RecipientDelivered,
+        DeliveryDeadLettered,
+    )
 }
 
 

@@ -74,6 +74,9 @@ class RecipientsResolved(msgspec.Struct, frozen=True, kw_only=True, tag="popbrid
     rules_version: str
     routed_at: datetime
     raw: bytes
+    # Recipients another copy of the same message (same Message-ID and body) already routed; their
+    # evidence names that copy's fetch id. Not delivered again.
+    suppressed: tuple[Recipient, ...] = ()
 
 
 class DeliveryAttempted(msgspec.Struct, frozen=True, kw_only=True, tag="popbridge.delivery-attempted/1"):
@@ -109,4 +112,54 @@ def fetch_state_key(mailbox_id: str, uidl: str) -> bytes:
     return f"{mailbox_id}\x00{uidl}".encode()
 
 
-Event = MailFetched | RecipientsResolved | DeliveryAttempted | FetchRecorded
+class RetryScheduled(msgspec.Struct, frozen=True, kw_only=True, tag="popbridge.retry-scheduled/1"):
+    """Some recipients of a routed message were deferred; the deliverer tries them again at `due_at`.
+
+    `routed` is the routed event as it arrived (its raw bytes included), `recipients` the addresses still
+    to try, `attempts` how many attempts they have had, and `age_from` the instant their maximum age
+    counts from (the routing time, or the time an operator retried a dead letter).
+    """
+
+    routed: RecipientsResolved
+    recipients: tuple[str, ...]
+    attempts: int
+    due_at: datetime
+    age_from: datetime
+    last_reply: str = ""
+
+
+class RecipientDelivered(msgspec.Struct, frozen=True, kw_only=True, tag="popbridge.recipient-delivered/1"):
+    """The delivered ledger (a compacted topic keyed by fetch id and recipient): this copy was handed over."""
+
+    fetch_id: str
+    recipient: str
+    delivered_at: datetime
+
+
+class DeliveryDeadLettered(msgspec.Struct, frozen=True, kw_only=True, tag="popbridge.delivery-dead-lettered/1"):
+    """One recipient's copy could not be delivered; it waits for an operator (`popbridge dlq`).
+
+    `routed` carries the message (its raw bytes included) so `popbridge dlq retry` can try it again.
+    No bounce ever goes to the outside sender.
+    """
+
+    routed: RecipientsResolved
+    recipient: str
+    reason: str
+    smtp_code: int | None
+    enhanced_code: str | None = None
+    smtp_text: str = ""
+    attempts: int
+    dead_lettered_at: datetime
+    server: str = ""
+
+
+Event = (
+    MailFetched
+    | RecipientsResolved
+    | DeliveryAttempted
+    | FetchRecorded
+    | RetryScheduled
+    | RecipientDelivered
+    | DeliveryDeadLettered
+)

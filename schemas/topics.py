@@ -18,6 +18,12 @@ FETCHED = "popbridge.mail.fetched"
 ROUTED = "popbridge.mail.routed"
 DELIVERY_ATTEMPTS = "popbridge.delivery.attempts"
 DEAD_LETTERS = "popbridge.delivery.dead-letters"
+# The deliverer's retry tiers, one topic per delay (1 min, 5 min, 30 min, 2 h, then every 6 h by default).
+# Every record of one tier waits the same delay, so records fall due in the order they were written and
+# a tier's consumer only ever waits for the record at its head.
+RETRY_TOPICS = tuple(f"popbridge.delivery.retry-{tier}" for tier in range(1, 6))
+# The delivered ledger: one record per (fetch id, recipient) handed over, keyed by both.
+DELIVERED = "popbridge.delivery.delivered"
 # Compacted: per (mailbox, UIDL) the latest fetch record, so a restarted fetcher re-downloads nothing.
 FETCH_STATE = "popbridge.fetch.state"
 
@@ -52,6 +58,10 @@ TOPICS: tuple[TopicSpec, ...] = (
     _mail_topic(DELIVERY_ATTEMPTS, 6, retention_days=30),
     _mail_topic(DEAD_LETTERS, 3, retention_days=90),
     TopicSpec(FETCH_STATE, 6, {"cleanup.policy": "compact", "min.compaction.lag.ms": str(60 * 60 * 1000)}),
+    *(_mail_topic(name, 3, retention_days=14) for name in RETRY_TOPICS),
+    # Compaction keeps one record per key, and keys never repeat (a pair is delivered once), so the delete
+    # policy bounds the ledger: 30 days outlive the routed topic's 14 days of replay plus 5 days of retries.
+    TopicSpec(DELIVERED, 3, {"cleanup.policy": "compact,delete", "retention.ms": str(30 * DAY_MS)}),
 )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from services.runtime.logs import setup_logging
 from services.runtime.settings import ConfigError, DeploymentSettings
 
 # name -> "module:attribute" of a click command; imported only when that command runs.
@@ -69,7 +70,10 @@ def deployment_settings(environ: dict[str, str]) -> DeploymentSettings:
 def cli(ctx: click.Context) -> None:
     """popbridge: fetch mail from POP3 mailboxes and deliver it to the right local recipients."""
     environ = dict(os.environ)
-    ctx.obj = Context(settings=deployment_settings(environ), environ=environ)
+    settings = deployment_settings(environ)
+    json_logs = {"json": True, "text": False}.get(environ.get("POPBRIDGE_LOG_FORMAT", ""))
+    setup_logging(settings.log_level, json_lines=json_logs)
+    ctx.obj = Context(settings=settings, environ=environ)
 
 
 class Context:

@@ -1,28 +1,37 @@
-"""The faust-streaming router: a thin agent around the pure stage (services.router.stage).
+"""The faust-streaming router: thin agents around the pure stage (services.router.stage, .dedupe).
 
-Bytes at the boundary: the agent decodes `MailFetched` with msgspec, calls `route_fetched`, encodes
-`RecipientsResolved` and sends it keyed by fetch id. Processing is at-least-once: faust flushes the
-producer before it commits an offset, and the deliverer's ledger makes a repeated routed event harmless.
+    fetched (key: fetch id) --route--> by-message-id (key: Message-ID, internal) --dedupe--> routed
+                              \\--------- no Message-ID: straight to routed ----------------/
+
+Copies of one message land on different partitions of the fetched topic (their fetch ids differ);
+repartitioning by Message-ID makes them meet in one dedupe agent, whose table (a compacted changelog
+topic in Kafka) survives restarts and moves with its partitions.
+
+Bytes at the boundary: agents decode and encode with msgspec. Processing is at-least-once: faust
+flushes the producer before it commits an offset, and the deliverer's ledger makes a repeated routed
+event harmless. Kafka transactions (faust's exactly_once) are not used: see the README.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import faust
 
 from schemas import codec
-from schemas.events import MailFetched
-from schemas.topics import FETCHED, MAX_MESSAGE_BYTES, ROUTED
-from services.router.stage import route_fetched
+from schemas.events import MailFetched, RecipientsResolved
+from schemas.topics import FETCHED, MAX_MESSAGE_BYTES, ROUTED, topic_spec
+from services.router.dedupe import DEFAULT_WINDOW, apply_dedupe, decode_seen, dedupe_key, encode_seen
+from services.router.stage import route_fetched, to_postmaster
 from services.runtime.settings import DeploymentSettings, MailConfig
 
 log = logging.getLogger("popbridge.router")
 
 Clock = Callable[[], datetime]
+_FETCH_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
 
 
 def utc_now() -> datetime:
@@ -34,10 +43,21 @@ def faust_broker_url(bootstrap: str) -> str:
     return ";".join(f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip())
 
 
-def create_app(settings: DeploymentSettings, config: MailConfig, *, clock: Clock = utc_now) -> faust.App:
-    """A fresh router app (one per test, one per process) with its agent registered."""
+def repartition_topic(settings: DeploymentSettings) -> str:
+    return f"{settings.group('router')}-by-message-id"
+
+
+def create_app(
+    settings: DeploymentSettings,
+    config: MailConfig,
+    *,
+    clock: Clock = utc_now,
+    dedupe_window: timedelta = DEFAULT_WINDOW,
+) -> faust.App:
+    """A fresh router app (one per process, one per test) with its agents and table registered."""
     if not settings.kafka_bootstrap:
         raise ValueError("the faust router needs Kafka bootstrap servers")
+    partitions = topic_spec(FETCHED).partitions
     app = faust.App(
         settings.group("router"),
         broker=faust_broker_url(settings.kafka_bootstrap),
@@ -49,34 +69,68 @@ def create_app(settings: DeploymentSettings, config: MailConfig, *, clock: Clock
         processing_guarantee="at_least_once",
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
-        producer_max_request_size=MAX_MESSAGE_BYTES + 1024 * 1024,
-        consumer_max_fetch_size=MAX_MESSAGE_BYTES + 1024 * 1024,
+        producer_max_request_size=_FETCH_BYTES,
+        consumer_max_fetch_size=_FETCH_BYTES,
         broker_commit_every=100,
         broker_commit_interval=1.0,
-        topic_disable_leader=True,
+        topic_partitions=partitions,
+        # Standby copies would prune keys their owner is writing; the changelog is the durable copy.
+        table_standby_replicas=0,
     )
-    fetched = app.topic(settings.topic(FETCHED), key_type=bytes, value_type=bytes, internal=False)
-    routed = app.topic(settings.topic(ROUTED), key_type=bytes, value_type=bytes, internal=False)
+    fetched = app.topic(settings.topic(FETCHED), key_type=bytes, value_type=bytes)
+    routed = app.topic(settings.topic(ROUTED), key_type=bytes, value_type=bytes)
+    by_message_id = app.topic(
+        repartition_topic(settings),
+        key_type=bytes,
+        value_type=bytes,
+        internal=True,
+        partitions=partitions,
+        config={"max.message.bytes": str(MAX_MESSAGE_BYTES), "retention.ms": str(7 * 24 * 3600 * 1000)},
+    )
+    seen = app.Table("seen-copies", key_type=bytes, value_type=bytes, partitions=partitions)
 
     @app.agent(fetched, name="popbridge.router.route")
     async def route(stream: Any) -> AsyncIterator[None]:
         async for event in stream.events():
-            await _route_one(event.value, config, clock, routed)
+            resolved = _route_one(event.value, config, clock)
+            if resolved is None:
+                pass
+            elif (key := dedupe_key(resolved)) is not None:
+                await by_message_id.send(key=key, value=codec.encode(resolved))
+            else:
+                await _publish(routed, resolved)
+            yield None
+
+    @app.agent(by_message_id, name="popbridge.router.dedupe")
+    async def dedupe(stream: Any) -> AsyncIterator[None]:
+        async for event in stream.events():
+            resolved = codec.decode(event.value, RecipientsResolved)
+            emitted, remembered = apply_dedupe(resolved, decode_seen(seen.get(event.key)), clock(), dedupe_window)
+            seen[event.key] = encode_seen(remembered)
+            await _publish(routed, emitted)
             yield None
 
     return app
 
 
-async def _route_one(value: bytes, config: MailConfig, clock: Clock, routed: Any) -> None:
-    """Route one record; a record that is not a MailFetched is logged and skipped, never stops the stream."""
+def _route_one(value: bytes, config: MailConfig, clock: Clock) -> RecipientsResolved | None:
+    """Route one record. Never raises: a routing failure sends the message to the postmaster."""
     try:
         fetched = codec.decode(value, MailFetched)
     except codec.EventDecodeError as exc:
         log.error("skipping a record that is not a MailFetched event: %s", exc)
-        return
-    resolved = route_fetched(fetched, config, clock())
-    await routed.send(key=fetched.fetch_id.encode(), value=codec.encode(resolved))
+        return None
+    try:
+        return route_fetched(fetched, config, clock())
+    except Exception as exc:  # a bug in the core must not stop the stream or lose the message
+        log.exception("fetch_id=%s: routing failed, sending to the postmaster", fetched.fetch_id)
+        return to_postmaster(fetched, config, clock(), f"{type(exc).__name__}: {exc}")
+
+
+async def _publish(routed: Any, resolved: RecipientsResolved) -> None:
+    await routed.send(key=resolved.fetch_id.encode(), value=codec.encode(resolved))
     log.info(
-        "routed fetch_id=%s reason=%s recipients=%d rules=%s",
-        fetched.fetch_id, resolved.reason, len(resolved.recipients), resolved.rules_version,
+        "routed fetch_id=%s reason=%s recipients=%d suppressed=%d rules=%s",
+        resolved.fetch_id, resolved.reason, len(resolved.recipients), len(resolved.suppressed),
+        resolved.rules_version or "-",
     )

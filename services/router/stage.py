@@ -13,6 +13,7 @@ from services.runtime.settings import MailConfig, Mailbox, rules_version
 
 UNKNOWN_MAILBOX = "unknown-mailbox"
 SINGLE_USER = "single-user"
+MALFORMED = "malformed"
 
 
 def route_fetched(event: MailFetched, config: MailConfig, now: datetime) -> RecipientsResolved:
@@ -46,3 +47,22 @@ def _decide(
         return recipients, SINGLE_USER, ""
     decision = resolve(event.raw, mailbox.routing)
     return recipients_with_evidence(decision), decision.reason, rules_version(mailbox.routing)
+
+
+def to_postmaster(event: MailFetched, config: MailConfig, now: datetime, detail: str) -> RecipientsResolved:
+    """The decision when routing itself failed: the message still moves on, to the postmaster."""
+    mailbox = config.mailbox(event.mailbox_id)
+    postmaster = mailbox.routing.postmaster if mailbox and mailbox.routing else config.postmaster
+    evidence = (Evidence(source=MALFORMED, value=detail[:300]),)
+    return RecipientsResolved(
+        fetch_id=event.fetch_id,
+        mailbox_id=event.mailbox_id,
+        pop3_host=event.pop3_host,
+        message_id=None,
+        envelope_sender=None,
+        recipients=(Recipient(address=postmaster, reason=MALFORMED, evidence=evidence),),
+        reason=MALFORMED,
+        rules_version="",
+        routed_at=now,
+        raw=event.raw,
+    )

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from schemas.topics import FETCHED
-from services.router.app import create_app
+from services.router.app import create_app, repartition_topic
 from services.runtime.idle import wait_until_idle
 from services.runtime.kafka import KafkaLog
 from services.runtime.settings import ConfigError, DeploymentSettings, MailConfig, load_config
@@ -27,7 +27,8 @@ async def run_router(settings: DeploymentSettings, config: MailConfig, *, until_
     try:
         if until_idle:
             log_ = KafkaLog(settings.kafka_bootstrap)
-            await wait_until_idle(log_, settings.group("router"), [settings.topic(FETCHED)])
+            topics = [settings.topic(FETCHED), repartition_topic(settings)]
+            await wait_until_idle(log_, settings.group("router"), topics)
         else:
             await _wait_for_signal()
     finally:

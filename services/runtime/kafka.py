@@ -140,6 +140,33 @@ class KafkaLog:
             await consumer.stop()
         return {tp.partition: offset for tp, offset in ends.items()}
 
+    async def scan(self, topic: str) -> AsyncIterator[Record]:
+        """Every record of `topic` from the beginning up to its end at the time of the call."""
+        ends = {p: o for p, o in (await self.end_offsets(topic)).items() if o > 0}
+        if not ends:
+            return
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers, client_id=self.client_id, enable_auto_commit=False,
+            max_partition_fetch_bytes=_REQUEST_BYTES, fetch_max_bytes=_REQUEST_BYTES,
+        )
+        await consumer.start()
+        try:
+            consumer.assign([KafkaTopicPartition(topic, p) for p in ends])
+            await consumer.seek_to_beginning()
+            while ends:
+                batches = await consumer.getmany(timeout_ms=1000)
+                for tp, messages in batches.items():
+                    for m in messages:
+                        if m.offset < ends.get(tp.partition, 0):
+                            yield Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp)
+                for p, end in list(ends.items()):
+                    if await consumer.position(KafkaTopicPartition(topic, p)) >= end:
+                        del ends[p]
+        except KafkaError as exc:
+            raise _wrap(exc, f"read {topic}") from exc
+        finally:
+            await consumer.stop()
+
     async def committed(self, group: str, topic: str) -> dict[int, int]:
         """Per partition, the group's committed offset (partitions without a commit are absent)."""
         async with self._admin(f"committed offsets of {group}") as admin:

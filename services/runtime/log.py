@@ -14,7 +14,7 @@ Contracts:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -100,6 +100,18 @@ class Log(Protocol):
         ...
 
     def producer(self) -> AbstractAsyncContextManager[LogProducer]: ...
+
+    def scan(self, topic: str) -> AsyncIterator[Record]:
+        """Every record of `topic`, from its beginning to its end at the time of the call."""
+        ...
+
+    async def end_offsets(self, topic: str) -> dict[int, int]:
+        """Per partition, the offset the next record written will get."""
+        ...
+
+    async def committed(self, group: str, topic: str) -> dict[int, int]:
+        """Per partition, the group's committed offset (absent where the group never committed)."""
+        ...
 
     def consumer(self, group: str, topics: Sequence[str]) -> AbstractAsyncContextManager[LogConsumer]: ...
 

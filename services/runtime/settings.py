@@ -126,6 +126,17 @@ class SmtpTarget(_Config, frozen=True):
     password_env: str | None = None
     password_file: str | None = None
     timeout: float = 60.0
+    # The deliverer: connections used in parallel, the delays of its retry tiers (seconds; the last one
+    # repeats) and how long a deferred copy is retried before it goes to the dead letters.
+    connections: int = 2
+    retry_delays: tuple[float, ...] = (60.0, 300.0, 1800.0, 7200.0, 21600.0)
+    max_age_days: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.connections < 1:
+            raise ValueError("connections: must be at least 1")
+        if not 1 <= len(self.retry_delays) <= 5 or min(self.retry_delays) <= 0:
+            raise ValueError("retry_delays: one to five positive numbers of seconds")
 
 
 class MailConfig(_Config, frozen=True):

@@ -1,0 +1,98 @@
+"""The layout's rules, kept by walking imports (click's import-guard test is the model).
+
+- `schemas` imports only msgspec and the standard library;
+- no service imports another service: what two share lives in `schemas` or `services.runtime`;
+- the pure "decide" modules load no I/O or framework library, not even transitively.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("fetcher", "router", "deliverer")
+
+PURE_MODULES = [
+    "services.router.headers",
+    "services.router.addresses",
+    "services.router.received",
+    "services.router.rules",
+    "services.router.stage",
+    "services.fetcher.plan",
+    "services.fetcher.pop3_protocol",
+    "services.fetcher.memory",
+    "services.deliverer.outcome",
+    "services.deliverer.trace",
+]
+IO_AND_FRAMEWORKS = {
+    "asyncio", "socket", "ssl", "selectors", "subprocess", "sqlite3", "http", "urllib", "smtplib", "poplib",
+    "aiokafka", "faust", "mode", "aiosmtplib", "aiosmtpd", "click", "prometheus_client", "aiohttp",
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def python_files(package: str) -> list[Path]:
+    return sorted((ROOT / package.replace(".", "/")).rglob("*.py"))
+
+
+def test_schemas_import_only_msgspec_and_the_standard_library() -> None:
+    allowed = set(sys.stdlib_module_names) | {"msgspec", "schemas", "__future__"}
+    offenders = {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in python_files("schemas")
+        for name in imported_modules(path)
+        if name.split(".")[0] not in allowed
+    }
+    assert not offenders
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_no_service_imports_another_service(service: str) -> None:
+    others = {f"services.{other}" for other in SERVICES if other != service} | {"services.cli"}
+    offenders = {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in python_files(f"services.{service}")
+        for name in imported_modules(path)
+        if any(name == o or name.startswith(o + ".") for o in others)
+    }
+    assert not offenders
+
+
+def test_runtime_imports_no_service() -> None:
+    offenders = {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in python_files("services.runtime")
+        for name in imported_modules(path)
+        if any(name.startswith(f"services.{s}") for s in SERVICES) or name == "services.cli"
+    }
+    assert not offenders
+
+
+def test_pure_modules_load_no_io_or_framework_library() -> None:
+    existing = [m for m in PURE_MODULES if (ROOT / (m.replace(".", "/") + ".py")).exists()]
+    assert len(existing) >= 6, "the decide modules listed here moved: update PURE_MODULES"
+    probe = (
+        "import json, sys\n"
+        f"before = set(sys.modules)\nfor m in {existing!r}: __import__(m)\n"
+        "print(json.dumps(sorted({n.split('.')[0] for n in set(sys.modules) - before})))"
+    )
+    loaded = set(json.loads(subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout))
+    assert not loaded & IO_AND_FRAMEWORKS

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs popbridge's test suite on a fresh Debian machine: installs what the tests need (Dovecot from
+# Debian, the project into .venv, the Kafka jars from Maven Central, kustomize from the Go proxy),
+# then lint, types and pytest. Arguments go to pytest (default: every test not marked slow).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+if ! command -v dovecot >/dev/null 2>&1 || [ ! -e /usr/lib/dovecot/lmtp ]; then
+    step "installing Dovecot (POP3 + LMTP) from Debian"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q dovecot-pop3d dovecot-lmtpd
+fi
+
+step "installing popbridge into .venv"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+
+step "fetching the Kafka broker jars (cached after the first run)"
+.venv/bin/python deploy/local/kafka_broker.py fetch
+
+if [ -x deploy/tools/install_kustomize.sh ] || [ -f deploy/tools/install_kustomize.sh ]; then
+    step "installing kustomize (cached after the first run)"
+    bash deploy/tools/install_kustomize.sh
+fi
+
+step "ruff"
+.venv/bin/ruff check schemas services tests bench deploy
+step "mypy --strict"
+.venv/bin/mypy --strict schemas services tests
+
+step "pytest"
+if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
+set +e
+.venv/bin/python -m pytest -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests: that is a failure here, not a pass" >&2
+    exit 1
+fi
+exit "$rc"
