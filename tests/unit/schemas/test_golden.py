@@ -1,0 +1,110 @@
+"""Golden bytes: each event's wire encoding is pinned, so a change to the format is a visible decision.
+
+If one of these fails, the encoding changed. Either that is a mistake, or it is a new field (with a
+default) or a new event version: then update the bytes here in the same commit and say why.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from schemas import codec
+from schemas.events import (
+    DeliveryAttempted,
+    Event,
+    Evidence,
+    FetchRecorded,
+    MailFetched,
+    Recipient,
+    RecipientsResolved,
+)
+
+T = datetime(2026, 11, 27, 8, 0, 0, tzinfo=UTC)
+RAW = b"a\r\n\r\n"
+
+EVENTS: dict[str, Event] = {
+    "MailFetched": MailFetched(
+        fetch_id="f1", mailbox_id="mb", pop3_host="pop.isp.example.net", uidl="U1", size=5, sha256="ab",
+        fetched_at=T, raw=RAW,
+    ),
+    "RecipientsResolved": RecipientsResolved(
+        fetch_id="f1", mailbox_id="mb", pop3_host="pop.isp.example.net", message_id="m@x", envelope_sender="s@x",
+        recipients=(
+            Recipient(
+                address="alice@example.com",
+                reason="delivered-to",
+                evidence=(
+                    Evidence(
+                        source="delivered-to", field="Delivered-To", field_index=0, value="alice@example.com",
+                        received_hop="mx.isp.example.net",
+                    ),
+                ),
+            ),
+        ),
+        reason="delivered-to", rules_version="r1", routed_at=T, raw=RAW,
+    ),
+    "DeliveryAttempted": DeliveryAttempted(
+        fetch_id="f1", recipient="alice@example.com", outcome="delivered", smtp_code=250, enhanced_code="2.0.0",
+        smtp_text="ok", attempt=1, attempted_at=T, server="mail.example.com:25",
+    ),
+    "FetchRecorded": FetchRecorded(
+        mailbox_id="mb", uidl="U1", fetch_id="f1", size=5, sha256="ab", published_at=T
+    ),
+}
+
+GOLDEN = {
+    "MailFetched": (
+        "89a474797065b8706f706272696467652e6d61696c2d666574636865642f31a866657463685f6964a26631aa6d61696c626f"
+        "785f6964a26d62a9706f70335f686f7374b3706f702e6973702e6578616d706c652e6e6574a47569646ca25531a473697a65"
+        "05a6736861323536a26162aa666574636865645f6174d6ff6b093880a3726177c405610d0a0d0a"
+    ),
+    "RecipientsResolved": (
+        "8ca474797065bf706f706272696467652e726563697069656e74732d7265736f6c7665642f31a866657463685f6964a26631"
+        "aa6d61696c626f785f6964a26d62a9706f70335f686f7374b3706f702e6973702e6578616d706c652e6e6574aa6d65737361"
+        "67655f6964a36d4078af656e76656c6f70655f73656e646572a3734078aa726563697069656e74739183a761646472657373"
+        "b1616c696365406578616d706c652e636f6da6726561736f6eac64656c6976657265642d746fa865766964656e6365918"
+        "5a6736f75726365ac64656c6976657265642d746fa56669656c64ac44656c6976657265642d546fab6669656c645f696e"
+        "64657800a576616c7565b1616c696365406578616d706c652e636f6dac72656365697665645f686f70b26d782e6973702e"
+        "6578616d706c652e6e6574a6726561736f6eac64656c6976657265642d746fad72756c65735f76657273696f6ea27231a9"
+        "726f757465645f6174d6ff6b093880a3726177c405610d0a0d0aaa7375707072657373656490"
+    ),
+    "DeliveryAttempted": (
+        "8aa474797065be706f706272696467652e64656c69766572792d617474656d707465642f31a866657463685f6964a26631a9"
+        "726563697069656e74b1616c696365406578616d706c652e636f6da76f7574636f6d65a964656c697665726564a9736d7470"
+        "5f636f6465ccfaad656e68616e6365645f636f6465a5322e302e30a9736d74705f74657874a26f6ba7617474656d707401ac"
+        "617474656d707465645f6174d6ff6b093880a6736572766572b36d61696c2e6578616d706c652e636f6d3a3235"
+    ),
+    "FetchRecorded": (
+        "88a474797065ba706f706272696467652e66657463682d7265636f726465642f31aa6d61696c626f785f6964a26d62a47569"
+        "646ca25531a866657463685f6964a26631a473697a6505a6736861323536a26162ac7075626c69736865645f6174d6ff6b09"
+        "3880a764656c65746564c2"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_event_encoding_is_pinned(name: str) -> None:
+    assert codec.encode(EVENTS[name]).hex() == GOLDEN[name]
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_pinned_bytes_decode_back_to_the_event(name: str) -> None:
+    assert codec.decode_any(bytes.fromhex(GOLDEN[name])) == EVENTS[name]
+
+
+def test_every_event_type_has_golden_bytes() -> None:
+    assert {cls.__name__ for cls in Event.__args__} == set(GOLDEN)  # type: ignore[attr-defined]  # a Union
+
+
+def test_unknown_fields_from_a_newer_writer_are_skipped() -> None:
+    newer = bytes.fromhex(GOLDEN["FetchRecorded"])
+    # The same map with one more key ("zz": 1) appended and the map length bumped from 8 to 9.
+    patched = bytes([newer[0] + 1]) + newer[1:] + bytes.fromhex("a27a7a01")
+    assert codec.decode(patched, FetchRecorded) == EVENTS["FetchRecorded"]
+
+
+def test_a_record_of_another_type_is_a_clear_error() -> None:
+    with pytest.raises(codec.EventDecodeError, match="not a MailFetched"):
+        codec.decode(bytes.fromhex(GOLDEN["FetchRecorded"]), MailFetched)
