@@ -136,7 +136,9 @@ class RecipientDelivered(msgspec.Struct, frozen=True, kw_only=True, tag="popbrid
     delivered_at: datetime
 
 
-class DeliveryDeadLettered(msgspec.Struct, frozen=True, kw_only=True, tag="popbridge.delivery-dead-lettered/1"):
+class DeliveryDeadLettered(
+    msgspec.Struct, frozen=True, kw_only=True, tag="popbridge.delivery-dead-lettered/1"
+):
     """One recipient's copy could not be delivered; it waits for an operator (`popbridge dlq`).
 
     `routed` carries the message (its raw bytes included) so `popbridge dlq retry` can try it again.

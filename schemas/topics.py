@@ -65,9 +65,22 @@ TOPICS: tuple[TopicSpec, ...] = (
 )
 
 
+# The plain router loop's dedupe state (services.router.loop), used by `popbridge run` instead of the faust
+# router: per Message-ID, which copy routed the message to whom. Compacted, keyed by Message-ID. Not in
+# TOPICS, because the Kubernetes deployment runs the faust router, whose table has its own changelog.
+ROUTER_SEEN_COPIES = "popbridge.router.seen-copies"
+PLAIN_ROUTER_TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec(
+        ROUTER_SEEN_COPIES,
+        6,
+        {"cleanup.policy": "compact", "max.message.bytes": str(MIB), "min.compaction.lag.ms": str(DAY_MS)},
+    ),
+)
+
+
 def topic_spec(name: str) -> TopicSpec:
     """The spec of one of popbridge's topics; KeyError names an unknown topic."""
-    for spec in TOPICS:
+    for spec in (*TOPICS, *PLAIN_ROUTER_TOPICS):
         if spec.name == name:
             return spec
     raise KeyError(name)

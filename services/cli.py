@@ -24,6 +24,13 @@ COMMANDS = {
     "router": "services.router.worker:router",
     "route": "services.router.commands:route",
     "deliverer": "services.deliverer.commands:deliverer",
+    "dlq": "services.deliverer.commands:dlq",
+    "run": "services.single.run:run",
+    "demo": "services.single.demo:demo",
+    "lag": "services.runtime.ops_commands:lag",
+    "replay": "services.runtime.ops_commands:replay",
+    "replay-shadow": "services.router.shadow:replay_shadow",  # hidden: `popbridge replay router --shadow`
+    "trace": "services.runtime.ops_commands:trace",
 }
 
 

@@ -34,6 +34,19 @@ BATCH_MESSAGES = 32
 BATCH_BYTES = 32 * 1024 * 1024
 
 
+def batches(messages: list[Listed]) -> list[list[Listed]]:
+    """Consecutive groups of at most BATCH_MESSAGES messages and (beyond the first) BATCH_BYTES bytes."""
+    groups: list[list[Listed]] = []
+    size = 0
+    for message in messages:
+        if not groups or len(groups[-1]) >= BATCH_MESSAGES or size + message.size > BATCH_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(message)
+        size += message.size
+    return groups
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -99,18 +112,10 @@ class Fetcher:
         return PassResult(mailbox.id, published=published, deleted=deleted, too_big=len(plan.too_big))
 
     async def _publish_all(self, client: Pop3Client, mailbox: Mailbox, messages: list[Listed]) -> int:
-        by_number = {m.number: m for m in messages}
-        batch: list[tuple[Listed, bytes]] = []
-        batch_bytes = 0
         published = 0
-        async for number, raw in client.retr_many(list(by_number)):
-            batch.append((by_number[number], raw))
-            batch_bytes += len(raw)
-            if len(batch) >= BATCH_MESSAGES or batch_bytes >= BATCH_BYTES:
-                published += await self._publish_batch(client, mailbox, batch)
-                batch, batch_bytes = [], 0
-        if batch:
-            published += await self._publish_batch(client, mailbox, batch)
+        for batch in batches(messages):
+            retrieved = {n: raw async for n, raw in client.retr_many([m.number for m in batch])}
+            published += await self._publish_batch(client, mailbox, [(m, retrieved[m.number]) for m in batch])
         return published
 
     async def _publish_batch(self, client: Pop3Client, mailbox: Mailbox, batch: list[tuple[Listed, bytes]]) -> int:

@@ -15,8 +15,14 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import TopicPartition as KafkaTopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-from aiokafka.structs import OffsetAndMetadata
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    UnknownMemberIdError,
+)
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from schemas.topics import MAX_MESSAGE_BYTES, TopicSpec
 from services.runtime.log import LogError, Outgoing, Record, TopicPartition, Written
@@ -222,3 +228,141 @@ class KafkaLog:
             yield KafkaConsumer(consumer)
         finally:
             await consumer.stop()
+
+    # Admin operations for the ops commands (services.runtime.ops: lag, replay, trace). The embedded log
+    # (services.runtime.embedded) has the same methods, so the ops code runs against either.
+
+    async def start_offsets(self, topic: str) -> dict[int, int]:
+        """Per partition, the offset of the earliest record still kept (retention moves it)."""
+        async with self._plain_consumer(f"start offsets of {topic}") as consumer:
+            tps = [KafkaTopicPartition(topic, p) for p in await self.partitions(topic)]
+            starts = await consumer.beginning_offsets(tps)
+        return {tp.partition: offset for tp, offset in starts.items()}
+
+    async def offsets_for_time(self, topic: str, timestamp_ms: int) -> dict[int, int]:
+        """Per partition, the first offset whose record timestamp is >= `timestamp_ms`, else the end offset.
+
+        The broker's time index answers (ListOffsets), as for `kafka-consumer-groups --to-datetime`.
+        """
+        tps = [KafkaTopicPartition(topic, p) for p in await self.partitions(topic)]
+        async with self._plain_consumer(f"offsets by time of {topic}") as consumer:
+            found = await consumer.offsets_for_times(dict.fromkeys(tps, timestamp_ms))
+            ends = await consumer.end_offsets(tps)
+        return {tp.partition: ends[tp] if found[tp] is None else found[tp].offset for tp in tps}
+
+    async def read(self, topic: str, partition: int, start: int, end: int) -> list[Record]:
+        """The records of one partition with `start <= offset < end` (offsets past the log end are ignored).
+
+        Each call starts a consumer (~0.1 s): callers read a range in chunks, not one record per call.
+        """
+        tp = KafkaTopicPartition(topic, partition)
+        records: list[Record] = []
+        # A small fetch size: the broker still sends a larger first batch whole, so nothing is cut off,
+        # but reading one record (the lag's oldest timestamp) does not fetch 64 MiB behind it.
+        async with self._plain_consumer(f"read {topic}/{partition}", fetch_bytes=_READ_BYTES) as consumer:
+            end = min(end, (await consumer.end_offsets([tp]))[tp])
+            if start >= end:
+                return records
+            consumer.assign([tp])
+            consumer.seek(tp, start)
+            while await consumer.position(tp) < end:
+                batches = await consumer.getmany(tp, timeout_ms=1000)
+                records += [_record(m) for m in batches.get(tp, []) if start <= m.offset < end]
+        return records
+
+    async def active_members(self, group: str) -> list[KafkaGroupMember]:
+        """The members of `group` now (empty when the group is Empty, Dead or unknown)."""
+        async with self._admin(f"describe group {group}") as admin:
+            responses = await admin.describe_consumer_groups([group])
+        return [
+            KafkaGroupMember(m["member_id"], f"{m['client_id']}@{m['client_host'].lstrip('/')}")
+            for response in responses
+            for described in response.to_object()["groups"]
+            if described["group"] == group
+            for m in described["members"]
+        ]
+
+    async def set_committed(
+        self, group: str, offsets: Mapping[TopicPartition, int]
+    ) -> dict[TopicPartition, int]:
+        """Move the committed offsets of a stopped group, clamped to the records kept; returns what was set.
+
+        aiokafka's admin client cannot alter group offsets, so a consumer with the group's id commits for
+        manually assigned partitions: generation -1, which the broker accepts only while the group has no
+        members (verified on Kafka 4.3: a live member makes it fail with UNKNOWN_MEMBER_ID). Refused
+        (KafkaLogError, not retriable) while the group has members, as `kafka-consumer-groups` does.
+        """
+        members = await self.active_members(group)
+        if members:
+            raise KafkaLogError(_live_group_message(group, members), retriable=False)
+        clamped = await self._clamped(offsets)
+        if not clamped:
+            return clamped
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers, client_id=self.client_id, group_id=group,
+            enable_auto_commit=False,
+        )
+        try:
+            await consumer.start()
+            consumer.assign([KafkaTopicPartition(tp.topic, tp.partition) for tp in clamped])
+            await consumer.commit(
+                {KafkaTopicPartition(tp.topic, tp.partition): OffsetAndMetadata(offset, "")
+                 for tp, offset in clamped.items()}
+            )
+        except (CommitFailedError, UnknownMemberIdError, IllegalGenerationError) as exc:
+            raise KafkaLogError(f"group {group!r} became active while its offsets were moved: {exc}",
+                                retriable=False) from exc
+        except KafkaError as exc:
+            raise _wrap(exc, f"commit offsets of {group}") from exc
+        finally:
+            await consumer.stop()
+        return clamped
+
+    async def _clamped(self, offsets: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        result: dict[TopicPartition, int] = {}
+        for topic in sorted({tp.topic for tp in offsets}):
+            starts, ends = await self.start_offsets(topic), await self.end_offsets(topic)
+            for tp, offset in offsets.items():
+                if tp.topic == topic and tp.partition in ends:
+                    result[tp] = min(max(offset, starts[tp.partition]), ends[tp.partition])
+        return dict(sorted(result.items()))
+
+    @asynccontextmanager
+    async def _plain_consumer(
+        self, doing: str, fetch_bytes: int = _REQUEST_BYTES
+    ) -> AsyncIterator[AIOKafkaConsumer]:
+        """A consumer outside any group, for offset lookups and ranged reads."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers, client_id=self.client_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", max_partition_fetch_bytes=fetch_bytes,
+            fetch_max_bytes=_REQUEST_BYTES,
+        )
+        try:
+            await consumer.start()
+            yield consumer
+        except KafkaError as exc:
+            raise _wrap(exc, doing) from exc
+        finally:
+            await asyncio.sleep(0)  # aiokafka's stop() right after start() re-raises a CancelledError
+            await consumer.stop()
+
+
+_READ_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class KafkaGroupMember:
+    """A member of a consumer group as the broker describes it."""
+
+    member_id: str
+    client: str  # client id @ host
+
+
+def _live_group_message(group: str, members: Sequence[KafkaGroupMember]) -> str:
+    clients = ", ".join(sorted({m.client for m in members}))
+    return (f"group {group!r} has {len(members)} active member(s) ({clients}):"
+            " stop them before moving its offsets")
+
+
+def _record(m: ConsumerRecord[bytes, bytes]) -> Record:
+    return Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp)

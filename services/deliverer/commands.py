@@ -1,0 +1,220 @@
+"""`popbridge deliverer` (the delivery stage) and `popbridge dlq list | show | retry` (its dead letters).
+
+Both read the deployment settings from `ctx.obj` (set by services.cli; used duck-typed, as services do
+not import the CLI) and open the log with services.runtime.connect.open_log. A config mistake raises
+ConfigError (one line, exit code 2); a log that cannot be reached is one line and exit code 1. The SMTP
+password is read here, from `password_env` or `password_file`, and goes nowhere but the AUTH command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from pathlib import Path
+from typing import Any
+
+import click
+
+from schemas.codec import encode
+from schemas.events import DeliveryDeadLettered, RecipientDelivered, RetryScheduled
+from schemas.topics import DEAD_LETTERS, DELIVERED, RETRY_TOPICS
+from services.deliverer.ledger import decode_record, ledger_key, read_to_end
+from services.deliverer.retry import RetryPolicy
+from services.deliverer.service import Counts, Deliverer
+from services.deliverer.smtp import SmtpTransport
+from services.runtime.connect import open_log
+from services.runtime.log import Log, LogError, Outgoing
+from services.runtime.logs import setup_logging
+from services.runtime.secrets import read_secret
+from services.runtime.settings import DeploymentSettings, SmtpTarget, load_config
+
+
+def _deployment(ctx: click.Context) -> tuple[DeploymentSettings, Mapping[str, str]]:
+    settings = getattr(ctx.obj, "settings", None)
+    if not isinstance(settings, DeploymentSettings):
+        raise click.UsageError("run this command as `popbridge ...` (no deployment settings on the context)")
+    environ: Mapping[str, str] = getattr(ctx.obj, "environ", {})
+    return settings, environ
+
+
+def smtp_password(target: SmtpTarget, environ: Mapping[str, str]) -> str | None:
+    """The referenced SMTP password, when the target authenticates; ConfigError names the reference."""
+    if not (target.username or target.password_env or target.password_file):
+        return None
+    return read_secret(env=target.password_env, file=target.password_file, environ=environ, what="delivery")
+
+
+def _run(coroutine: Any) -> Any:
+    try:
+        return asyncio.run(coroutine)
+    except LogError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The mail configuration (TOML); its [delivery] table names the server.")
+@click.option("--until-idle", is_flag=True,
+              help="Exit once the routed topic is read to its end and no retry is due.")
+@click.pass_context
+def deliverer(ctx: click.Context, config_path: Path, until_idle: bool) -> None:
+    """Deliver routed messages to the organisation's SMTP/LMTP server, one copy per recipient."""
+    settings, environ = _deployment(ctx)
+    target = load_config(config_path).delivery
+    password = smtp_password(target, environ)
+    log = open_log(settings)
+    setup_logging(settings.log_level)
+    counts: Counts = _run(_deliver(log, settings, target, password, until_idle))
+    click.echo(f"deliverer: {counts.delivered} delivered, {counts.deferred} deferred, "
+               f"{counts.failed} failed, {counts.skipped} skipped as already delivered")
+
+
+async def _deliver(log: Log, settings: DeploymentSettings, target: SmtpTarget, password: str | None,
+                   until_idle: bool) -> Counts:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    policy = RetryPolicy(delays=target.retry_delays, max_age=timedelta(days=target.max_age_days))
+    async with SmtpTransport(target, password) as transport:
+        stage = Deliverer(log, settings, transport, policy=policy)
+        return await stage.run(until_idle=until_idle, stop=stop)
+
+
+# --- dead letters ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One dead-letter record, and whether its copy has been delivered since (by a retry)."""
+
+    event: DeliveryDeadLettered
+    delivered_since: bool
+
+    @property
+    def id(self) -> str:
+        return self.event.routed.fetch_id[:12]
+
+
+async def _read(log: Log, settings: DeploymentSettings, topic: str) -> list[Any]:
+    group = settings.group(f"dlq-reader-{datetime.now(UTC):%Y%m%d%H%M%S%f}")
+    async with log.consumer(group, [settings.topic(topic)]) as consumer:
+        return await read_to_end(consumer)
+
+
+async def dead_letters(log: Log, settings: DeploymentSettings) -> list[DeadLetter]:
+    """Every dead letter on the topic, latest record per (fetch id, recipient), oldest first."""
+    letters, ledger = await asyncio.gather(_read(log, settings, DEAD_LETTERS),
+                                           _read(log, settings, DELIVERED))
+    entries = [decode_record(record, RecipientDelivered) for record in ledger]
+    done = {ledger_key(e.fetch_id, e.recipient) for e in entries if e is not None}
+    latest: dict[bytes, DeliveryDeadLettered] = {}
+    for record in sorted(letters, key=lambda r: r.timestamp_ms):
+        event = decode_record(record, DeliveryDeadLettered)
+        if event is not None:
+            latest[ledger_key(event.routed.fetch_id, event.recipient)] = event
+    return [DeadLetter(event, key in done) for key, event in latest.items()]
+
+
+def _matching(letters: list[DeadLetter], letter_id: str, recipient: str | None) -> list[DeadLetter]:
+    found = [d for d in letters if d.event.routed.fetch_id.startswith(letter_id)
+             and (recipient is None or d.event.recipient == recipient)]
+    if not found:
+        raise click.ClickException(f"no dead letter {letter_id}{f' for {recipient}' if recipient else ''}")
+    return found
+
+
+@click.group()
+def dlq() -> None:
+    """Dead letters: copies the deliverer gave up on. Nothing is ever bounced to the outside sender."""
+
+
+@dlq.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Also those delivered since by a retry.")
+@click.pass_context
+def dlq_list(ctx: click.Context, show_all: bool) -> None:
+    """One line per dead letter: id, when, recipient, server reply."""
+    settings, _ = _deployment(ctx)
+    letters: list[DeadLetter] = _run(dead_letters(open_log(settings), settings))
+    for letter in letters:
+        if show_all or not letter.delivered_since:
+            click.echo(summary(letter))
+
+
+def summary(letter: DeadLetter) -> str:
+    """The one line `dlq list` prints."""
+    event = letter.event
+    status = "delivered" if letter.delivered_since else "open"
+    reply = event.smtp_text.splitlines()[0] if event.smtp_text else ""
+    return (f"{letter.id}  {event.dead_lettered_at:%Y-%m-%d %H:%M}  {status:9}  {event.recipient}  "
+            f"{event.smtp_code or '-'} {reply}")
+
+
+@dlq.command("show")
+@click.argument("letter_id")
+@click.option("--recipient", help="Only the copy for this recipient.")
+@click.pass_context
+def dlq_show(ctx: click.Context, letter_id: str, recipient: str | None) -> None:
+    """The details of a dead letter: why it failed, what the server said, which message it is."""
+    settings, _ = _deployment(ctx)
+    letters: list[DeadLetter] = _run(dead_letters(open_log(settings), settings))
+    for letter in _matching(letters, letter_id, recipient):
+        click.echo(describe(letter))
+
+
+def describe(letter: DeadLetter) -> str:
+    """The multi-line description `dlq show` prints."""
+    event, routed = letter.event, letter.event.routed
+    headers = BytesHeaderParser(policy=compat32).parsebytes(routed.raw)
+    lines = [
+        f"id:            {letter.id}  (fetch id {routed.fetch_id})",
+        f"recipient:     {event.recipient}",
+        f"status:        {'delivered since' if letter.delivered_since else 'open'}",
+        f"reason:        {event.reason}",
+        f"server reply:  {event.smtp_code or '-'} {event.smtp_text}",
+        f"server:        {event.server}",
+        f"attempts:      {event.attempts}, last {event.dead_lettered_at:%Y-%m-%d %H:%M:%S %Z}",
+        f"mailbox:       {routed.mailbox_id} on {routed.pop3_host}",
+        f"envelope from: <{routed.envelope_sender or ''}>",
+        f"size:          {len(routed.raw)} bytes",
+    ]
+    lines += [f"{name + ':':15}{headers[name]}" for name in ("From", "Subject", "Date", "Message-ID")
+              if headers[name] is not None]
+    return "\n".join(lines) + "\n"
+
+
+@dlq.command("retry")
+@click.argument("letter_id", required=False)
+@click.option("--recipient", help="Only the copy for this recipient.")
+@click.option("--all", "retry_all", is_flag=True, help="Every open dead letter.")
+@click.pass_context
+def dlq_retry(ctx: click.Context, letter_id: str | None, recipient: str | None, retry_all: bool) -> None:
+    """Try dead letters again: they go back to the first retry tier, with a fresh maximum age."""
+    if not retry_all and not letter_id:
+        raise click.UsageError("name a dead letter id, or use --all")
+    settings, _ = _deployment(ctx)
+    log = open_log(settings)
+    letters: list[DeadLetter] = _run(dead_letters(log, settings))
+    chosen = letters if retry_all else _matching(letters, letter_id or "", recipient)
+    count: int = _run(_requeue(log, settings, [d for d in chosen if not d.delivered_since]))
+    click.echo(f"dlq: {count} copies queued for retry")
+
+
+async def _requeue(log: Log, settings: DeploymentSettings, letters: list[DeadLetter]) -> int:
+    now = datetime.now(UTC)
+    topic = settings.topic(RETRY_TOPICS[0])
+    records = [
+        Outgoing(topic, encode(RetryScheduled(routed=d.event.routed, recipients=(d.event.recipient,),
+                                              attempts=d.event.attempts, due_at=now, age_from=now,
+                                              last_reply=d.event.smtp_text)),
+                 d.event.routed.fetch_id.encode())
+        for d in letters
+    ]
+    async with log.producer() as producer:
+        await producer.send_all(records)
+    return len(records)

@@ -1,0 +1,262 @@
+"""The deliverer's wiring: routed messages in, one copy per recipient out over SMTP/LMTP, outcomes on the log.
+
+Loops, each with its own consumer group, all stopping on `stop` or, with `until_idle`, once idle:
+- the routed topic (`deliverer`): every routed message gets a first attempt straight away;
+- one loop per retry tier (`deliverer-retry-N`): a tier's records fall due in the order they were written,
+  so when the head of a partition is not due the loop commits what it did, closes its consumer and sleeps
+  until then (reopening re-reads from the head). Nothing waits behind a deferred message but later
+  retries of the same tier, which are not due either.
+
+For each batch: catch up with the delivered ledger, drop the pairs already delivered (or in flight in
+this process), attempt the rest concurrently (the transport bounds the connections), publish every
+DeliveryAttempted, ledger entry, retry and dead letter, and only once that is durable commit the offsets.
+`until_idle` means: the routed topic is read to its end and no retry is due now; retries due later stay
+on their tier topics for the next run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from schemas.codec import encode
+from schemas.events import RecipientsResolved, RetryScheduled
+from schemas.topics import DEAD_LETTERS, DELIVERED, DELIVERY_ATTEMPTS, RETRY_TOPICS, ROUTED
+from services.deliverer.envelope import mail_from
+from services.deliverer.ledger import Ledger, decode_record, ledger_key
+from services.deliverer.outcome import Verdict
+from services.deliverer.retry import Followups, Job, RetryPolicy, followups
+from services.deliverer.trace import line_ending_of, received_field, with_trace
+from services.runtime.log import Log, LogProducer, Outgoing, Record, TopicPartition, next_offsets
+from services.runtime.settings import DeploymentSettings
+
+logger = logging.getLogger(__name__)
+
+Item = tuple[Record, "Job | None"]
+"""A record read and the job it holds (None for a record that is not a valid event: it is skipped)."""
+
+
+class Transport(Protocol):
+    """Hands one message to the destination server (services.deliverer.smtp.SmtpTransport)."""
+
+    @property
+    def server(self) -> str:
+        """host:port, recorded in every DeliveryAttempted."""
+        ...
+
+    async def deliver(self, sender: str, recipients: Sequence[str], message: bytes) -> dict[str, Verdict]:
+        """One verdict per recipient; raises only for bugs (network and server trouble are verdicts)."""
+        ...
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """The current time, timezone-aware."""
+        ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The deployment's names of the topics the deliverer reads and writes."""
+
+    routed: str
+    attempts: str
+    dead_letters: str
+    delivered: str
+    retries: tuple[str, ...]
+
+    @classmethod
+    def of(cls, settings: DeploymentSettings) -> Topics:
+        return cls(settings.topic(ROUTED), settings.topic(DELIVERY_ATTEMPTS), settings.topic(DEAD_LETTERS),
+                   settings.topic(DELIVERED), tuple(settings.topic(t) for t in RETRY_TOPICS))
+
+
+@dataclass
+class Counts:
+    """What one run did, per recipient copy."""
+
+    delivered: int = 0
+    deferred: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+    def add(self, result: Followups) -> None:
+        for attempt in result.attempted:
+            setattr(self, attempt.outcome, getattr(self, attempt.outcome) + 1)
+
+
+@dataclass
+class Deliverer:
+    """The deliverer stage; `run` is its loop."""
+
+    log: Log
+    settings: DeploymentSettings
+    transport: Transport
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    clock: Clock = field(default_factory=SystemClock)
+    trace_by: str = "popbridge"
+    batch_size: int = 64
+    poll_seconds: float = 0.5
+    counts: Counts = field(default_factory=Counts)
+
+    def __post_init__(self) -> None:
+        self.topics = Topics.of(self.settings)
+        self._in_flight: set[tuple[str, str]] = set()
+
+    async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> Counts:
+        """Deliver until `stop` is set or, with `until_idle`, until nothing is left to do now."""
+        stop = stop or asyncio.Event()
+        ledger_group = self.settings.group(f"deliverer-ledger-{uuid.uuid4().hex[:12]}")
+        async with self.log.producer() as producer, self.log.consumer(
+            ledger_group, [self.topics.delivered]
+        ) as ledger_consumer:
+            self._producer: LogProducer = producer
+            self._ledger = Ledger(ledger_consumer)
+            await self._ledger.catch_up()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._routed_loop(until_idle, stop))
+                for tier in range(len(self.topics.retries)):
+                    tasks.create_task(self._tier_loop(tier, until_idle, stop))
+        return self.counts
+
+    async def _routed_loop(self, until_idle: bool, stop: asyncio.Event) -> None:
+        async with self.log.consumer(self.settings.group("deliverer"), [self.topics.routed]) as consumer:
+            while not stop.is_set():
+                records = await consumer.fetch(self.poll_seconds, self.batch_size)
+                if records:
+                    await self._handle([(record, _first_job(record)) for record in records])
+                    await consumer.commit(next_offsets(records))
+                elif until_idle and await consumer.caught_up():
+                    return
+
+    async def _tier_loop(self, tier: int, until_idle: bool, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            wake_at = await self._tier_pass(tier, until_idle, stop)
+            if wake_at is None or until_idle:
+                return
+            await self._sleep_until(wake_at, stop)
+
+    async def _tier_pass(self, tier: int, until_idle: bool, stop: asyncio.Event) -> datetime | None:
+        """Process the due records of one tier; the due time of a head that is not due yet, else None."""
+        group = self.settings.group(f"deliverer-retry-{tier + 1}")
+        async with self.log.consumer(group, [self.topics.retries[tier]]) as consumer:
+            while not stop.is_set():
+                records = await consumer.fetch(self.poll_seconds, self.batch_size)
+                if not records:
+                    if until_idle and await consumer.caught_up():
+                        return None
+                    continue
+                due, waiting = self._split_due(records)
+                await self._handle(due)
+                await consumer.commit(next_offsets([record for record, _ in due]))
+                if waiting:
+                    return min(waiting.values())
+        return None
+
+    def _split_due(self, records: Sequence[Record]) -> tuple[list[Item], dict[TopicPartition, datetime]]:
+        """The records that are due, in order per partition, and per partition the due time of its head."""
+        now = self.clock.now()
+        due: list[Item] = []
+        waiting: dict[TopicPartition, datetime] = {}
+        for record in records:
+            if record.tp in waiting:
+                continue
+            job = _retry_job(record)
+            if job is not None and job[1] > now:
+                waiting[record.tp] = job[1]
+            else:
+                due.append((record, job[0] if job else None))
+        return due, waiting
+
+    async def _handle(self, items: Sequence[Item]) -> None:
+        """Attempt every job, publish all that follows, and return once that is durable."""
+        if not items:
+            return
+        await self._ledger.catch_up()
+        jobs = [job for job in (self._claim(job) for _, job in items if job is not None) if job is not None]
+        try:
+            results = await asyncio.gather(*(self._attempt(job) for job in jobs))
+            await self._producer.send_all([out for result in results for out in self._outgoing(result)])
+        finally:
+            for job in jobs:
+                self._in_flight.difference_update((job.routed.fetch_id, r) for r in job.recipients)
+        for result in results:
+            self.counts.add(result)
+            for entry in result.delivered:
+                self._ledger.add(entry)
+
+    def _claim(self, job: Job) -> Job | None:
+        """The job narrowed to the pairs neither delivered nor in flight, which it then holds."""
+        fetch_id = job.routed.fetch_id
+        fresh = tuple(r for r in job.recipients
+                      if not self._ledger.delivered(fetch_id, r) and (fetch_id, r) not in self._in_flight)
+        if len(fresh) < len(job.recipients):
+            self.counts.skipped += len(job.recipients) - len(fresh)
+            logger.info("fetch %s: skipped %d copies already delivered or in flight",
+                        fetch_id, len(job.recipients) - len(fresh))
+        self._in_flight.update((fetch_id, r) for r in fresh)
+        if not fresh:
+            return None
+        return Job(routed=job.routed, recipients=fresh, attempts=job.attempts, age_from=job.age_from)
+
+    async def _attempt(self, job: Job) -> Followups:
+        routed = job.routed
+        trace = received_field(
+            pop3_host=routed.pop3_host, fetch_id=routed.fetch_id, at=self.clock.now(),
+            recipient=job.recipients[0] if len(job.recipients) == 1 else None, by=self.trace_by,
+            line_ending=line_ending_of(routed.raw),
+        )
+        verdicts = await self.transport.deliver(mail_from(routed.envelope_sender), job.recipients,
+                                                with_trace(routed.raw, trace))
+        result = followups(job, verdicts, now=self.clock.now(), policy=self.policy,
+                           server=self.transport.server)
+        for attempted in result.attempted:
+            logger.info("fetch %s to %s: %s (attempt %d) %s %s", attempted.fetch_id, attempted.recipient,
+                        attempted.outcome, attempted.attempt, attempted.smtp_code or "", attempted.smtp_text)
+        return result
+
+    def _outgoing(self, result: Followups) -> list[Outgoing]:
+        topics = self.topics
+        out = [Outgoing(topics.attempts, encode(a), a.fetch_id.encode()) for a in result.attempted]
+        out += [Outgoing(topics.delivered, encode(d), ledger_key(d.fetch_id, d.recipient))
+                for d in result.delivered]
+        out += [Outgoing(topics.dead_letters, encode(d), d.routed.fetch_id.encode()) for d in result.dead]
+        if result.retry is not None:
+            retry, topic = result.retry, topics.retries[result.retry_tier]
+            out.append(Outgoing(topic, encode(retry), retry.routed.fetch_id.encode()))
+        return out
+
+    async def _sleep_until(self, when: datetime, stop: asyncio.Event) -> None:
+        seconds = (when - self.clock.now()).total_seconds()
+        if seconds <= 0:
+            return
+        sleeping = asyncio.ensure_future(self.clock.sleep(seconds))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({sleeping, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        sleeping.cancel()
+        stopping.cancel()
+
+
+def _first_job(record: Record) -> Job | None:
+    routed = decode_record(record, RecipientsResolved)
+    return None if routed is None else Job.first(routed)
+
+
+def _retry_job(record: Record) -> tuple[Job, datetime] | None:
+    retry = decode_record(record, RetryScheduled)
+    return None if retry is None else (Job.again(retry), retry.due_at)
