@@ -58,6 +58,6 @@ def decode_any(data: bytes) -> Event:
     """Decode an event of any type, by its tag."""
     try:
         event: Event = _any_event.decode(data)
-        return event
     except msgspec.DecodeError as exc:
         raise EventDecodeError(f"not a popbridge event: {exc}") from None
+    return event

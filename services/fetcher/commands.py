@@ -14,7 +14,7 @@ from services.fetcher.memory import FetchMemory
 from services.fetcher.service import Fetcher, PassResult
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import Log
-from services.runtime.settings import ConfigError, DeploymentSettings, MailConfig, Mailbox, load_config
+from services.runtime.settings import ConfigError, DeploymentSettings, Mailbox, MailConfig, load_config
 
 log = logging.getLogger("popbridge.fetcher")
 
@@ -48,7 +48,7 @@ async def run_fetcher(
 
 
 async def _poll_forever(fetcher: Fetcher, mailbox: Mailbox) -> None:
-    rng = random.Random()
+    rng = random.Random()  # noqa: S311 - poll jitter, not cryptography
     failures = 0
     while True:
         result = await fetcher.poll(mailbox)
@@ -57,7 +57,9 @@ async def _poll_forever(fetcher: Fetcher, mailbox: Mailbox) -> None:
 
 
 @click.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True, help="Mail config (TOML).")
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), required=True, help="Mail config (TOML)."
+)
 @click.option("--once", is_flag=True, help="One pass over every mailbox, then exit.")
 @click.pass_obj
 def fetcher(obj: object, config_path: Path, once: bool) -> None:
@@ -67,7 +69,9 @@ def fetcher(obj: object, config_path: Path, once: bool) -> None:
     config = load_config(config_path)
     if not settings.kafka_bootstrap:
         raise ConfigError("environment: POPBRIDGE_KAFKA_BOOTSTRAP is not set")
-    results = asyncio.run(run_fetcher(KafkaLog(settings.kafka_bootstrap), settings, config, environ, once=once))
+    results = asyncio.run(
+        run_fetcher(KafkaLog(settings.kafka_bootstrap), settings, config, environ, once=once)
+    )
     for result in results:
         state = f"error: {result.error}" if result.error else "ok"
         click.echo(

@@ -380,7 +380,7 @@ class _Channel(asyncio.Protocol):
 
 async def _open_channel(
     core: Pop3Connection, host: str, port: int, *, context: ssl.SSLContext | None, server_hostname: str,
-    timeout: float,  # noqa: ASYNC109 - bounds each step (connect, handshake), not the whole call
+    timeout: float,
 ) -> _Channel:  # fmt: skip
     loop = asyncio.get_running_loop()
     try:
@@ -424,7 +424,7 @@ class Pop3Client:
         tls: TlsMode = "implicit",
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - per await (see the module docstring)
+        timeout: float = DEFAULT_TIMEOUT,
         pipelining: bool = True,
         window: int = DEFAULT_WINDOW,
         max_reply_bytes: int | None = None,
@@ -712,7 +712,7 @@ async def open_pop3(
     tls: TlsMode = "implicit",
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
-    timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - per await (see the module docstring)
+    timeout: float = DEFAULT_TIMEOUT,
     pipelining: bool = True,
     window: int = DEFAULT_WINDOW,
     max_reply_bytes: int | None = None,

@@ -83,26 +83,38 @@ class Fetcher:
 
     async def _drain(self, mailbox: Mailbox) -> PassResult:
         password = read_secret(
-            env=mailbox.password_env, file=mailbox.password_file, environ=self.environ,
+            env=mailbox.password_env,
+            file=mailbox.password_file,
+            environ=self.environ,
             what=f"mailboxes[{mailbox.id}] password",
         )
         context = tls_context(mailbox.ca_file, verify=mailbox.verify_tls)
         if not mailbox.verify_tls:
             log.warning("mailbox %s: TLS certificate verification is OFF (verify_tls = false)", mailbox.id)
         async with await Pop3Client.connect(
-            mailbox.host, mailbox.effective_port, tls=mailbox.tls, ssl_context=context, timeout=mailbox.timeout
+            mailbox.host,
+            mailbox.effective_port,
+            tls=mailbox.tls,
+            ssl_context=context,
+            timeout=mailbox.timeout,
         ) as client:
             await client.login(mailbox.username, password)
             uidls = await client.uidl()
             sizes = await client.list()
             listing = [Listed(n, uidls[n], sizes.get(n, 0)) for n in sorted(uidls)]
             plan = plan_pass(
-                listing, self.memory.known(mailbox.id), mode=mailbox.mode, max_message_size=mailbox.max_message_size
+                listing,
+                self.memory.known(mailbox.id),
+                mode=mailbox.mode,
+                max_message_size=mailbox.max_message_size,
             )
             for message in plan.too_big:
                 log.warning(
                     "mailbox %s: message %s is %d bytes, over max_message_size %d: left on the server",
-                    mailbox.id, message.uidl, message.size, mailbox.max_message_size,
+                    mailbox.id,
+                    message.uidl,
+                    message.size,
+                    mailbox.max_message_size,
                 )
             if plan.delete_only:
                 await client.dele_many([m.number for m in plan.delete_only])
@@ -118,7 +130,9 @@ class Fetcher:
             published += await self._publish_batch(client, mailbox, [(m, retrieved[m.number]) for m in batch])
         return published
 
-    async def _publish_batch(self, client: Pop3Client, mailbox: Mailbox, batch: list[tuple[Listed, bytes]]) -> int:
+    async def _publish_batch(
+        self, client: Pop3Client, mailbox: Mailbox, batch: list[tuple[Listed, bytes]]
+    ) -> int:
         now = self.clock()
         events = [self._event(mailbox, listed, raw, now) for listed, raw in batch]
         await self.producer.send_all(
@@ -126,14 +140,22 @@ class Fetcher:
         )
         records = [
             FetchRecorded(
-                mailbox_id=mailbox.id, uidl=e.uidl, fetch_id=e.fetch_id, size=listed.size, sha256=e.sha256,
+                mailbox_id=mailbox.id,
+                uidl=e.uidl,
+                fetch_id=e.fetch_id,
+                size=listed.size,
+                sha256=e.sha256,
                 published_at=now,
             )
             for e, (listed, _) in zip(events, batch, strict=True)
         ]
         await self.producer.send_all(
-            [Outgoing(self.settings.topic(FETCH_STATE), codec.encode(r), fetch_state_key(r.mailbox_id, r.uidl))
-             for r in records]
+            [
+                Outgoing(
+                    self.settings.topic(FETCH_STATE), codec.encode(r), fetch_state_key(r.mailbox_id, r.uidl)
+                )
+                for r in records
+            ]
         )
         for record in records:
             self.memory.remember(record)

@@ -18,6 +18,8 @@ from schemas.events import Evidence, Recipient, RecipientsResolved
 from services.router.headers import header_section
 
 DUPLICATE = "duplicate"
+# The reason services.router.stage gives mail of single-user mailboxes.
+SINGLE_USER = "single-user"
 DEFAULT_WINDOW = timedelta(days=7)
 
 
@@ -44,13 +46,19 @@ def decode_seen(data: bytes | None) -> SeenBodies:
 
 
 def body_digest(raw: bytes) -> str:
-    """The digest of everything after the header section: equal for copies that differ only in trace fields."""
+    """The digest of all after the header section: equal for copies that differ only in trace fields."""
     return hashlib.sha256(raw[len(header_section(raw)) :]).hexdigest()
 
 
 def dedupe_key(resolved: RecipientsResolved) -> bytes | None:
-    """The key copies meet under (the Message-ID), or None when the message cannot be matched."""
-    return resolved.message_id.encode("utf-8", "surrogateescape") if resolved.message_id else None
+    """The key copies meet under (the Message-ID), or None when the message is not deduplicated.
+
+    Only catch-all mail is: the ISP's one-copy-per-recipient habit is a catch-all problem, and mail of a
+    single-user mailbox is delivered as it was found, every message of it.
+    """
+    if resolved.reason == SINGLE_USER or not resolved.message_id:
+        return None
+    return resolved.message_id.encode("utf-8", "surrogateescape")
 
 
 def apply_dedupe(

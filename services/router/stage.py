@@ -7,12 +7,12 @@ from __future__ import annotations
 from datetime import datetime
 
 from schemas.events import Evidence, MailFetched, Recipient, RecipientsResolved
+from services.router.dedupe import SINGLE_USER
 from services.router.headers import envelope_sender, message_id
 from services.router.rules import recipients_with_evidence, resolve
-from services.runtime.settings import MailConfig, Mailbox, rules_version
+from services.runtime.settings import Mailbox, MailConfig, rules_version
 
 UNKNOWN_MAILBOX = "unknown-mailbox"
-SINGLE_USER = "single-user"
 MALFORMED = "malformed"
 
 
@@ -40,10 +40,16 @@ def _decide(
     if mailbox is None:
         # The mailbox left the configuration after the message was fetched: keep the mail, tell a human.
         evidence = (Evidence(source=UNKNOWN_MAILBOX, value=event.mailbox_id),)
-        return (Recipient(address=config.postmaster, reason=UNKNOWN_MAILBOX, evidence=evidence),), UNKNOWN_MAILBOX, ""
+        return (
+            (Recipient(address=config.postmaster, reason=UNKNOWN_MAILBOX, evidence=evidence),),
+            UNKNOWN_MAILBOX,
+            "",
+        )
     if mailbox.routing is None:
         evidence = (Evidence(source=SINGLE_USER, value=mailbox.id),)
-        recipients = tuple(Recipient(address=a, reason=SINGLE_USER, evidence=evidence) for a in mailbox.recipients)
+        recipients = tuple(
+            Recipient(address=a, reason=SINGLE_USER, evidence=evidence) for a in mailbox.recipients
+        )
         return recipients, SINGLE_USER, ""
     decision = resolve(event.raw, mailbox.routing)
     return recipients_with_evidence(decision), decision.reason, rules_version(mailbox.routing)

@@ -44,7 +44,9 @@ async def _wait_for_signal() -> None:
 
 
 @click.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True, help="Mail config (TOML).")
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), required=True, help="Mail config (TOML)."
+)
 @click.option("--until-idle", is_flag=True, help="Exit once every fetched message is routed and committed.")
 @click.pass_obj
 def router(obj: object, config_path: Path, until_idle: bool) -> None:

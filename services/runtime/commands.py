@@ -40,4 +40,7 @@ def create(obj: object) -> None:
 def list_() -> None:
     """Print the topics popbridge uses, with their settings."""
     for spec in TOPICS:
-        click.echo(f"{spec.name} partitions={spec.partitions} " + " ".join(f"{k}={v}" for k, v in sorted(spec.config.items())))
+        click.echo(
+            f"{spec.name} partitions={spec.partitions} "
+            + " ".join(f"{k}={v}" for k, v in sorted(spec.config.items()))
+        )

@@ -604,7 +604,7 @@ class EmbeddedConsumer:
         self._last_fetch = time.monotonic()
         self._bumps_seen = 0
 
-    async def fetch(self, timeout: float, max_records: int = 500) -> list[Record]:  # noqa: ASYNC109 -- LogConsumer's signature
+    async def fetch(self, timeout: float, max_records: int = 500) -> list[Record]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:

@@ -8,6 +8,7 @@ has the record. Size limits follow schemas.topics.MAX_MESSAGE_BYTES so a 50 MB m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -83,7 +84,10 @@ class KafkaConsumer:
             return
         try:
             await self.consumer.commit(
-                {KafkaTopicPartition(tp.topic, tp.partition): OffsetAndMetadata(o, "") for tp, o in offsets.items()}
+                {
+                    KafkaTopicPartition(tp.topic, tp.partition): OffsetAndMetadata(o, "")
+                    for tp, o in offsets.items()
+                }
             )
         except KafkaError as exc:
             raise _wrap(exc, "commit") from exc
@@ -152,8 +156,11 @@ class KafkaLog:
         if not ends:
             return
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers, client_id=self.client_id, enable_auto_commit=False,
-            max_partition_fetch_bytes=_REQUEST_BYTES, fetch_max_bytes=_REQUEST_BYTES,
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=self.client_id,
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=_REQUEST_BYTES,
+            fetch_max_bytes=_REQUEST_BYTES,
         )
         await consumer.start()
         try:
@@ -177,15 +184,18 @@ class KafkaLog:
         """Per partition, the group's committed offset (partitions without a commit are absent)."""
         async with self._admin(f"committed offsets of {group}") as admin:
             offsets = await admin.list_consumer_group_offsets(group)
-        return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0}
+        return {
+            tp.partition: meta.offset
+            for tp, meta in offsets.items()
+            if tp.topic == topic and meta.offset >= 0
+        }
 
     @staticmethod
     async def _create(admin: AIOKafkaAdminClient, spec: TopicSpec, replication: int) -> None:
         topic = NewTopic(spec.name, spec.partitions, replication, topic_configs=dict(spec.config))
-        try:
+        # Another replica may create it between our listing and this call.
+        with contextlib.suppress(TopicAlreadyExistsError):
             await admin.create_topics([topic])
-        except TopicAlreadyExistsError:
-            pass  # another replica created it between our listing and this call
 
     @asynccontextmanager
     async def producer(self) -> AsyncIterator[KafkaProducer]:
@@ -299,19 +309,24 @@ class KafkaLog:
         if not clamped:
             return clamped
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers, client_id=self.client_id, group_id=group,
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=self.client_id,
+            group_id=group,
             enable_auto_commit=False,
         )
         try:
             await consumer.start()
             consumer.assign([KafkaTopicPartition(tp.topic, tp.partition) for tp in clamped])
             await consumer.commit(
-                {KafkaTopicPartition(tp.topic, tp.partition): OffsetAndMetadata(offset, "")
-                 for tp, offset in clamped.items()}
+                {
+                    KafkaTopicPartition(tp.topic, tp.partition): OffsetAndMetadata(offset, "")
+                    for tp, offset in clamped.items()
+                }
             )
         except (CommitFailedError, UnknownMemberIdError, IllegalGenerationError) as exc:
-            raise KafkaLogError(f"group {group!r} became active while its offsets were moved: {exc}",
-                                retriable=False) from exc
+            raise KafkaLogError(
+                f"group {group!r} became active while its offsets were moved: {exc}", retriable=False
+            ) from exc
         except KafkaError as exc:
             raise _wrap(exc, f"commit offsets of {group}") from exc
         finally:
@@ -333,8 +348,11 @@ class KafkaLog:
     ) -> AsyncIterator[AIOKafkaConsumer]:
         """A consumer outside any group, for offset lookups and ranged reads."""
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers, client_id=self.client_id, enable_auto_commit=False,
-            auto_offset_reset="earliest", max_partition_fetch_bytes=fetch_bytes,
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=self.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=fetch_bytes,
             fetch_max_bytes=_REQUEST_BYTES,
         )
         try:
@@ -360,8 +378,10 @@ class KafkaGroupMember:
 
 def _live_group_message(group: str, members: Sequence[KafkaGroupMember]) -> str:
     clients = ", ".join(sorted({m.client for m in members}))
-    return (f"group {group!r} has {len(members)} active member(s) ({clients}):"
-            " stop them before moving its offsets")
+    return (
+        f"group {group!r} has {len(members)} active member(s) ({clients}):"
+        " stop them before moving its offsets"
+    )
 
 
 def _record(m: ConsumerRecord[bytes, bytes]) -> Record:

@@ -195,7 +195,9 @@ def _read_document(path: Path) -> Any:
             return json.loads(text)
         return tomllib.loads(text.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from None
+        raise ConfigError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}"
+        ) from None
 
 
 def _convert(document: Any, cls: type[Any], path: Path) -> Any:
@@ -234,7 +236,9 @@ def load_config(path: str | Path) -> MailConfig:
         if mailbox.catch_all and mailbox.routing is None:
             raise ConfigError(f"{where}: a catch-all mailbox (no `recipients`) needs [routing] settings")
         if not mailbox.catch_all and mailbox.routing is not None:
-            raise ConfigError(f"{where}: a single-user mailbox (with `recipients`) takes no [routing] settings")
+            raise ConfigError(
+                f"{where}: a single-user mailbox (with `recipients`) takes no [routing] settings"
+            )
         if not (mailbox.password_env or mailbox.password_file):
             raise ConfigError(f"{where}: set password_env or password_file (passwords are never inlined)")
     return config

@@ -31,10 +31,31 @@ PURE_MODULES = [
     "services.deliverer.trace",
 ]
 # Never loaded by a decide module, not even through another module.
-FRAMEWORKS = {"asyncio", "aiokafka", "faust", "mode", "aiosmtplib", "aiosmtpd", "click", "prometheus_client", "aiohttp"}
+FRAMEWORKS = {
+    "asyncio",
+    "aiokafka",
+    "faust",
+    "mode",
+    "aiosmtplib",
+    "aiosmtpd",
+    "click",
+    "prometheus_client",
+    "aiohttp",
+}
 # Never imported by a decide module itself. (The stdlib's email.utils loads socket for make_msgid, so
 # socket is checked on the module's own imports only.)
-STDLIB_IO = {"socket", "ssl", "selectors", "subprocess", "sqlite3", "http", "urllib", "smtplib", "poplib", "shutil"}
+STDLIB_IO = {
+    "socket",
+    "ssl",
+    "selectors",
+    "subprocess",
+    "sqlite3",
+    "http",
+    "urllib",
+    "smtplib",
+    "poplib",
+    "shutil",
+}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -93,9 +114,13 @@ def test_pure_modules_load_no_io_or_framework_library() -> None:
         f"before = set(sys.modules)\nfor m in {existing!r}: __import__(m)\n"
         "print(json.dumps(sorted({n.split('.')[0] for n in set(sys.modules) - before})))"
     )
-    loaded = set(json.loads(subprocess.run(
-        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout))
+    loaded = set(
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout
+        )
+    )
     assert not loaded & FRAMEWORKS
 
 

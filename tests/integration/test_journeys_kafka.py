@@ -27,6 +27,11 @@ trusted_received_hosts = ["mx.isp.example.net"]
 """
 
 
+def describe_difference(got: bytes, want: bytes) -> str:
+    at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+    return f"{len(got)} vs {len(want)} bytes, first difference at {at}: {got[at - 20 : at + 20]!r} vs {want[at - 20 : at + 20]!r}"
+
+
 def corpus_messages() -> list[bytes]:
     if not CORPUS.is_dir():
         pytest.fail(f"the public corpus is missing at {CORPUS}")
@@ -59,15 +64,22 @@ recipients = ["alice@example.com"]
 
 
 async def test_single_user_mailbox_arrives_byte_identical_and_is_emptied(
-    kafka_bootstrap: str, kafka_topic_prefix: str, dovecot: DovecotMailboxes, smtp_sink: SmtpSink, tmp_path: Path
+    kafka_bootstrap: str,
+    kafka_topic_prefix: str,
+    dovecot: DovecotMailboxes,
+    smtp_sink: SmtpSink,
+    tmp_path: Path,
 ) -> None:
     user = dovecot.new_user("alice")
     originals = corpus_messages() + generated_messages(27)
     assert len(originals) >= 200
     dovecot.deliver_many(user, originals)
     config = write_config(
-        tmp_path / "popbridge.toml", pop3_host=dovecot.server.host, pop3_port=dovecot.server.pop3_port,
-        smtp_port=smtp_sink.port, mailboxes=single_user_mailbox(user.login),
+        tmp_path / "popbridge.toml",
+        pop3_host=dovecot.server.host,
+        pop3_port=dovecot.server.pop3_port,
+        smtp_port=smtp_sink.port,
+        mailboxes=single_user_mailbox(user.login),
     )
     pipeline = Pipeline(kafka_bootstrap, kafka_topic_prefix, config, {"ALICE_POP3_PASSWORD": user.password})
     await pipeline.create_topics()
@@ -77,7 +89,9 @@ async def test_single_user_mailbox_arrives_byte_identical_and_is_emptied(
     assert [(r.published, r.error) for r in results] == [(len(originals), None)]
     assert dovecot.message_count(user) == 0
     received = sorted(without_trace_field(m.content) for m in smtp_sink.messages)
-    assert received == sorted(canonical_pop3_form(o) for o in originals)
+    expected = sorted(canonical_pop3_form(o) for o in originals)
+    assert len(received) == len(expected)
+    assert [describe_difference(r, e) for r, e in zip(received, expected, strict=True) if r != e] == []
     assert {m.rcpt_tos for m in smtp_sink.messages} == {("alice@example.com",)}
 
 
@@ -99,7 +113,11 @@ BCC_COPY = (
 
 
 async def test_bcc_recipient_named_only_in_delivered_to_gets_the_message(
-    kafka_bootstrap: str, kafka_topic_prefix: str, dovecot: DovecotMailboxes, smtp_sink: SmtpSink, tmp_path: Path
+    kafka_bootstrap: str,
+    kafka_topic_prefix: str,
+    dovecot: DovecotMailboxes,
+    smtp_sink: SmtpSink,
+    tmp_path: Path,
 ) -> None:
     user = dovecot.new_user("catchall")
     dovecot.deliver(user, BCC_COPY)
@@ -113,8 +131,12 @@ username = "{user.login}"
 password_env = "CATCHALL_PASSWORD"
 """
     config = write_config(
-        tmp_path / "popbridge.toml", pop3_host=dovecot.server.host, pop3_port=dovecot.server.pop3_port,
-        smtp_port=smtp_sink.port, mailboxes=mailboxes, routing=ROUTING,
+        tmp_path / "popbridge.toml",
+        pop3_host=dovecot.server.host,
+        pop3_port=dovecot.server.pop3_port,
+        smtp_port=smtp_sink.port,
+        mailboxes=mailboxes,
+        routing=ROUTING,
     )
     pipeline = Pipeline(kafka_bootstrap, kafka_topic_prefix, config, {"CATCHALL_PASSWORD": user.password})
     await pipeline.create_topics()
@@ -130,14 +152,21 @@ password_env = "CATCHALL_PASSWORD"
 
 
 async def test_keep_mode_second_pass_publishes_nothing_new(
-    kafka_bootstrap: str, kafka_topic_prefix: str, dovecot: DovecotMailboxes, smtp_sink: SmtpSink, tmp_path: Path
+    kafka_bootstrap: str,
+    kafka_topic_prefix: str,
+    dovecot: DovecotMailboxes,
+    smtp_sink: SmtpSink,
+    tmp_path: Path,
 ) -> None:
     user = dovecot.new_user("keeper")
     dovecot.deliver_many(user, generated_messages(5, seed=3))
     mailboxes = single_user_mailbox(user.login) + 'mode = "keep"\n'
     config = write_config(
-        tmp_path / "popbridge.toml", pop3_host=dovecot.server.host, pop3_port=dovecot.server.pop3_port,
-        smtp_port=smtp_sink.port, mailboxes=mailboxes,
+        tmp_path / "popbridge.toml",
+        pop3_host=dovecot.server.host,
+        pop3_port=dovecot.server.pop3_port,
+        smtp_port=smtp_sink.port,
+        mailboxes=mailboxes,
     )
     environ = {"ALICE_POP3_PASSWORD": user.password}
     first = Pipeline(kafka_bootstrap, kafka_topic_prefix, config, environ)

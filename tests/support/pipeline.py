@@ -19,9 +19,9 @@ from services.runtime.settings import DeploymentSettings, MailConfig, load_confi
 
 log = logging.getLogger("tests.pipeline")
 
-# The one trace field the deliverer prepends; it ends with the line holding its first ";" (before the
-# date). Continuation lines cannot be used to find its end: a message may itself start with white space.
-_TRACE_FIELD = re.compile(rb"\AReceived: [^;]*;[^\n]*\n")
+# The one trace field the deliverer prepends ends with its date's zone offset and a line ending.
+# Continuation lines cannot tell where it ends: a message may itself start with white space.
+_TRACE_FIELD = re.compile(rb"\AReceived: .*?[+-][0-9]{4}\r?\n", re.DOTALL)
 
 
 def without_trace_field(content: bytes) -> bytes:
@@ -36,12 +36,16 @@ class Pipeline:
 
     def __init__(self, bootstrap: str, prefix: str, config_path: Path, environ: Mapping[str, str]) -> None:
         self.log = KafkaLog(bootstrap)
-        self.settings = DeploymentSettings(kafka_bootstrap=bootstrap, topic_prefix=prefix, group_prefix=prefix + "g")
+        self.settings = DeploymentSettings(
+            kafka_bootstrap=bootstrap, topic_prefix=prefix, group_prefix=prefix + "g"
+        )
         self.config: MailConfig = load_config(config_path)
         self.environ = dict(environ)
 
     async def create_topics(self) -> None:
-        await self.log.ensure_topics([TopicSpec(self.settings.topic(s.name), s.partitions, s.config) for s in TOPICS])
+        await self.log.ensure_topics(
+            [TopicSpec(self.settings.topic(s.name), s.partitions, s.config) for s in TOPICS]
+        )
 
     async def fetch(self) -> list[PassResult]:
         return await run_fetcher(self.log, self.settings, self.config, self.environ, once=True)
@@ -62,12 +66,16 @@ class Pipeline:
         await self.deliver()
         log.info(
             "pipeline: fetch %.1f s, route %.1f s, deliver %.1f s",
-            fetched - started, routed - fetched, time.monotonic() - routed,
+            fetched - started,
+            routed - fetched,
+            time.monotonic() - routed,
         )
         return results
 
 
-def write_config(path: Path, *, pop3_host: str, pop3_port: int, smtp_port: int, mailboxes: str, routing: str = "") -> Path:
+def write_config(
+    path: Path, *, pop3_host: str, pop3_port: int, smtp_port: int, mailboxes: str, routing: str = ""
+) -> Path:
     """A mail config for the test servers on loopback: plain POP3 and SMTP without TLS."""
     path.write_text(
         f"""

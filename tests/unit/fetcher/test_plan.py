@@ -12,7 +12,9 @@ MB = 1024 * 1024
 
 
 def recorded(uidl: str, size: int) -> FetchRecorded:
-    return FetchRecorded(mailbox_id="mb", uidl=uidl, fetch_id="f-" + uidl, size=size, sha256="x", published_at=T)
+    return FetchRecorded(
+        mailbox_id="mb", uidl=uidl, fetch_id="f-" + uidl, size=size, sha256="x", published_at=T
+    )
 
 
 def test_new_messages_are_retrieved() -> None:

@@ -80,7 +80,7 @@ async def client_of(
     server: ScriptedServer,
     *,
     tls: TlsMode = "none",
-    timeout: float = 5.0,  # noqa: ASYNC109 - passed on to the client
+    timeout: float = 5.0,
     pipelining: bool = True,
 ) -> AsyncIterator[Pop3Client]:
     async with listening(server.handle) as port:

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
+
 from schemas.events import Recipient, RecipientsResolved
 from services.router.dedupe import apply_dedupe, body_digest, decode_seen, dedupe_key, encode_seen
 
 T = datetime(2026, 11, 27, 8, tzinfo=UTC)
 
 
-def copy(fetch_id: str, *recipients: str, body: bytes = b"hello\r\n", top: str = "X-Copy: 1") -> RecipientsResolved:
+def copy(
+    fetch_id: str, *recipients: str, body: bytes = b"hello\r\n", top: str = "X-Copy: 1"
+) -> RecipientsResolved:
     raw = f"{top}\r\nMessage-ID: <m@x>\r\n\r\n".encode() + body
     return RecipientsResolved(
-        fetch_id=fetch_id, mailbox_id="mb", pop3_host="pop", message_id="m@x", envelope_sender=None,
+        fetch_id=fetch_id,
+        mailbox_id="mb",
+        pop3_host="pop",
+        message_id="m@x",
+        envelope_sender=None,
         recipients=tuple(Recipient(address=r, reason="delivered-to") for r in recipients),
-        reason="delivered-to", rules_version="r", routed_at=T, raw=raw,
+        reason="delivered-to",
+        rules_version="r",
+        routed_at=T,
+        raw=raw,
     )
 
 
@@ -64,7 +75,12 @@ def test_entries_older_than_the_window_are_forgotten() -> None:
 def test_a_message_without_message_id_has_no_dedupe_key() -> None:
     event = copy("f1", "alice@example.com")
     assert dedupe_key(event) == b"m@x"
-    assert dedupe_key(RecipientsResolved(**{**_fields(event), "message_id": None})) is None
+    assert dedupe_key(msgspec.structs.replace(event, message_id=None)) is None
+
+
+def test_single_user_mail_is_not_deduplicated() -> None:
+    event = msgspec.structs.replace(copy("f1", "alice@example.com"), reason="single-user")
+    assert dedupe_key(event) is None
 
 
 def test_trace_fields_do_not_change_the_body_digest() -> None:
@@ -77,6 +93,3 @@ def test_table_values_round_trip() -> None:
     assert decode_seen(encode_seen(seen)) == seen
     assert decode_seen(None) == {}
 
-
-def _fields(event: RecipientsResolved) -> dict[str, object]:
-    return {f: getattr(event, f) for f in event.__struct_fields__}

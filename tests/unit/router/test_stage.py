@@ -6,12 +6,15 @@ from datetime import UTC, datetime
 
 from schemas.events import MailFetched
 from services.router.stage import route_fetched, to_postmaster
-from services.runtime.settings import MailConfig, Mailbox, RoutingRules, SmtpTarget, rules_version
+from services.runtime.settings import Mailbox, MailConfig, RoutingRules, SmtpTarget, rules_version
 
 T = datetime(2026, 11, 27, 8, tzinfo=UTC)
 RULES = RoutingRules(
-    primary_domain="example.com", local_domains=("example.com",), postmaster="postmaster@example.com",
-    users=("alice", "bob", "postmaster"), trusted_received_hosts=("mx.isp.example.net",),
+    primary_domain="example.com",
+    local_domains=("example.com",),
+    postmaster="postmaster@example.com",
+    users=("alice", "bob", "postmaster"),
+    trusted_received_hosts=("mx.isp.example.net",),
 )
 CONFIG = MailConfig(
     delivery=SmtpTarget(host="127.0.0.1"),
@@ -22,7 +25,8 @@ CONFIG = MailConfig(
 )
 BCC = (
     b"Delivered-To: bob@example.com\r\n"
-    b"Received: from out.sender.example by mx.isp.example.net with ESMTPS id 1; Fri, 27 Nov 2026 08:00:00 +0000\r\n"
+    b"Received: from out.sender.example by mx.isp.example.net with ESMTPS id 1;\r\n"
+    b"\tFri, 27 Nov 2026 08:00:00 +0000\r\n"
     b"Return-Path: <sender@sender.example>\r\nMessage-ID: <m1@sender.example>\r\n"
     b"To: someone@outside.example\r\nSubject: hi\r\n\r\nbody\r\n"
 )
@@ -30,7 +34,14 @@ BCC = (
 
 def fetched(mailbox_id: str, raw: bytes) -> MailFetched:
     return MailFetched(
-        fetch_id="f1", mailbox_id=mailbox_id, pop3_host="pop", uidl="u", size=len(raw), sha256="", fetched_at=T, raw=raw
+        fetch_id="f1",
+        mailbox_id=mailbox_id,
+        pop3_host="pop",
+        uidl="u",
+        size=len(raw),
+        sha256="",
+        fetched_at=T,
+        raw=raw,
     )
 
 

@@ -49,7 +49,8 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_a_good_config_loads_with_shared_routing_per_catch_all(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, GOOD))
     single, catch_all = config.mailboxes
-    assert single.routing is None and not single.catch_all
+    assert single.routing is None
+    assert not single.catch_all
     assert catch_all.routing is not None
     assert catch_all.routing.trusted_received_hosts == ("mx.isp.example.net",)
     assert catch_all.routing.delivered_to_strip_prefix == "mbox4711-"
@@ -85,7 +86,12 @@ def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
 def test_rules_version_changes_with_the_rules(tmp_path: Path) -> None:
     first = load_config(write(tmp_path, GOOD)).mailboxes[1].routing
-    second = load_config(write(tmp_path, GOOD.replace('"alice", "bob"', '"alice", "bob", "carol"'))).mailboxes[1].routing
-    assert first is not None and second is not None
+    second = (
+        load_config(write(tmp_path, GOOD.replace('"alice", "bob"', '"alice", "bob", "carol"')))
+        .mailboxes[1]
+        .routing
+    )
+    assert first is not None
+    assert second is not None
     assert rules_version(first) != rules_version(second)
     assert rules_version(first) == rules_version(first)
