@@ -21,10 +21,9 @@ step "installing popbridge into .venv"
 step "fetching the Kafka broker jars (cached after the first run)"
 .venv/bin/python deploy/local/kafka_broker.py fetch
 
-if [ -x deploy/tools/install_kustomize.sh ] || [ -f deploy/tools/install_kustomize.sh ]; then
-    step "installing kustomize (cached after the first run)"
-    bash deploy/tools/install_kustomize.sh
-fi
+step "installing kustomize for the manifest tests (cached after the first run)"
+POPBRIDGE_KUSTOMIZE="$(bash deploy/tools/install_kustomize.sh)"
+export POPBRIDGE_KUSTOMIZE
 
 step "ruff"
 .venv/bin/ruff check schemas services tests bench deploy

@@ -29,6 +29,11 @@ PURE_MODULES = [
     "services.fetcher.memory",
     "services.deliverer.outcome",
     "services.deliverer.trace",
+    "services.runtime.lag",
+    "services.runtime.replay",
+    "services.runtime.trace",
+    "services.runtime.stages",
+    "services.runtime.idle",
 ]
 # Never loaded by a decide module, not even through another module.
 FRAMEWORKS = {

@@ -1,0 +1,206 @@
+"""Liveness, readiness and metrics of one service over HTTP: /healthz, /readyz and /metrics.
+
+Liveness (`is_live`) fails when work waits (lag > 0) and the stage has made no progress for
+`stall_after` seconds. faust agents are known to stall silently after a rebalance: the process stays up,
+the group keeps its partitions and nothing moves. Kubernetes restarts a container whose liveness probe
+fails, and the restart heals it. Being caught up counts as progress, so an idle stage that suddenly
+gets work has the full `stall_after` to start on it.
+
+Progress comes from two sources, either is enough:
+- the stage calls `tracker.progressed()` after it handled (committed) something;
+- the lag watch (`LagWatch`, polled every `interval` seconds) sees a committed offset of the group move.
+The watch reads the group's lag through the log, so it works for the faust router without hooks into
+faust; it also sets the `popbridge_consumer_lag` / `popbridge_oldest_unprocessed_seconds` gauges.
+Lag and commits are the group's, not this replica's. With one replica per stage (the default) that is
+exact. With several, a healthy replica's commits would hide a stalled one: there, let the stages call
+`progressed()` and build the watch with `progress_from_commits=False`; a replica that is idle while
+another one stalls then fails its probe too, and restarting it is harmless.
+
+Readiness: the stage calls `tracker.mark_ready()` once it is connected and has its partitions.
+
+    metrics, tracker = Metrics(), ProgressTracker()
+    watch = LagWatch.of(KafkaLog(settings.kafka_bootstrap), settings, "deliverer")
+    async with serve_health(settings.http_port or None, tracker, metrics, watch=watch):
+        ...  # run the stage; tracker.mark_ready() once connected
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from services.runtime.log import LogError, TopicPartition
+from services.runtime.metrics import Metrics
+from services.runtime.ops import OpsLog, stage_lag
+from services.runtime.settings import DeploymentSettings
+from services.runtime.stages import Stage, stages_run_by
+
+Clock = Callable[[], float]
+DEFAULT_STALL_AFTER = 600.0  # longer than the slowest message handling: a 50 MB mail over a slow SMTP link
+
+log = logging.getLogger("popbridge.health")
+
+
+def is_live(lag: int, last_progress_at: float, now: float, stall_after: float) -> bool:
+    """Live unless records wait (`lag` > 0) and nothing progressed for `stall_after` seconds."""
+    return lag <= 0 or now - last_progress_at < stall_after
+
+
+class ProgressTracker:
+    """What the health endpoints report on: progress, the last known lag and readiness.
+
+    `clock` is monotonic seconds (time.monotonic); tests inject one.
+    """
+
+    def __init__(self, *, stall_after: float = DEFAULT_STALL_AFTER, clock: Clock = time.monotonic) -> None:
+        self.stall_after = stall_after
+        self._clock = clock
+        self.last_progress_at = clock()
+        self.lag = 0
+        self.ready = False
+        self._committed: dict[TopicPartition, int] | None = None  # None: not observed yet
+
+    def progressed(self) -> None:
+        """The stage handled something; call it after each commit (cheap)."""
+        self.last_progress_at = self._clock()
+
+    def mark_ready(self, ready: bool = True) -> None:
+        self.ready = ready
+
+    def observe_lag(self, lag: int) -> None:
+        """The stage's current lag; being caught up counts as progress."""
+        self.lag = lag
+        if lag <= 0:
+            self.progressed()
+
+    def observe_committed(self, committed: Mapping[TopicPartition, int]) -> None:
+        """The group's committed offsets: one that moved forward (or appeared) since last is progress."""
+        before = self._committed
+        if before is not None and any(offset > before.get(tp, -1) for tp, offset in committed.items()):
+            self.progressed()
+        self._committed = dict(committed)
+
+    def seconds_since_progress(self) -> float:
+        return max(0.0, self._clock() - self.last_progress_at)
+
+    def live(self) -> bool:
+        return is_live(self.lag, self.last_progress_at, self._clock(), self.stall_after)
+
+    def status(self) -> dict[str, Any]:
+        since = round(self.seconds_since_progress(), 3)
+        return {"live": self.live(), "ready": self.ready, "lag": self.lag, "seconds_since_progress": since,
+                "stall_after": self.stall_after}
+
+
+@dataclass
+class LagWatch:
+    """Poll the lag of a service's stages every `interval` seconds (see the module docstring).
+
+    Every stage's lag goes to the gauges; liveness looks at the stages whose records do not wait on
+    purpose, and the waiting ones (the deliverer's retry tiers) add up to `popbridge_retries_in_flight`.
+    """
+
+    log: OpsLog
+    stages: Sequence[Stage]
+    interval: float = 30.0
+    progress_from_commits: bool = True
+    now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+
+    @classmethod
+    def of(
+        cls, log: OpsLog, settings: DeploymentSettings, service: str, *, interval: float = 30.0,
+        progress_from_commits: bool = True,
+    ) -> LagWatch:
+        """The watch of one service ("router", "deliverer") of this deployment."""
+        return cls(log, stages_run_by(settings, service), interval, progress_from_commits)
+
+    async def poll_once(self, tracker: ProgressTracker, metrics: Metrics) -> None:
+        now = self.now()
+        reports = await asyncio.gather(*(stage_lag(self.log, stage, now) for stage in self.stages))
+        working = [r for r in reports if not r.waits]
+        if self.progress_from_commits:
+            tracker.observe_committed({tp: o for r in working for tp, o in r.committed_offsets().items()})
+        tracker.observe_lag(sum(r.total for r in working))
+        for report in reports:
+            metrics.observe_lag(report)
+        if len(working) < len(reports):
+            metrics.retries_in_flight.set(sum(r.total for r in reports if r.waits))
+
+    async def run(self, tracker: ProgressTracker, metrics: Metrics) -> None:
+        while True:
+            try:
+                await self.poll_once(tracker, metrics)
+            except LogError as exc:  # the broker is away: keep the last values, try again
+                log.warning("lag watch of %s failed: %s", ", ".join(s.name for s in self.stages), exc)
+            await asyncio.sleep(self.interval)
+
+
+@dataclass
+class HealthServer:
+    """The running endpoints; `port` is the bound port (None when serving is switched off)."""
+
+    port: int | None
+
+
+def health_app(tracker: ProgressTracker, metrics: Metrics) -> web.Application:
+    """The aiohttp application behind the three endpoints."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return _json(tracker.status(), ok=tracker.live())
+
+    async def readyz(_: web.Request) -> web.Response:
+        return _json(tracker.status(), ok=tracker.ready)
+
+    async def metrics_page(_: web.Request) -> web.Response:
+        metrics.seconds_since_progress.set(tracker.seconds_since_progress())
+        return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_page)
+    return app
+
+
+def _json(body: dict[str, Any], *, ok: bool) -> web.Response:
+    return web.Response(text=json.dumps(body), status=200 if ok else 503, content_type="application/json")
+
+
+@asynccontextmanager
+async def serve_health(
+    port: int | None,
+    tracker: ProgressTracker,
+    metrics: Metrics,
+    *,
+    watch: LagWatch | None = None,
+    host: str | None = None,
+) -> AsyncIterator[HealthServer]:
+    """Serve /healthz, /readyz and /metrics on `port` (0: any free port; None: no server) and run the lag
+    watch, for the duration of the block. `host` None listens on every interface, as probes need."""
+    watcher = asyncio.create_task(watch.run(tracker, metrics)) if watch else None
+    runner: web.AppRunner | None = None
+    try:
+        bound: int | None = None
+        if port is not None:
+            runner = web.AppRunner(health_app(tracker, metrics), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, host, port).start()
+            bound = int(runner.addresses[0][1])
+        yield HealthServer(bound)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        if runner is not None:
+            await runner.cleanup()

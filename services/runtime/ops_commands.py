@@ -1,0 +1,214 @@
+"""`popbridge lag`, `popbridge replay` and `popbridge trace`: the operator's view into the pipeline.
+
+Exit codes: 0 fine; 1 a `lag` threshold is exceeded, a replay is refused, nothing was found to trace, or
+the log cannot answer; 2 a usage or configuration mistake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from services.runtime.connect import open_log
+from services.runtime.embedded import EmbeddedLog
+from services.runtime.kafka import KafkaLog
+from services.runtime.lag import StageLag, Thresholds, breaches, lag_json, lag_text
+from services.runtime.log import LogError
+from services.runtime.ops import OpsLog, collect_trace, execute_replay, plan_replay, stage_lag
+from services.runtime.replay import ResetPlan, parse_time, plan_text
+from services.runtime.settings import DeploymentSettings
+from services.runtime.stages import Stage, declared_stages
+from services.runtime.trace import trace_json, trace_text
+
+SHADOW_COMMAND = "replay-shadow"  # services.cli.COMMANDS: the router's shadow replay (services.router.shadow)
+
+
+def ops_log(settings: DeploymentSettings) -> KafkaLog | EmbeddedLog:
+    """The deployment's log (services.runtime.connect) with its admin operations."""
+    log = open_log(settings)
+    if not isinstance(log, KafkaLog | EmbeddedLog):
+        raise TypeError(f"{log!r} has no admin operations for the ops commands")
+    return log
+
+
+def settings_of(ctx: click.Context) -> DeploymentSettings:
+    settings: DeploymentSettings = ctx.obj.settings  # services.cli.Context
+    return settings
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr and exit code 1: an operational refusal or failure, never a traceback."""
+    click.echo(f"popbridge: {message}", err=True)
+    raise SystemExit(1)
+
+
+def time_option(_: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """click callback: an ISO 8601 time (UTC unless it names a zone)."""
+    if value is None:
+        return None
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+# --- lag -------------------------------------------------------------------------------------------
+
+
+async def gather_lag(log: OpsLog, stages: Sequence[Stage], now: datetime) -> list[StageLag]:
+    return list(await asyncio.gather(*(stage_lag(log, stage, now) for stage in stages)))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the table.")
+@click.option("--max-lag", type=click.IntRange(min=0), metavar="N",
+              help="Exit 1 when a stage's total lag exceeds N messages.")
+@click.option("--max-age", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Exit 1 when a stage's oldest unprocessed message is older than SECONDS.")
+@click.option("--stage", "only", multiple=True, metavar="STAGE", help="Only this stage (repeatable).")
+@click.pass_context
+def lag(
+    ctx: click.Context, *, as_json: bool, max_lag: int | None, max_age: float | None, only: tuple[str, ...]
+) -> None:
+    """Per stage and partition: committed offset, end offset, lag and the oldest unprocessed message's age.
+
+    Retry tiers (deliverer-retry-N) are listed too; their records wait on purpose, so no threshold
+    applies to them.
+    """
+    settings = settings_of(ctx)
+    stages = _select(declared_stages(settings), only)
+    now = datetime.now(UTC)
+    try:
+        reports = asyncio.run(gather_lag(ops_log(settings), stages, now))
+    except LogError as exc:
+        fail(str(exc))
+    limits = Thresholds(max_lag, max_age)
+    if as_json:
+        click.echo(json.dumps(lag_json(reports, limits, now), indent=2))
+    else:
+        click.echo("\n".join(lag_text(reports, limits)))
+    if breaches(reports, limits):
+        raise SystemExit(1)
+
+
+def _select(stages: Sequence[Stage], only: Sequence[str]) -> list[Stage]:
+    names = [s.name for s in stages]
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        message = f"unknown stage {unknown[0]!r} (one of {', '.join(names)})"
+        raise click.BadParameter(message, param_hint="--stage")
+    return [s for s in stages if not only or s.name in only]
+
+
+# --- replay ----------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("stage_name", metavar="STAGE")
+@click.option("--from", "since", required=True, metavar="TIME", callback=time_option,
+              help="ISO 8601 time, UTC unless a zone is given (2026-11-27T08:00, ...+01:00).")
+@click.option("--to", "until", metavar="TIME", callback=time_option,
+              help="End of the window: shown in the plan, and where --shadow stops. A real replay does not "
+                   "stop there (see the note it prints).")
+@click.option("--execute", is_flag=True, help="Apply the reset (default: a dry run that changes nothing).")
+@click.option("--shadow", is_flag=True,
+              help="router only: re-route the window with the current rules into a shadow topic and list the "
+                   "messages that would go to different recipients; changes nothing for users.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="Mail config (TOML), for --shadow.")
+@click.pass_context
+def replay(
+    ctx: click.Context, *, stage_name: str, since: datetime, until: datetime | None, execute: bool,
+    shadow: bool, config_path: Path | None,
+) -> None:
+    """Rewind STAGE's consumer group to the first records at or after --from, like
+    `kafka-consumer-groups --reset-offsets --to-datetime`. The stage must be stopped for --execute."""
+    settings = settings_of(ctx)
+    stage = _replayable(settings, stage_name)
+    if until is not None and until <= since:
+        raise click.BadParameter("--to must be later than --from", param_hint="--to")
+    if shadow:
+        _shadow(ctx, stage, since, until, execute=execute, config=config_path)
+        return
+    try:
+        plan, members = asyncio.run(_plan(ops_log(settings), stage, since, until))
+    except LogError as exc:
+        fail(str(exc))
+    click.echo("\n".join(plan_text(plan)))
+    if not execute:
+        active = f"; the group has {len(members)} active member(s): stop the {stage.name} first"
+        click.echo(f"dry run: nothing changed; add --execute to apply{active if members else ''}")
+        return
+    if members:
+        fail(f"refusing to replay: the group {stage.group!r} has {len(members)} active member(s) "
+             f"({', '.join(sorted(members))}); stop the {stage.name} and try again")
+    try:
+        applied = asyncio.run(execute_replay(ops_log(settings), plan))
+    except LogError as exc:
+        fail(f"replay not applied: {exc}")
+    moved = ", ".join(f"{tp.partition}->{offset}" for tp, offset in applied.items())
+    click.echo(f"applied: group {plan.group} on {stage.replay_topic} now at {moved or 'nothing to move'}")
+
+
+async def _plan(
+    log: OpsLog, stage: Stage, since: datetime, until: datetime | None
+) -> tuple[ResetPlan, list[str]]:
+    members = await log.active_members(stage.group)
+    return await plan_replay(log, stage, since, until), [m.client for m in members]
+
+
+def _replayable(settings: DeploymentSettings, name: str) -> Stage:
+    stages = [s for s in declared_stages(settings) if not s.waits]
+    for stage in stages:
+        if stage.name == name:
+            return stage
+    names = ", ".join(s.name for s in stages)
+    raise click.BadParameter(f"unknown stage {name!r} (one of {names})", param_hint="STAGE")
+
+
+def _shadow(
+    ctx: click.Context, stage: Stage, since: datetime, until: datetime | None, *, execute: bool,
+    config: Path | None,
+) -> None:
+    """Hand over to the router's shadow replay through the command group (the runtime imports no service)."""
+    if stage.name != "router":
+        raise click.BadParameter("--shadow replays the router only", param_hint="STAGE")
+    if execute:
+        raise click.BadParameter("--shadow changes nothing: drop --execute", param_hint="--execute")
+    if config is None:
+        raise click.BadParameter("--shadow needs the mail configuration file", param_hint="--config")
+    root = ctx.find_root().command
+    command = root.get_command(ctx, SHADOW_COMMAND) if isinstance(root, click.Group) else None
+    if command is None:
+        raise click.UsageError(f"the shadow replay command ({SHADOW_COMMAND}) is not installed")
+    ctx.invoke(command, since=since, until=until, config_path=config)
+
+
+# --- trace -----------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("ident", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the timeline.")
+@click.pass_context
+def trace(ctx: click.Context, ident: str, as_json: bool) -> None:
+    """The timeline of one message across the topics; ID is a fetch id or a Message-ID.
+
+    Reads the fetched, routed, delivery-attempt and dead-letter topics from their beginning: it takes a
+    while on a busy system.
+    """
+    settings = settings_of(ctx)
+    try:
+        found = asyncio.run(collect_trace(ops_log(settings), settings, ident))
+    except LogError as exc:
+        fail(str(exc))
+    document: Any = trace_json(ident, found) if as_json else None
+    click.echo(json.dumps(document, indent=2) if as_json else "\n".join(trace_text(ident, found)))
+    if not found:
+        raise SystemExit(1)

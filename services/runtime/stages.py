@@ -1,0 +1,70 @@
+"""The consumer groups of the pipeline's stages and the topics each reads: what `popbridge lag`, `replay`
+and the liveness watch look at. Pure: names are derived from the deployment settings only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schemas.topics import FETCHED, RETRY_TOPICS, ROUTED
+from services.runtime.settings import DeploymentSettings
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One consuming stage: its name on the command line, its consumer group and the topics it reads.
+
+    `topics[0]` is the stage's input from the stage before it, the one `popbridge replay` rewinds; the
+    others are internal (a replay re-sends through them, so rewinding them too would do the work twice).
+    A stage whose records wait on purpose (a retry tier) is `waits=True`: its lag is shown, but the
+    `--max-lag`/`--max-age` alerts and `replay` leave it out.
+    """
+
+    name: str
+    group: str
+    topics: tuple[str, ...]
+    waits: bool = False
+    service: str = ""  # the service that runs the stage, when its name is not the stage's
+
+    @property
+    def run_by(self) -> str:
+        return self.service or self.name
+
+    @property
+    def replay_topic(self) -> str:
+        return self.topics[0]
+
+
+def router_repartition_topic(settings: DeploymentSettings) -> str:
+    """The faust router's internal topic (services.router.app.repartition_topic; a unit test keeps the two
+    equal, since the runtime may not import a service)."""
+    return f"{settings.group('router')}-by-message-id"
+
+
+def declared_stages(settings: DeploymentSettings) -> tuple[Stage, ...]:
+    """Every consuming stage of this deployment. A new consumer group is declared here, once."""
+    router_topics = (settings.topic(FETCHED), router_repartition_topic(settings))
+    return (
+        Stage("router", settings.group("router"), router_topics),
+        Stage("deliverer", settings.group("deliverer"), (settings.topic(ROUTED),)),
+        # services.deliverer.service: one group per retry tier; their lag is the copies waiting to be retried.
+        *(_retry_tier(settings, tier, topic) for tier, topic in enumerate(RETRY_TOPICS, start=1)),
+    )
+
+
+def _retry_tier(settings: DeploymentSettings, tier: int, topic: str) -> Stage:
+    name = f"deliverer-retry-{tier}"
+    return Stage(name, settings.group(name), (settings.topic(topic),), waits=True, service="deliverer")
+
+
+def stages_run_by(settings: DeploymentSettings, service: str) -> tuple[Stage, ...]:
+    """The stages one service runs (the deliverer: its input and its retry tiers)."""
+    return tuple(s for s in declared_stages(settings) if s.run_by == service)
+
+
+def stage_named(settings: DeploymentSettings, name: str) -> Stage:
+    """The declared stage called `name`; KeyError when there is none."""
+    for stage in declared_stages(settings):
+        if stage.name == name:
+            return stage
+    raise KeyError(name)

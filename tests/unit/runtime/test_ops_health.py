@@ -1,0 +1,75 @@
+"""services/runtime/health.py: the liveness decision and the progress tracker (the HTTP side runs in
+tests/integration/test_operations.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.runtime.health import ProgressTracker, is_live
+from services.runtime.log import TopicPartition
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("lag", "last_progress_at", "now", "live"),
+    [
+        (0, 0.0, 10_000.0, True),  # idle for hours with nothing to do: fine
+        (5, 100.0, 399.0, True),  # work waits, progress 299 s ago
+        (5, 100.0, 400.0, False),  # work waits, no progress for the whole stall time: restart
+        (5, 100.0, 100.0, True),
+    ],
+)
+def test_a_stage_is_dead_only_when_work_waits_and_nothing_moved(
+    lag: int, last_progress_at: float, now: float, live: bool
+) -> None:
+    assert is_live(lag, last_progress_at, now, stall_after=300.0) is live
+
+
+def test_the_tracker_fails_after_the_stall_time_and_heals_on_progress() -> None:
+    clock = Clock()
+    tracker = ProgressTracker(stall_after=60.0, clock=clock)
+    tracker.observe_lag(3)
+    clock.now += 59
+    assert tracker.live()
+    clock.now += 1
+    assert not tracker.live()
+    assert tracker.status()["seconds_since_progress"] == 60.0
+    tracker.progressed()
+    assert tracker.live()
+
+
+def test_being_caught_up_counts_as_progress() -> None:
+    clock = Clock()
+    tracker = ProgressTracker(stall_after=60.0, clock=clock)
+    clock.now += 3600
+    tracker.observe_lag(0)
+    tracker.observe_lag(7)  # work arrives after an idle hour: the stage gets the full stall time
+    clock.now += 30
+    assert tracker.live()
+
+
+def test_a_committed_offset_moving_forward_is_progress() -> None:
+    clock = Clock()
+    tracker = ProgressTracker(stall_after=60.0, clock=clock)
+    tp = TopicPartition("fetched", 0)
+    tracker.observe_committed({tp: 5})
+    tracker.observe_lag(2)
+    clock.now += 100
+    tracker.observe_committed({tp: 5})
+    assert not tracker.live()
+    tracker.observe_committed({tp: 6})
+    assert tracker.live()
+
+
+def test_readiness_is_what_the_stage_says() -> None:
+    tracker = ProgressTracker()
+    assert not tracker.ready
+    tracker.mark_ready()
+    assert tracker.status()["ready"]

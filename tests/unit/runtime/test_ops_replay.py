@@ -1,0 +1,65 @@
+"""services/runtime/replay.py: reading the time and planning the offset reset."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from services.runtime.log import TopicPartition
+from services.runtime.replay import parse_time, plan_text, reset_plan, to_ms
+
+SINCE = datetime(2026, 11, 27, 8, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-11-27T08:00", SINCE),
+        ("2026-11-27T08:00:00Z", SINCE),
+        ("2026-11-27T09:00+01:00", SINCE),
+        ("2026-11-27 08:00:00.000", SINCE),
+        ("2026-11-27", datetime(2026, 11, 27, tzinfo=UTC)),
+    ],
+)
+def test_times_are_iso_8601_and_utc_unless_they_name_a_zone(text: str, expected: datetime) -> None:
+    assert parse_time(text) == expected
+
+
+def test_a_zone_given_is_kept() -> None:
+    assert parse_time("2026-11-27T09:00+01:00").utcoffset() == timezone(timedelta(hours=1)).utcoffset(None)
+
+
+def test_a_time_that_is_not_iso_8601_is_refused_with_examples() -> None:
+    with pytest.raises(ValueError, match=r"not an ISO 8601 time: 'yesterday' \(e\.g\. 2026-11-27T08:00"):
+        parse_time("yesterday")
+
+
+def test_the_plan_moves_each_partition_to_the_offset_found_for_the_time() -> None:
+    plan = reset_plan(
+        stage="router", group="popbridge-router", topic="fetched", since=SINCE, until=None,
+        committed={0: 10, 1: 3}, targets={0: 4, 1: 3, 2: 0}, ends={0: 10, 1: 5, 2: 0},
+    )
+    rows = [(p.partition, p.current, p.new, p.reread) for p in plan.partitions]
+    assert rows == [(0, 10, 4, 6), (1, 3, 3, 2), (2, None, 0, 0)]
+    assert plan.offsets() == {TopicPartition("fetched", 0): 4, TopicPartition("fetched", 1): 3,
+                              TopicPartition("fetched", 2): 0}
+    assert plan.changes
+
+
+def test_the_dry_run_text_shows_committed_to_new_and_the_window() -> None:
+    plan = reset_plan(
+        stage="router", group="g", topic="fetched", since=SINCE, until=SINCE + timedelta(hours=1),
+        committed={0: 10}, targets={0: 4}, ends={0: 10}, window_ends={0: 7},
+    )
+    assert plan.partitions[0].in_window == 3
+    text = "\n".join(plan_text(plan))
+    assert "replay router (group g) from 2026-11-27T08:00:00+00:00 to 2026-11-27T09:00:00+00:00" in text
+    assert "10 -> 4" in text
+    assert "6 record(s) to read again" in text
+    assert "--to does not stop the stage" in text
+
+
+def test_milliseconds_are_exact() -> None:
+    assert to_ms(parse_time("2026-11-27T08:00:00.123")) % 1000 == 123
+    assert to_ms(datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)) == 1000
