@@ -33,7 +33,6 @@ PURE_MODULES = [
     "services.runtime.replay",
     "services.runtime.trace",
     "services.runtime.stages",
-    "services.runtime.idle",
 ]
 # Never loaded by a decide module, not even through another module.
 FRAMEWORKS = {
