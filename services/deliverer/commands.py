@@ -28,8 +28,12 @@ from services.deliverer.retry import RetryPolicy
 from services.deliverer.service import Counts, Deliverer
 from services.deliverer.smtp import SmtpTransport
 from services.runtime.connect import open_log
+from services.runtime.embedded import EmbeddedLog
+from services.runtime.health import LagWatch, ProgressTracker, serve_health
+from services.runtime.kafka import KafkaLog
 from services.runtime.log import Log, LogError, Outgoing
 from services.runtime.logs import setup_logging
+from services.runtime.metrics import Metrics
 from services.runtime.secrets import read_secret
 from services.runtime.settings import DeploymentSettings, SmtpTarget, load_config
 
@@ -74,15 +78,20 @@ def deliverer(ctx: click.Context, config_path: Path, until_idle: bool) -> None:
                f"{counts.failed} failed, {counts.skipped} skipped as already delivered")
 
 
-async def _deliver(log: Log, settings: DeploymentSettings, target: SmtpTarget, password: str | None,
-                   until_idle: bool) -> Counts:
+async def _deliver(log: KafkaLog | EmbeddedLog, settings: DeploymentSettings, target: SmtpTarget,
+                   password: str | None, until_idle: bool) -> Counts:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     policy = RetryPolicy(delays=target.retry_delays, max_age=timedelta(days=target.max_age_days))
-    async with SmtpTransport(target, password) as transport:
-        stage = Deliverer(log, settings, transport, policy=policy)
+    metrics, tracker = Metrics(), ProgressTracker()
+    watch = None if until_idle else LagWatch.of(log, settings, "deliverer")
+    port = None if until_idle else settings.http_port or None
+    health = serve_health(port, tracker, metrics, watch=watch)
+    async with health, SmtpTransport(target, password) as transport:
+        stage = Deliverer(log, settings, transport, policy=policy, metrics=metrics)
+        tracker.mark_ready()
         return await stage.run(until_idle=until_idle, stop=stop)
 
 

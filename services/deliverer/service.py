@@ -33,6 +33,7 @@ from services.deliverer.outcome import Verdict
 from services.deliverer.retry import Followups, Job, RetryPolicy, followups
 from services.deliverer.trace import line_ending_of, received_field, with_trace
 from services.runtime.log import Log, LogProducer, Outgoing, Record, TopicPartition, next_offsets
+from services.runtime.metrics import Metrics
 from services.runtime.settings import DeploymentSettings
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class Deliverer:
     batch_size: int = 64
     poll_seconds: float = 0.5
     counts: Counts = field(default_factory=Counts)
+    metrics: Metrics | None = None
 
     def __post_init__(self) -> None:
         self.topics = Topics.of(self.settings)
@@ -197,8 +199,16 @@ class Deliverer:
                 self._in_flight.difference_update((job.routed.fetch_id, r) for r in job.recipients)
         for result in results:
             self.counts.add(result)
+            self._observe(result)
             for entry in result.delivered:
                 self._ledger.add(entry)
+
+    def _observe(self, result: Followups) -> None:
+        if self.metrics is None:
+            return
+        for attempted in result.attempted:
+            self.metrics.delivery(attempted.outcome)
+        self.metrics.dead_letters.inc(len(result.dead))
 
     def _claim(self, job: Job) -> Job | None:
         """The job narrowed to the pairs neither delivered nor in flight, which it then holds."""

@@ -26,6 +26,7 @@ from schemas.events import MailFetched, RecipientsResolved
 from schemas.topics import FETCHED, MAX_MESSAGE_BYTES, ROUTED, topic_spec
 from services.router.dedupe import DEFAULT_WINDOW, apply_dedupe, decode_seen, dedupe_key, encode_seen
 from services.router.stage import route_fetched, to_postmaster
+from services.runtime.metrics import Metrics
 from services.runtime.settings import DeploymentSettings, MailConfig
 
 log = logging.getLogger("popbridge.router")
@@ -53,6 +54,7 @@ def create_app(
     *,
     clock: Clock = utc_now,
     dedupe_window: timedelta = DEFAULT_WINDOW,
+    metrics: Metrics | None = None,
 ) -> faust.App:
     """A fresh router app (one per process, one per test) with its agents and table registered."""
     if not settings.kafka_bootstrap:
@@ -98,7 +100,7 @@ def create_app(
             elif (key := dedupe_key(resolved)) is not None:
                 await by_message_id.send(key=key, value=codec.encode(resolved))
             else:
-                await _publish(routed, resolved)
+                await _publish(routed, resolved, metrics)
             yield None
 
     @app.agent(by_message_id, name="popbridge.router.dedupe")
@@ -109,7 +111,7 @@ def create_app(
                 resolved, decode_seen(seen.get(event.key)), clock(), dedupe_window
             )
             seen[event.key] = encode_seen(remembered)
-            await _publish(routed, emitted)
+            await _publish(routed, emitted, metrics)
             yield None
 
     return app
@@ -129,8 +131,10 @@ def _route_one(value: bytes, config: MailConfig, clock: Clock) -> RecipientsReso
         return to_postmaster(fetched, config, clock(), f"{type(exc).__name__}: {exc}")
 
 
-async def _publish(routed: Any, resolved: RecipientsResolved) -> None:
+async def _publish(routed: Any, resolved: RecipientsResolved, metrics: Metrics | None) -> None:
     await routed.send(key=resolved.fetch_id.encode(), value=codec.encode(resolved))
+    if metrics is not None:
+        metrics.routed(resolved.reason)
     log.info(
         "routed fetch_id=%s reason=%s recipients=%d suppressed=%d rules=%s",
         resolved.fetch_id,

@@ -11,8 +11,10 @@ import click
 
 from schemas.topics import FETCHED
 from services.router.app import create_app, repartition_topic
+from services.runtime.health import LagWatch, ProgressTracker, serve_health
 from services.runtime.idle import wait_until_idle
 from services.runtime.kafka import KafkaLog
+from services.runtime.metrics import Metrics
 from services.runtime.settings import ConfigError, DeploymentSettings, MailConfig, load_config
 
 log = logging.getLogger("popbridge.router")
@@ -22,17 +24,24 @@ async def run_router(settings: DeploymentSettings, config: MailConfig, *, until_
     """Start the app, wait for a signal (or for idleness), stop the app cleanly."""
     if not settings.kafka_bootstrap:
         raise ConfigError("environment: POPBRIDGE_KAFKA_BOOTSTRAP: the router service needs Kafka")
-    app = create_app(settings, config)
-    await app.start()
-    try:
-        if until_idle:
-            log_ = KafkaLog(settings.kafka_bootstrap)
-            topics = [settings.topic(FETCHED), repartition_topic(settings)]
-            await wait_until_idle(log_, settings.group("router"), topics)
-        else:
-            await _wait_for_signal()
-    finally:
-        await app.stop()
+    kafka = KafkaLog(settings.kafka_bootstrap)
+    metrics, tracker = Metrics(), ProgressTracker()
+    app = create_app(settings, config, metrics=metrics)
+    # The lag watch counts moving commits as progress: a faust agent stalled after a rebalance (a known
+    # faust failure) shows as lag without progress, /healthz fails, and Kubernetes restarts the pod.
+    watch = None if until_idle else LagWatch.of(kafka, settings, "router")
+    port = None if until_idle else settings.http_port or None
+    async with serve_health(port, tracker, metrics, watch=watch):
+        await app.start()
+        tracker.mark_ready()
+        try:
+            if until_idle:
+                topics = [settings.topic(FETCHED), repartition_topic(settings)]
+                await wait_until_idle(kafka, settings.group("router"), topics)
+            else:
+                await _wait_for_signal()
+        finally:
+            await app.stop()
 
 
 async def _wait_for_signal() -> None:

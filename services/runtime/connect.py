@@ -6,13 +6,12 @@ from pathlib import Path
 
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.kafka import KafkaLog
-from services.runtime.log import Log
 from services.runtime.settings import DeploymentSettings
 
 DEFAULT_DATA_DIR = Path("~/.local/share/popbridge")  # the CLI resolves XDG_DATA_HOME and passes data_dir
 
 
-def open_log(settings: DeploymentSettings) -> Log:
+def open_log(settings: DeploymentSettings) -> KafkaLog | EmbeddedLog:
     """KafkaLog on `kafka_bootstrap` when it is set, otherwise EmbeddedLog in `data_dir` (or the default)."""
     if settings.kafka_bootstrap:
         return KafkaLog(settings.kafka_bootstrap)
