@@ -8,7 +8,6 @@ has the record. Size limits follow schemas.topics.MAX_MESSAGE_BYTES so a 50 MB m
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from aiokafka.errors import (
     KafkaError,
     TopicAlreadyExistsError,
     UnknownMemberIdError,
+    for_code,
 )
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
@@ -115,9 +115,7 @@ class KafkaLog:
             brokers = len((await admin.describe_cluster())["brokers"])
             existing = set(await admin.list_topics())
             missing = [s for s in specs if s.name not in existing]
-            for spec in missing:
-                await self._create(admin, spec, replication=min(3, brokers))
-        return [s.name for s in missing]
+            return [s.name for s in missing if await self._create(admin, spec=s, replication=min(3, brokers))]
 
     @asynccontextmanager
     async def _admin(self, doing: str) -> AsyncIterator[AIOKafkaAdminClient]:
@@ -191,11 +189,25 @@ class KafkaLog:
         }
 
     @staticmethod
-    async def _create(admin: AIOKafkaAdminClient, spec: TopicSpec, replication: int) -> None:
+    async def _create(admin: AIOKafkaAdminClient, *, spec: TopicSpec, replication: int) -> bool:
+        """Create one topic; False when it exists already (metadata lags behind recent creations, and
+        another replica may create it between our listing and this call)."""
         topic = NewTopic(spec.name, spec.partitions, replication, topic_configs=dict(spec.config))
-        # Another replica may create it between our listing and this call.
-        with contextlib.suppress(TopicAlreadyExistsError):
-            await admin.create_topics([topic])
+        try:
+            response = await admin.create_topics([topic])
+        except TopicAlreadyExistsError:
+            return False
+        # aiokafka reports per-topic failures in the response instead of raising them.
+        for _, code, message in response.topic_errors:
+            if code == TopicAlreadyExistsError.errno:
+                return False
+            if code != 0:
+                error = for_code(code)
+                raise KafkaLogError(
+                    f"kafka: create topic {spec.name}: {error.__name__}: {message}",
+                    retriable=bool(error.retriable),
+                )
+        return True
 
     @asynccontextmanager
     async def producer(self) -> AsyncIterator[KafkaProducer]:

@@ -28,8 +28,11 @@ trusted_received_hosts = ["mx.isp.example.net"]
 
 
 def describe_difference(got: bytes, want: bytes) -> str:
-    at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
-    return f"{len(got)} vs {len(want)} bytes, first difference at {at}: {got[at - 20 : at + 20]!r} vs {want[at - 20 : at + 20]!r}"
+    at = next(
+        (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want))
+    )
+    around = slice(max(at - 20, 0), at + 20)
+    return f"{len(got)} vs {len(want)} bytes, first difference at {at}: {got[around]!r} vs {want[around]!r}"
 
 
 def corpus_messages() -> list[bytes]:

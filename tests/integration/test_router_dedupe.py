@@ -43,7 +43,7 @@ password_env = "UNUSED_IN_THIS_TEST"
 
 def copy(message_id: str | None, *, delivered_to: str | None, body: str = "hello") -> bytes:
     top = f"Delivered-To: {delivered_to}\r\n" if delivered_to else ""
-    hop = "Received: from out.example by mx.isp.example.net with ESMTP id 7; Fri, 27 Nov 2026 08:00:00 +0000\r\n"
+    hop = "Received: from out.example by mx.isp.example.net with ESMTP id 7;\r\n\tFri, 27 Nov 2026 08:00:00 +0000\r\n"
     mid = f"Message-ID: <{message_id}>\r\n" if message_id else ""
     return (
         f"{top}{hop}{mid}From: someone@outside.example\r\nTo: alice@example.com, bob@example.com\r\n"
@@ -53,8 +53,14 @@ def copy(message_id: str | None, *, delivered_to: str | None, body: str = "hello
 
 def fetched(uidl: str, raw: bytes) -> MailFetched:
     return MailFetched(
-        fetch_id=fetch_id_for("catchall", uidl), mailbox_id="catchall", pop3_host="pop.isp.example.net",
-        uidl=uidl, size=len(raw), sha256="", fetched_at=datetime.now(UTC), raw=raw,
+        fetch_id=fetch_id_for("catchall", uidl),
+        mailbox_id="catchall",
+        pop3_host="pop.isp.example.net",
+        uidl=uidl,
+        size=len(raw),
+        sha256="",
+        fetched_at=datetime.now(UTC),
+        raw=raw,
     )
 
 
@@ -66,7 +72,14 @@ async def run_router_process(config: Path, settings: DeploymentSettings) -> int:
         "POPBRIDGE_GROUP_PREFIX": settings.group_prefix,
     }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "router", "--config", str(config), "--until-idle", env=env,
+        sys.executable,
+        "-m",
+        "services.cli",
+        "router",
+        "--config",
+        str(config),
+        "--until-idle",
+        env=env,
     )
     return await asyncio.wait_for(process.wait(), timeout=180)
 
@@ -75,7 +88,9 @@ async def test_each_recipient_gets_one_copy_across_partitions_and_router_instanc
     kafka_bootstrap: str, kafka_topic_prefix: str, tmp_path: Path
 ) -> None:
     settings = DeploymentSettings(
-        kafka_bootstrap=kafka_bootstrap, topic_prefix=kafka_topic_prefix, group_prefix=kafka_topic_prefix + "g"
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=kafka_topic_prefix,
+        group_prefix=kafka_topic_prefix + "g",
     )
     log = KafkaLog(kafka_bootstrap)
     await log.ensure_topics([TopicSpec(settings.topic(s.name), s.partitions, s.config) for s in TOPICS])
@@ -104,7 +119,7 @@ async def test_each_recipient_gets_one_copy_across_partitions_and_router_instanc
 
     results = await asyncio.gather(run_router_process(config, settings), run_router_process(config, settings))
 
-    assert results == [0, 0]
+    assert list(results) == [0, 0]
     routed = [codec.decode(r.value, RecipientsResolved) async for r in log.scan(settings.topic(ROUTED))]
     by_uidl = {uidl: [e for e in routed if e.fetch_id == fetch_id_for("catchall", uidl)] for uidl in copies}
     assert all(len(found) >= 1 for found in by_uidl.values())  # every copy was routed (maybe twice)
