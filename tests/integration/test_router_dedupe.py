@@ -43,7 +43,10 @@ password_env = "UNUSED_IN_THIS_TEST"
 
 def copy(message_id: str | None, *, delivered_to: str | None, body: str = "hello") -> bytes:
     top = f"Delivered-To: {delivered_to}\r\n" if delivered_to else ""
-    hop = "Received: from out.example by mx.isp.example.net with ESMTP id 7;\r\n\tFri, 27 Nov 2026 08:00 +0000\r\n"
+    hop = (
+        "Received: from out.example by mx.isp.example.net with ESMTP id 7;\r\n"
+        "\tFri, 27 Nov 2026 08:00:00 +0000\r\n"
+    )
     mid = f"Message-ID: <{message_id}>\r\n" if message_id else ""
     return (
         f"{top}{hop}{mid}From: someone@outside.example\r\nTo: alice@example.com, bob@example.com\r\n"
