@@ -66,6 +66,19 @@ class RoutingRules(_Config, frozen=True):
     max_received: int = 50
     pop3_mailbox: Pop3MailboxInfo | None = None
 
+    def __post_init__(self) -> None:
+        # The router only ever outputs these configured addresses; keeping them inside the primary
+        # domain is what makes "never relay outside" hold whatever a message claims.
+        for key, address in self._destinations():
+            if not address.lower().endswith("@" + self.primary_domain.lower()):
+                raise ValueError(f"{key}: {address!r} is not an address at primary_domain {self.primary_domain!r}")
+
+    def _destinations(self) -> list[tuple[str, str]]:
+        found = [("postmaster", self.postmaster)]
+        found += [(f"aliases.{name}", target) for name, targets in self.aliases.items() for target in targets]
+        found += [(f"list_rules[{i}].deliver_to", rule.deliver_to) for i, rule in enumerate(self.list_rules)]
+        return found
+
 
 def rules_version(rules: RoutingRules) -> str:
     """A short hash of the routing rules, carried in every routed event so a rule change is visible."""
@@ -98,6 +111,38 @@ class Mailbox(_Config, frozen=True):
     poll_interval: float = 60.0
     max_message_size: int = 50 * 1024 * 1024
     timeout: float = 60.0
+    # How to log in: USER/PASS, APOP, SASL PLAIN (all with the password) or XOAUTH2 with a bearer token
+    # from token_env, token_file or token_command (an argv run before each session; its stdout is the
+    # token, so an external refresher can supply it).
+    auth: Literal["user", "apop", "plain", "xoauth2"] = "user"
+    token_env: str | None = None
+    token_file: str | None = None
+    token_command: tuple[str, ...] = ()
+    # Limits: messages retrieved per poll (None: all), QUIT and reconnect after this many deletions so a
+    # dropped line loses little, and POP3 connections to one host at a time (the smallest value of the
+    # mailboxes on that host applies).
+    max_messages_per_session: int | None = None
+    quit_every: int = 500
+    max_connections_per_host: int = 2
+    # Keep mode: delete a message once it was published more than this many days ago (None: never).
+    keep_days: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.quit_every < 1:
+            raise ValueError("quit_every: must be at least 1")
+        if self.max_connections_per_host < 1:
+            raise ValueError("max_connections_per_host: must be at least 1")
+        if self.max_messages_per_session is not None and self.max_messages_per_session < 1:
+            raise ValueError("max_messages_per_session: must be at least 1")
+        if self.keep_days is not None and (self.mode != "keep" or self.keep_days < 0):
+            raise ValueError("keep_days: a number of days >= 0, only with mode = \"keep\"")
+        if self.auth == "xoauth2" and not (self.token_env or self.token_file or self.token_command):
+            raise ValueError("auth = \"xoauth2\" needs token_env, token_file or token_command")
+
+    @property
+    def needs_password(self) -> bool:
+        """Every method but XOAUTH2 logs in with the password."""
+        return self.auth != "xoauth2"
 
     @property
     def catch_all(self) -> bool:
@@ -239,7 +284,7 @@ def load_config(path: str | Path) -> MailConfig:
             raise ConfigError(
                 f"{where}: a single-user mailbox (with `recipients`) takes no [routing] settings"
             )
-        if not (mailbox.password_env or mailbox.password_file):
+        if mailbox.needs_password and not (mailbox.password_env or mailbox.password_file):
             raise ConfigError(f"{where}: set password_env or password_file (passwords are never inlined)")
     return config
 

@@ -95,3 +95,20 @@ def test_rules_version_changes_with_the_rules(tmp_path: Path) -> None:
     assert second is not None
     assert rules_version(first) != rules_version(second)
     assert rules_version(first) == rules_version(first)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("postmaster", '"postmaster@elsewhere.example"'),
+        ("aliases", '{ sales = ["alice@example.com", "boss@gmail.example"] }'),
+        ("list_rules", '[{ list_id = "l.example.net", deliver_to = "lists@example.com.evil.example" }]'),
+    ],
+)
+def test_a_routing_destination_outside_the_primary_domain_is_refused(tmp_path: Path, key: str, value: str) -> None:
+    text = GOOD.replace('postmaster = "postmaster@example.com"\n', "") + ""
+    text = text.replace("[routing]\n", f"[routing]\n{key} = {value}\n")
+    if key != "postmaster":
+        text = text.replace("[routing]\n", '[routing]\npostmaster = "postmaster@example.com"\n')
+    with pytest.raises(ConfigError, match=r"not an address at primary_domain"):
+        load_config(write(tmp_path, text))
