@@ -71,7 +71,8 @@ class RoutingRules(_Config, frozen=True):
         # domain is what makes "never relay outside" hold whatever a message claims.
         for key, address in self._destinations():
             if not address.lower().endswith("@" + self.primary_domain.lower()):
-                raise ValueError(f"{key}: {address!r} is not an address at primary_domain {self.primary_domain!r}")
+                domain = self.primary_domain
+                raise ValueError(f"{key}: {address!r} is not an address at primary_domain {domain!r}")
 
     def _destinations(self) -> list[tuple[str, str]]:
         found = [("postmaster", self.postmaster)]

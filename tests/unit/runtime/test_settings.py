@@ -105,8 +105,10 @@ def test_rules_version_changes_with_the_rules(tmp_path: Path) -> None:
         ("list_rules", '[{ list_id = "l.example.net", deliver_to = "lists@example.com.evil.example" }]'),
     ],
 )
-def test_a_routing_destination_outside_the_primary_domain_is_refused(tmp_path: Path, key: str, value: str) -> None:
-    text = GOOD.replace('postmaster = "postmaster@example.com"\n', "") + ""
+def test_a_routing_destination_outside_the_primary_domain_is_refused(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    text = GOOD.replace('postmaster = "postmaster@example.com"\n', "")
     text = text.replace("[routing]\n", f"[routing]\n{key} = {value}\n")
     if key != "postmaster":
         text = text.replace("[routing]\n", '[routing]\npostmaster = "postmaster@example.com"\n')
