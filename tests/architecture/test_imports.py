@@ -90,7 +90,10 @@ def test_schemas_import_only_msgspec_and_the_standard_library() -> None:
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_no_service_imports_another_service(service: str) -> None:
-    others = {f"services.{other}" for other in SERVICES if other != service} | {"services.cli"}
+    others = {f"services.{other}" for other in SERVICES if other != service} | {
+        "services.cli",
+        "services.single",
+    }
     offenders = {
         f"{path.relative_to(ROOT)}: {name}"
         for path in python_files(f"services.{service}")
@@ -105,7 +108,7 @@ def test_runtime_imports_no_service() -> None:
         f"{path.relative_to(ROOT)}: {name}"
         for path in python_files("services.runtime")
         for name in imported_modules(path)
-        if any(name.startswith(f"services.{s}") for s in SERVICES) or name == "services.cli"
+        if any(name.startswith(f"services.{s}") for s in (*SERVICES, "single")) or name == "services.cli"
     }
     assert not offenders
 

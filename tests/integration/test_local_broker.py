@@ -25,8 +25,9 @@ async def create_topic(bootstrap: str, topic: str, configs: dict[str, str] | Non
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1,
-                                            topic_configs=configs or {})])
+        await admin.create_topics(
+            [NewTopic(topic, num_partitions=1, replication_factor=1, topic_configs=configs or {})]
+        )
     finally:
         await admin.close()
 
@@ -42,8 +43,13 @@ async def test_a_record_sent_with_acks_all_reaches_a_consumer_group(
         await producer.send_and_wait(topic, b"Subject: hello\r\n\r\nhi\r\n", key=b"uidl-1")
     finally:
         await producer.stop()
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, group_id=group,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=kafka_bootstrap,
+        group_id=group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     try:
         record = await asyncio.wait_for(consumer.getone(), timeout=60)
@@ -61,16 +67,24 @@ async def test_a_25_mb_mail_passes_through_a_topic_that_allows_64_mib(
     topic = f"{kafka_topic_prefix}large"
     await create_topic(kafka_bootstrap, topic, {"max.message.bytes": str(MAX_MESSAGE_BYTES)})
     mail = os.urandom(MAIL_BYTES)  # random, so compression cannot shrink it under the default limits
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True,
-                                max_request_size=MAX_MESSAGE_BYTES, request_timeout_ms=120_000)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        max_request_size=MAX_MESSAGE_BYTES,
+        request_timeout_ms=120_000,
+    )
     await producer.start()
     try:
         sent = await producer.send_and_wait(topic, mail)
     finally:
         await producer.stop()
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, enable_auto_commit=False,
-                                max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
-                                fetch_max_bytes=MAX_MESSAGE_BYTES)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka_bootstrap,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
+        fetch_max_bytes=MAX_MESSAGE_BYTES,
+    )
     await consumer.start()
     try:
         partition = TopicPartition(topic, sent.partition)
@@ -85,8 +99,14 @@ async def test_a_25_mb_mail_passes_through_a_topic_that_allows_64_mib(
 
 def broker_script(*arguments: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
     environment = dict(os.environ) if path is None else {**os.environ, "PATH": path}
-    return subprocess.run([sys.executable, str(BROKER_SCRIPT), *arguments], capture_output=True, text=True,
-                          timeout=600, env=environment, check=False)
+    return subprocess.run(
+        [sys.executable, str(BROKER_SCRIPT), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+        check=False,
+    )
 
 
 def test_a_start_with_a_complete_jar_cache_does_not_run_mvn(tmp_path: Path) -> None:

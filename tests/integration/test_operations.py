@@ -88,8 +88,16 @@ def _fetch_id(event: Event) -> str:
 
 def fetched(fetch_id: str, to: str = "alice@example.com") -> MailFetched:
     raw = f"Message-ID: <{fetch_id}@sender.example>\r\nTo: {to}\r\nSubject: hi\r\n\r\nbody\r\n".encode()
-    return MailFetched(fetch_id=fetch_id, mailbox_id="catchall", pop3_host="pop.isp.example",
-                       uidl=f"u{fetch_id}", size=len(raw), sha256="", fetched_at=T, raw=raw)
+    return MailFetched(
+        fetch_id=fetch_id,
+        mailbox_id="catchall",
+        pop3_host="pop.isp.example",
+        uidl=f"u{fetch_id}",
+        size=len(raw),
+        sha256="",
+        fetched_at=T,
+        raw=raw,
+    )
 
 
 async def read(consumer: LogConsumer, count: int) -> list[Record]:
@@ -231,8 +239,12 @@ async def test_a_shadow_replay_lists_exactly_the_messages_the_new_rules_route_el
     old_rules = load_config(config_file(tmp_path, "old", "alice", "bob", "carol"))
     new_rules = config_file(tmp_path, "new", "alice", "carol")  # bob left: his mail goes to the postmaster
     before = [fetched("old-bob", "bob@example.com")]
-    window = [fetched("w-alice", "alice@example.com"), fetched("w-bob", "bob@example.com"),
-              fetched("w-carol", "carol@example.com"), fetched("w-bob2", "Bob <bob@example.com>")]
+    window = [
+        fetched("w-alice", "alice@example.com"),
+        fetched("w-bob", "bob@example.com"),
+        fetched("w-carol", "carol@example.com"),
+        fetched("w-bob2", "Bob <bob@example.com>"),
+    ]
     await publish(deployment, FETCHED, before)
     first = {(r.partition, r.offset) for r in await scan(deployment, FETCHED)}
     await publish(deployment, FETCHED, window)
@@ -240,18 +252,24 @@ async def test_a_shadow_replay_lists_exactly_the_messages_the_new_rules_route_el
     since = min(r.timestamp_ms for r in records if (r.partition, r.offset) not in first)
     await publish(deployment, ROUTED, [route_fetched(m, old_rules, T) for m in before + window])
 
-    result = await popbridge(deployment, "replay", "router", "--from", iso(since), "--shadow",
-                             "--config", str(new_rules))
+    result = await popbridge(
+        deployment, "replay", "router", "--from", iso(since), "--shadow", "--config", str(new_rules)
+    )
     assert result.exit_code == 0, result.output
-    changed = sorted(line.split()[0] for line in result.stdout.splitlines() if line.startswith("  w-")
-                     or line.startswith("  old-"))
+    changed = sorted(
+        line.split()[0]
+        for line in result.stdout.splitlines()
+        if line.startswith("  w-") or line.startswith("  old-")
+    )
     assert changed == ["w-bob", "w-bob2"]
     assert "2 would go to different recipients:" in result.stdout
     assert "    old: bob@example.com (" in result.stdout
     assert "    new: postmaster@example.com (" in result.stdout
     assert "2 unchanged; 0 not routed before" in result.stdout
-    shadow = [codec.decode(r.value, RecipientsResolved) async for r in kafka(deployment).scan(
-        shadow_topic(deployment))]
+    shadow = [
+        codec.decode(r.value, RecipientsResolved)
+        async for r in kafka(deployment).scan(shadow_topic(deployment))
+    ]
     assert sorted(e.fetch_id for e in shadow) == sorted(m.fetch_id for m in window)
     assert await kafka(deployment).committed(deployment.group("router"), deployment.topic(FETCHED)) == {}
 
@@ -267,14 +285,30 @@ async def test_trace_shows_every_stage_of_a_delivered_and_of_a_dead_lettered_mes
     routed_ok, routed_dead = route_fetched(delivered, rules, T), route_fetched(dead, rules, T)
     await publish(deployment, FETCHED, [delivered, dead, fetched("other", "alice@example.com")])
     await publish(deployment, ROUTED, [routed_ok, routed_dead])
-    await publish(deployment, DELIVERY_ATTEMPTS, [
-        attempt("ok1", "alice@example.com", 1, "deferred", 451, "mailbox busy"),
-        attempt("ok1", "alice@example.com", 2, "delivered", 250, "queued as 4711"),
-        attempt("dead1", "bob@example.com", 1, "failed", 550, "no such user"),
-    ])
-    await publish(deployment, DEAD_LETTERS, [DeliveryDeadLettered(
-        routed=routed_dead, recipient="bob@example.com", reason="rejected by the server", smtp_code=550,
-        smtp_text="no such user", attempts=1, dead_lettered_at=T + timedelta(minutes=1))])
+    await publish(
+        deployment,
+        DELIVERY_ATTEMPTS,
+        [
+            attempt("ok1", "alice@example.com", 1, "deferred", 451, "mailbox busy"),
+            attempt("ok1", "alice@example.com", 2, "delivered", 250, "queued as 4711"),
+            attempt("dead1", "bob@example.com", 1, "failed", 550, "no such user"),
+        ],
+    )
+    await publish(
+        deployment,
+        DEAD_LETTERS,
+        [
+            DeliveryDeadLettered(
+                routed=routed_dead,
+                recipient="bob@example.com",
+                reason="rejected by the server",
+                smtp_code=550,
+                smtp_text="no such user",
+                attempts=1,
+                dead_lettered_at=T + timedelta(minutes=1),
+            )
+        ],
+    )
 
     text = await popbridge(deployment, "trace", "ok1")
     assert text.exit_code == 0, text.output
@@ -299,8 +333,15 @@ async def test_trace_shows_every_stage_of_a_delivered_and_of_a_dead_lettered_mes
 
 
 def attempt(fetch_id: str, to: str, n: int, outcome: Outcome, code: int, text: str) -> DeliveryAttempted:
-    return DeliveryAttempted(fetch_id=fetch_id, recipient=to, outcome=outcome, smtp_code=code, smtp_text=text,
-                             attempt=n, attempted_at=T + timedelta(seconds=n))
+    return DeliveryAttempted(
+        fetch_id=fetch_id,
+        recipient=to,
+        outcome=outcome,
+        smtp_code=code,
+        smtp_text=text,
+        attempt=n,
+        attempted_at=T + timedelta(seconds=n),
+    )
 
 
 # --- health and metrics ----------------------------------------------------------------------------
@@ -320,8 +361,11 @@ async def get(session: aiohttp.ClientSession, port: int, path: str) -> tuple[int
 
 
 def lag_of(metrics_text: str, stage: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
-               if line.startswith("popbridge_consumer_lag{") and f'stage="{stage}"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics_text.splitlines()
+        if line.startswith("popbridge_consumer_lag{") and f'stage="{stage}"' in line
+    )
 
 
 async def test_metrics_are_scraped_and_move_and_healthz_fails_when_the_stage_stalls(
@@ -331,8 +375,10 @@ async def test_metrics_are_scraped_and_move_and_healthz_fails_when_the_stage_sta
     clock, metrics = Clock(), Metrics()
     tracker = ProgressTracker(stall_after=300.0, clock=clock)
     watch = LagWatch.of(kafka(deployment), deployment, "router", interval=3600.0)
-    async with serve_health(0, tracker, metrics, watch=watch, host="127.0.0.1") as server, \
-            aiohttp.ClientSession() as session:
+    async with (
+        serve_health(0, tracker, metrics, watch=watch, host="127.0.0.1") as server,
+        aiohttp.ClientSession() as session,
+    ):
         assert server.port
         await watch.poll_once(tracker, metrics)  # as the background watch does, but awaited here
         status, page = await get(session, server.port, "/metrics")

@@ -1,0 +1,225 @@
+"""`popbridge run`: the fetcher, the router (the plain loop) and the deliverer in one process.
+
+The three stages still talk only through the log, exactly as in the Kubernetes deployment: the same
+events, consumer groups, routing, retries and dead letters. Each stage commits only what is durable, so
+a kill -9 at any moment loses nothing, and a restart delivers nothing twice that the delivered ledger
+already holds. The one window no SMTP client can close is a kill after the server accepted a message
+and before the ledger recorded it (RFC 1047): that copy is sent again.
+
+`--until-idle`: one fetch pass, then the router until every fetched message is routed, then the
+deliverer until every routed copy is handed over and no retry is due now (later retries stay queued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import click
+
+from schemas.topics import FETCHED, PLAIN_ROUTER_TOPICS, ROUTED, TOPICS, TopicSpec
+from services.deliverer.commands import smtp_password
+from services.deliverer.retry import RetryPolicy
+from services.deliverer.service import Counts, Deliverer
+from services.deliverer.smtp import SmtpTransport
+from services.fetcher.commands import run_fetcher
+from services.fetcher.service import PassResult
+from services.router.loop import RouterCounts, RouterLoop
+from services.runtime.connect import open_log
+from services.runtime.embedded import EmbeddedLog
+from services.runtime.idle import is_idle
+from services.runtime.log import Log, LogError
+from services.runtime.settings import DeploymentSettings, MailConfig, load_config
+
+log = logging.getLogger("popbridge.run")
+
+CLEAN_UP_EVERY = 3600.0  # seconds between two retention and compaction passes on the embedded log
+
+
+def deployed_topics(settings: DeploymentSettings) -> list[TopicSpec]:
+    """Every topic the single process uses, with the deployment's prefix."""
+    specs = (*TOPICS, *PLAIN_ROUTER_TOPICS)
+    return [TopicSpec(settings.topic(s.name), s.partitions, dict(s.config)) for s in specs]
+
+
+@dataclass
+class RunSummary:
+    """What one run did: per mailbox fetch results, then router and deliverer counts."""
+
+    fetched: list[PassResult] = field(default_factory=list)
+    routed: RouterCounts = field(default_factory=RouterCounts)
+    delivered: Counts = field(default_factory=Counts)
+
+    def lines(self) -> list[str]:
+        lines = [
+            f"fetch {r.mailbox_id}: published={r.published} deleted={r.deleted} too_big={r.too_big} "
+            + (f"error: {r.error}" if r.error else "ok")
+            for r in self.fetched
+        ]
+        routed, counts = self.routed, self.delivered
+        lines.append(
+            f"route: {routed.routed} routed, {routed.suppressed} duplicate copies suppressed, "
+            f"{routed.postmaster} to the postmaster after an error, {routed.skipped} bad records skipped"
+        )
+        lines.append(
+            f"deliver: {counts.delivered} delivered, {counts.deferred} deferred, {counts.failed} failed, "
+            f"{counts.skipped} skipped as already delivered"
+        )
+        return lines
+
+
+@dataclass
+class Pipeline:
+    """The three stages on one log. `poll_seconds` bounds how long an idle stage waits for records."""
+
+    log: Log
+    settings: DeploymentSettings
+    config: MailConfig
+    environ: Mapping[str, str]
+    poll_seconds: float = 0.5
+    summary: RunSummary = field(default_factory=RunSummary)
+
+    async def run(self, *, until_idle: bool, stop: asyncio.Event) -> RunSummary:
+        await self.log.ensure_topics(deployed_topics(self.settings))
+        target = self.config.delivery
+        policy = RetryPolicy(delays=target.retry_delays, max_age=timedelta(days=target.max_age_days))
+        router = RouterLoop(self.log, self.settings, self.config, poll_seconds=self.poll_seconds)
+        async with SmtpTransport(target, smtp_password(target, self.environ)) as transport:
+            # A batch is as large as the sessions that send it in parallel: a copy the server accepted is
+            # in the ledger before the next batch starts, so a kill can catch at most this many copies
+            # between the server's 250 and the ledger (RFC 1047's window), which a restart sends again.
+            deliverer = Deliverer(
+                self.log, self.settings, transport, policy=policy, poll_seconds=self.poll_seconds,
+                batch_size=target.connections,
+            )
+            if until_idle:
+                await self._until_idle(router, deliverer, stop)
+            else:
+                await self._forever(router, deliverer, stop)
+        self.summary.routed, self.summary.delivered = router.counts, deliverer.counts
+        return self.summary
+
+    async def _until_idle(self, router: RouterLoop, deliverer: Deliverer, stop: asyncio.Event) -> None:
+        environ = dict(self.environ)
+        self.summary.fetched = await run_fetcher(self.log, self.settings, self.config, environ, once=True)
+        await self._drain(lambda: router.run(until_idle=True, stop=stop), "router", FETCHED, stop)
+        await self._drain(lambda: deliverer.run(until_idle=True, stop=stop), "deliverer", ROUTED, stop)
+        await self._clean_up()
+
+    async def _drain(
+        self, run_stage: Callable[[], Awaitable[object]], stage: str, topic: str, stop: asyncio.Event
+    ) -> None:
+        """Run a stage until its group has committed its whole input topic.
+
+        A stage's own `until_idle` means "my partitions are read to the end". After a kill -9 the dead
+        process still holds some partitions until the log takes it for dead (the embedded log's member
+        timeout, Kafka's session timeout), so the stage is run again until every partition is done.
+        """
+        group, name = self.settings.group(stage), self.settings.topic(topic)
+        while not stop.is_set():
+            await run_stage()
+            if is_idle(await self.log.end_offsets(name), await self.log.committed(group, name)):
+                return
+            log.info("%s: partitions of %s are still held by a stopped member; waiting", stage, name)
+            await asyncio.sleep(self.poll_seconds)
+
+    async def _forever(self, router: RouterLoop, deliverer: Deliverer, stop: asyncio.Event) -> None:
+        try:
+            await self._stages(router, deliverer, stop)
+        except ExceptionGroup as group:  # one stage failed and the others were stopped: report the first
+            for other in group.exceptions[1:]:
+                log.warning("another stage failed too: %r", other)
+            raise group.exceptions[0] from None
+
+    async def _stages(self, router: RouterLoop, deliverer: Deliverer, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            fetcher = tasks.create_task(
+                run_fetcher(self.log, self.settings, self.config, dict(self.environ), once=False)
+            )
+            tasks.create_task(router.run(stop=stop))
+            tasks.create_task(deliverer.run(stop=stop))
+            tasks.create_task(self._clean_up_until(stop))
+            # The fetcher has no stop switch: cancelling it between or inside POP3 sessions is safe (a
+            # session without QUIT deletes nothing; what was published is deleted on the next pass).
+            await stop.wait()
+            fetcher.cancel()
+
+
+    async def _clean_up_until(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._clean_up()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), CLEAN_UP_EVERY)
+
+    async def _clean_up(self) -> None:
+        """On the embedded log, apply each topic's retention and compaction (a Kafka broker does its own):
+        without it the log file keeps every message ever fetched."""
+        if not isinstance(self.log, EmbeddedLog):
+            return
+        try:
+            deleted = await self.log.clean_up()
+        except LogError as exc:
+            log.warning("embedded log clean-up failed, trying again later: %s", exc)
+            return
+        if any(deleted.values()):
+            log.info("embedded log clean-up: %s", ", ".join(f"{t}: {n}" for t, n in deleted.items() if n))
+
+
+async def run_until_signal(pipeline: Pipeline, *, until_idle: bool) -> RunSummary:
+    """Run the pipeline; SIGTERM or SIGINT stops it after the batches in hand are committed."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        return await pipeline.run(until_idle=until_idle, stop=stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_signal_handler(signum)
+
+
+def log_error_in(exc: BaseException) -> LogError | None:
+    """The LogError that stopped a stage, also from inside a TaskGroup's exception group."""
+    if isinstance(exc, LogError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        return next((e for e in map(log_error_in, exc.exceptions) if e is not None), None)
+    return None
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The mail configuration (TOML): mailboxes, routing and the delivery server.")
+@click.option("--until-idle", is_flag=True,
+              help="One fetch pass, then route and deliver until nothing is left to do now; then exit.")
+@click.pass_obj
+def run(obj: object, config_path: Path, until_idle: bool) -> None:
+    """Fetch, route and deliver in one process.
+
+    The log is the embedded one (SQLite in POPBRIDGE_DATA_DIR, default ~/.local/share/popbridge), or
+    Kafka when POPBRIDGE_KAFKA_BOOTSTRAP is set. The router here is the plain loop, not the faust app,
+    on either log: run one `popbridge run` per deployment, and not next to `popbridge router` (they
+    share the router's consumer group). Topics are created on start.
+    """
+    settings: DeploymentSettings = obj.settings  # type: ignore[attr-defined]  # services.cli.Context
+    environ: dict[str, str] = obj.environ  # type: ignore[attr-defined]
+    config = load_config(config_path)
+    pipeline = Pipeline(open_log(settings), settings, config, environ)
+    try:
+        summary = asyncio.run(run_until_signal(pipeline, until_idle=until_idle))
+    except (LogError, ExceptionGroup) as exc:
+        problem = log_error_in(exc)
+        if problem is None:
+            raise
+        raise click.ClickException(f"log: {problem}") from None
+    for line in summary.lines():
+        click.echo(line)
+    if any(r.error for r in summary.fetched):
+        raise SystemExit(1)
