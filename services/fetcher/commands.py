@@ -5,28 +5,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from schemas.topics import FETCH_STATE
+from services.fetcher import status
 from services.fetcher.memory import FetchMemory
 from services.fetcher.service import Fetcher, PassResult
+from services.fetcher.status import Timing
+from services.runtime.health import ProgressTracker, serve_health
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import Log
+from services.runtime.metrics import Metrics
 from services.runtime.settings import ConfigError, DeploymentSettings, Mailbox, MailConfig, load_config
 
 log = logging.getLogger("popbridge.fetcher")
 
-MAX_BACKOFF = 30 * 60.0
+FIRST_POLL_SPREAD = 5.0  # seconds over which the first polls of many mailboxes are spread
+OWNERSHIP_CHECK = 1.0
 
 
-def next_delay(mailbox: Mailbox, failures: int, rng: random.Random) -> float:
-    """The wait before the next poll: the interval with 10% jitter, doubled per consecutive failure."""
-    delay = mailbox.poll_interval
-    if failures:
-        delay = max(delay, min(delay * 2 ** min(failures, 16), MAX_BACKOFF))
-    return delay * rng.uniform(0.9, 1.1)
+def next_delay(
+    mailbox: Mailbox,
+    failures: int,
+    rng: random.Random,
+    *,
+    retry_after: float | None = None,
+    login_delay: float | None = None,
+) -> float:
+    """The wait before the next poll of `mailbox` (see services.fetcher.status.next_delay)."""
+    return status.next_delay(Timing(mailbox.poll_interval, failures, retry_after, login_delay), rng)
 
 
 async def load_memory(log_: Log, settings: DeploymentSettings) -> FetchMemory:
@@ -36,24 +46,62 @@ async def load_memory(log_: Log, settings: DeploymentSettings) -> FetchMemory:
 
 
 async def run_fetcher(
-    log_: Log, settings: DeploymentSettings, config: MailConfig, environ: dict[str, str], *, once: bool
+    log_: Log,
+    settings: DeploymentSettings,
+    config: MailConfig,
+    environ: dict[str, str],
+    *,
+    once: bool,
+    metrics: Metrics | None = None,
+    tracker: ProgressTracker | None = None,
 ) -> list[PassResult]:
+    """One pass over every mailbox (`once`), or poll each one on its own interval until cancelled."""
     memory = await load_memory(log_, settings)
     async with log_.producer() as producer:
-        fetcher = Fetcher(settings=settings, producer=producer, memory=memory, environ=environ)
+        fetcher = Fetcher(
+            settings=settings, producer=producer, memory=memory, environ=environ, metrics=metrics,
+            tracker=tracker,
+        )  # fmt: skip
+        fetcher.limit_hosts(config.mailboxes)
         if once:
             return await fetcher.poll_all(config.mailboxes)
-        await asyncio.gather(*(_poll_forever(fetcher, m) for m in config.mailboxes))
+        if tracker is not None:
+            tracker.mark_ready()
+        await asyncio.gather(*(poll_forever(fetcher, m) for m in config.mailboxes))
     return []
 
 
-async def _poll_forever(fetcher: Fetcher, mailbox: Mailbox) -> None:
+async def poll_forever(
+    fetcher: Fetcher, mailbox: Mailbox, *, owns: Callable[[Mailbox], bool] | None = None
+) -> None:
+    """Poll one mailbox on its own interval, backing off after failures, until cancelled.
+
+    `owns` (mailbox sharing) says whether this replica may poll the mailbox now; while it may not,
+    the loop only checks again every OWNERSHIP_CHECK seconds.
+    """
     rng = random.Random()  # noqa: S311 - poll jitter, not cryptography
+    await asyncio.sleep(rng.uniform(0, min(mailbox.poll_interval, FIRST_POLL_SPREAD)))
     failures = 0
     while True:
+        if owns is not None and not owns(mailbox):
+            failures = 0
+            await asyncio.sleep(OWNERSHIP_CHECK)
+            continue
         result = await fetcher.poll(mailbox)
         failures = failures + 1 if result.error else 0
-        await asyncio.sleep(next_delay(mailbox, failures, rng))
+        delay = next_delay(
+            mailbox, failures, rng, retry_after=result.retry_after, login_delay=result.login_delay
+        )
+        await asyncio.sleep(delay)
+
+
+async def serve_fetcher(
+    log_: Log, settings: DeploymentSettings, config: MailConfig, environ: dict[str, str]
+) -> None:
+    """The long-running `popbridge fetcher`: poll forever, with /healthz, /readyz and /metrics."""
+    metrics, tracker = Metrics(), ProgressTracker()
+    async with serve_health(settings.http_port or None, tracker, metrics):
+        await run_fetcher(log_, settings, config, environ, once=False, metrics=metrics, tracker=tracker)
 
 
 @click.command()
@@ -69,9 +117,11 @@ def fetcher(obj: object, config_path: Path, once: bool) -> None:
     config = load_config(config_path)
     if not settings.kafka_bootstrap:
         raise ConfigError("environment: POPBRIDGE_KAFKA_BOOTSTRAP is not set")
-    results = asyncio.run(
-        run_fetcher(KafkaLog(settings.kafka_bootstrap), settings, config, environ, once=once)
-    )
+    log_ = KafkaLog(settings.kafka_bootstrap)
+    if not once:
+        asyncio.run(serve_fetcher(log_, settings, config, environ))
+        return
+    results = asyncio.run(run_fetcher(log_, settings, config, environ, once=True))
     for result in results:
         state = f"error: {result.error}" if result.error else "ok"
         click.echo(

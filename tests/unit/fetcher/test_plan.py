@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from schemas.events import FetchRecorded
-from services.fetcher.plan import Listed, plan_pass
+from schemas.events import FetchRecorded, fetch_id_for
+from services.fetcher.plan import Listed, Plan, fetch_id_of, plan_pass, session_part
 
 T = datetime(2026, 11, 27, tzinfo=UTC)
 MB = 1024 * 1024
@@ -48,3 +48,50 @@ def test_messages_over_the_size_limit_stay_on_the_server() -> None:
     plan = plan_pass(listing, {}, mode="delete", max_message_size=50 * MB)
     assert plan.too_big == [Listed(1, "a", 50 * MB + 1)]
     assert plan.retrieve == [Listed(2, "b", 50 * MB)]
+
+
+def test_keep_days_deletes_what_was_published_before_the_cutoff() -> None:
+    listing = [Listed(1, "old", 100), Listed(2, "new", 100), Listed(3, "unseen", 100)]
+    known = {
+        "old": recorded("old", 100),
+        "new": FetchRecorded(mailbox_id="mb", uidl="new", fetch_id="f", size=100, sha256="x",
+                             published_at=T + timedelta(days=2)),
+    }  # fmt: skip
+    now = T + timedelta(days=3, seconds=1)
+    plan = plan_pass(listing, known, mode="keep", max_message_size=MB, keep_days=3, now=now)
+    assert plan.delete_only == [Listed(1, "old", 100)]
+    assert plan.retrieve == [Listed(3, "unseen", 100)]
+
+
+def test_a_reused_uidl_is_marked_so_it_gets_its_own_fetch_id() -> None:
+    plan = plan_pass([Listed(1, "a", 999), Listed(2, "b", 5)], {"a": recorded("a", 100)}, mode="delete",
+                     max_message_size=MB)  # fmt: skip
+    assert plan.reused == frozenset({"a"})
+    sha = "ab" * 32
+    assert fetch_id_of("mb", "a", sha, reused=True) == fetch_id_for("mb", "a#" + sha[:12])
+    assert fetch_id_of("mb", "b", sha, reused=False) == fetch_id_for("mb", "b")
+
+
+def listed(count: int, start: int = 1) -> list[Listed]:
+    return [Listed(n, f"u{n}", 10) for n in range(start, start + count)]
+
+
+def test_a_session_deletes_at_most_quit_every_messages_then_the_pass_reconnects() -> None:
+    plan = Plan(retrieve=listed(8, 100), delete_only=listed(3))
+    part, more = session_part(plan, quit_every=5, max_retrieve=None, deletes_retrieved=True)
+    assert (part.delete_only, part.retrieve, more) == (listed(3), listed(2, 100), True)
+    part, more = session_part(
+        Plan(retrieve=listed(4)), quit_every=5, max_retrieve=None, deletes_retrieved=True
+    )
+    assert (len(part.retrieve), more) == (4, False)
+
+
+def test_keep_mode_retrieves_everything_in_one_session_and_max_retrieve_waits_for_the_next_poll() -> None:
+    part, more = session_part(
+        Plan(retrieve=listed(20)), quit_every=5, max_retrieve=None, deletes_retrieved=False
+    )
+    assert (len(part.retrieve), more) == (20, False)
+    part, more = session_part(
+        Plan(retrieve=listed(20)), quit_every=50, max_retrieve=7, deletes_retrieved=True
+    )
+    assert (len(part.retrieve), more) == (7, False)

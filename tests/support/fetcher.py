@@ -1,0 +1,61 @@
+"""The fetcher on the real broker and Dovecot: mailboxes on the test server, a Fetcher, what it published."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from schemas import codec
+from schemas.events import FetchRecorded, MailFetched
+from schemas.topics import FETCH_STATE, FETCHED, TopicSpec, topic_spec
+from services.fetcher.commands import load_memory
+from services.fetcher.service import Fetcher
+from services.runtime.kafka import KafkaLog
+from services.runtime.settings import DeploymentSettings, Mailbox
+from tests.support.dovecot import DovecotMailboxes, MailUser
+
+
+def dovecot_mailbox(
+    dovecot: DovecotMailboxes, user: MailUser, mailbox_id: str = "box", **overrides: Any
+) -> Mailbox:
+    """A single-user mailbox on the test Dovecot, plain POP3 unless overridden; password in PW_<id>."""
+    fields: dict[str, Any] = {
+        "id": mailbox_id, "host": dovecot.server.host, "port": dovecot.server.pop3_port, "tls": "none",
+        "username": user.login, "password_env": f"PW_{mailbox_id}", "recipients": ("alice@example.com",),
+        "ca_file": str(dovecot.server.ca_file), "timeout": 10.0, "poll_interval": 1.0,
+    }  # fmt: skip
+    fields.update(overrides)
+    return Mailbox(**fields)
+
+
+class FetcherStage:
+    """A test's own fetched and fetch-state topics on the shared broker."""
+
+    def __init__(self, bootstrap: str, prefix: str) -> None:
+        self.log = KafkaLog(bootstrap)
+        self.settings = DeploymentSettings(
+            kafka_bootstrap=bootstrap, topic_prefix=prefix, group_prefix=prefix
+        )
+
+    async def create_topics(self) -> None:
+        specs = [topic_spec(name) for name in (FETCHED, FETCH_STATE)]
+        await self.log.ensure_topics(
+            [TopicSpec(self.settings.topic(s.name), s.partitions, s.config) for s in specs]
+        )
+
+    @asynccontextmanager
+    async def fetcher(self, environ: Mapping[str, str], **options: Any) -> AsyncIterator[Fetcher]:
+        """A Fetcher whose memory is loaded from the fetch-state topic, as at a start."""
+        memory = await load_memory(self.log, self.settings)
+        async with self.log.producer() as producer:
+            yield Fetcher(
+                settings=self.settings, producer=producer, memory=memory, environ=environ, **options
+            )
+
+    async def published(self) -> list[MailFetched]:
+        return [codec.decode(r.value, MailFetched) async for r in self.log.scan(self.settings.topic(FETCHED))]
+
+    async def recorded(self) -> list[FetchRecorded]:
+        topic = self.settings.topic(FETCH_STATE)
+        return [codec.decode(r.value, FetchRecorded) async for r in self.log.scan(topic)]
