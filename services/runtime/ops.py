@@ -5,7 +5,8 @@ inputs through `OpsLog`, which both `KafkaLog` and `EmbeddedLog` provide.
 
 Costs, for the operator who runs them on a busy system:
 - lag: per input topic a few offset lookups, plus one single-record read per lagging partition;
-- replay plan: three offset lookups; executing it: one offset commit;
+- replay plan: three offset lookups; executing it: one offset commit. A window replay (`--to`) reads
+  the window in ranged reads of 100 offsets and writes each record once more (bodies included);
 - trace: reads the fetched, routed, delivery-attempt and dead-letter topics from their beginning (their
   retention: 14, 14, 30 and 90 days), message bodies included. Fine for an occasional question; a
   frequent one wants an index (a compacted topic keyed by fetch id, or the partition of the fetch id,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Protocol
 
@@ -23,8 +25,8 @@ from schemas import codec
 from schemas.events import DeliveryAttempted, DeliveryDeadLettered, MailFetched, RecipientsResolved
 from schemas.topics import DEAD_LETTERS, DELIVERY_ATTEMPTS, FETCHED, ROUTED
 from services.runtime.lag import StageLag, lag_report, position
-from services.runtime.log import LogError, Record, TopicPartition
-from services.runtime.replay import ResetPlan, reset_plan, to_ms
+from services.runtime.log import LogError, LogProducer, Outgoing, Record, TopicPartition
+from services.runtime.replay import PartitionWindow, ResetPlan, WindowPlan, reset_plan, to_ms, window_plan
 from services.runtime.settings import DeploymentSettings
 from services.runtime.stages import Stage
 from services.runtime.trace import Step, TraceQuery, step_of, timelines
@@ -129,7 +131,7 @@ async def oldest_timestamps(
 # --- replay ----------------------------------------------------------------------------------------
 
 
-async def plan_replay(log: OpsLog, stage: Stage, since: datetime, until: datetime | None) -> ResetPlan:
+async def plan_replay(log: OpsLog, stage: Stage, since: datetime) -> ResetPlan:
     """Where `stage`'s group would move on its input topic to replay from `since`."""
     topic = stage.replay_topic
     return reset_plan(
@@ -137,17 +139,55 @@ async def plan_replay(log: OpsLog, stage: Stage, since: datetime, until: datetim
         group=stage.group,
         topic=topic,
         since=since,
-        until=until,
         committed=await log.committed(stage.group, topic),
         targets=await log.offsets_for_time(topic, to_ms(since)),
         ends=await log.end_offsets(topic),
-        window_ends=await log.offsets_for_time(topic, to_ms(until)) if until else None,
     )
 
 
 async def execute_replay(log: OpsLog, plan: ResetPlan) -> dict[TopicPartition, int]:
     """Apply the plan; the log refuses (LogError) while the group has live consumers."""
     return await log.set_committed(plan.group, plan.offsets())
+
+
+class CopyLog(OpsLog, Protocol):
+    """The ops log plus a producer: what a window replay writes with."""
+
+    def producer(self) -> AbstractAsyncContextManager[LogProducer]: ...
+
+
+async def plan_window(log: OpsLog, stage: Stage, since: datetime, until: datetime) -> WindowPlan:
+    """The records of `stage`'s input topic accepted in [since, until), fixed as offsets now."""
+    topic = stage.replay_topic
+    ends = await log.end_offsets(topic)  # first: whatever is written after this is outside the window
+    return window_plan(
+        stage=stage.name,
+        topic=topic,
+        since=since,
+        until=until,
+        starts=await log.offsets_for_time(topic, to_ms(since)),
+        stops=await log.offsets_for_time(topic, to_ms(until)),
+        ends=ends,
+    )
+
+
+async def copy_window(log: CopyLog, plan: WindowPlan, *, chunk: int = 100) -> dict[int, int]:
+    """Write each record of the window once more to its topic, same key and value, in offset order per
+    partition (a key hashes to the partition it came from). Returns the records copied per partition.
+
+    The stage's group is not touched, so the stage may keep running. A failure part way leaves the copies
+    written so far in place (the ledger and the dedupe make a second run harmless, if wasteful)."""
+    async with log.producer() as producer:
+        return {p.partition: await _copy(log, producer, p, chunk) for p in plan.partitions}
+
+
+async def _copy(log: OpsLog, producer: LogProducer, window: PartitionWindow, chunk: int) -> int:
+    copied = 0
+    for start in range(window.start, window.end, chunk):
+        records = await log.read(window.topic, window.partition, start, min(window.end, start + chunk))
+        await producer.send_all([Outgoing(window.topic, r.value, key=r.key) for r in records])
+        copied += len(records)
+    return copied
 
 
 async def read_range(

@@ -20,8 +20,16 @@ from services.runtime.embedded import EmbeddedLog
 from services.runtime.kafka import KafkaLog
 from services.runtime.lag import StageLag, Thresholds, breaches, lag_json, lag_text
 from services.runtime.log import LogError
-from services.runtime.ops import OpsLog, collect_trace, execute_replay, plan_replay, stage_lag
-from services.runtime.replay import ResetPlan, parse_time, plan_text
+from services.runtime.ops import (
+    OpsLog,
+    collect_trace,
+    copy_window,
+    execute_replay,
+    plan_replay,
+    plan_window,
+    stage_lag,
+)
+from services.runtime.replay import ResetPlan, parse_time, plan_text, window_text
 from services.runtime.settings import DeploymentSettings
 from services.runtime.stages import Stage, declared_stages
 from services.runtime.trace import trace_json, trace_text
@@ -114,9 +122,10 @@ def _select(stages: Sequence[Stage], only: Sequence[str]) -> list[Stage]:
 @click.option("--from", "since", required=True, metavar="TIME", callback=time_option,
               help="ISO 8601 time, UTC unless a zone is given (2026-11-27T08:00, ...+01:00).")
 @click.option("--to", "until", metavar="TIME", callback=time_option,
-              help="End of the window: shown in the plan, and where --shadow stops. A real replay does not "
-                   "stop there (see the note it prints).")
-@click.option("--execute", is_flag=True, help="Apply the reset (default: a dry run that changes nothing).")
+              help="End of a window (excluded): copy the input records of [--from, --to) to the end of the "
+                   "input topic, so the running stage processes them again; the group is not touched.")
+@click.option("--execute", is_flag=True,
+              help="Reset the group, or with --to copy the window (default: a dry run that changes nothing).")
 @click.option("--shadow", is_flag=True,
               help="router only: re-route the window with the current rules into a shadow topic and list the "
                    "messages that would go to different recipients; changes nothing for users.")
@@ -127,17 +136,30 @@ def replay(
     ctx: click.Context, *, stage_name: str, since: datetime, until: datetime | None, execute: bool,
     shadow: bool, config_path: Path | None,
 ) -> None:
-    """Rewind STAGE's consumer group to the first records at or after --from, like
-    `kafka-consumer-groups --reset-offsets --to-datetime`. The stage must be stopped for --execute."""
+    """Have STAGE process its input again from --from.
+
+    \b
+    Without --to: rewind STAGE's consumer group to the first records at or after --from, like
+      `kafka-consumer-groups --reset-offsets --to-datetime`; the stage must be stopped for --execute.
+    With --to: re-publish the input records of [--from, --to) (same key and value) to the same input
+      topic while the stage keeps running; the deliverer's ledger keeps a recipient from a second copy.
+    """
     settings = settings_of(ctx)
     stage = _replayable(settings, stage_name)
     if until is not None and until <= since:
         raise click.BadParameter("--to must be later than --from", param_hint="--to")
     if shadow:
         _shadow(ctx, stage, since, until, execute=execute, config=config_path)
-        return
+    elif until is not None:
+        _replay_window(settings, stage, since, until, execute=execute)
+    else:
+        _replay_from(settings, stage, since, execute=execute)
+
+
+def _replay_from(settings: DeploymentSettings, stage: Stage, since: datetime, *, execute: bool) -> None:
+    """The group reset: plan, and with `execute` apply it unless the group has live members."""
     try:
-        plan, members = asyncio.run(_plan(ops_log(settings), stage, since, until))
+        plan, members = asyncio.run(_plan(ops_log(settings), stage, since))
     except LogError as exc:
         fail(str(exc))
     click.echo("\n".join(plan_text(plan)))
@@ -156,11 +178,29 @@ def replay(
     click.echo(f"applied: group {plan.group} on {stage.replay_topic} now at {moved or 'nothing to move'}")
 
 
-async def _plan(
-    log: OpsLog, stage: Stage, since: datetime, until: datetime | None
-) -> tuple[ResetPlan, list[str]]:
+async def _plan(log: OpsLog, stage: Stage, since: datetime) -> tuple[ResetPlan, list[str]]:
     members = await log.active_members(stage.group)
-    return await plan_replay(log, stage, since, until), [m.client for m in members]
+    return await plan_replay(log, stage, since), [m.client for m in members]
+
+
+def _replay_window(
+    settings: DeploymentSettings, stage: Stage, since: datetime, until: datetime, *, execute: bool
+) -> None:
+    """The window copy: plan, and with `execute` copy exactly the window the plan printed."""
+    try:
+        plan = asyncio.run(plan_window(ops_log(settings), stage, since, until))
+    except LogError as exc:
+        fail(str(exc))
+    click.echo("\n".join(window_text(plan)))
+    if not execute:
+        click.echo("dry run: nothing copied; add --execute to copy")
+        return
+    try:
+        copied = asyncio.run(copy_window(ops_log(settings), plan))
+    except LogError as exc:
+        fail(f"window not (fully) copied: {exc}")
+    per_partition = ", ".join(f"{partition}: {count}" for partition, count in copied.items())
+    click.echo(f"copied: {sum(copied.values())} record(s) to {plan.topic} ({per_partition or 'none'})")
 
 
 def _replayable(settings: DeploymentSettings, name: str) -> Stage:

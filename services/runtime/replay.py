@@ -1,13 +1,17 @@
-"""Replaying a stage from a point in time: parsing the time and planning the offset reset (pure).
+"""Replaying a stage from a point in time: parsing the time and planning the replay (pure).
 
-Like `kafka-consumer-groups --reset-offsets --to-datetime`: each partition of the stage's input goes to
-the first offset whose record timestamp is at or after FROM (the end offset where there is none). The
-topics use LogAppendTime, so "at or after 08:00" means "accepted by the broker at or after 08:00".
+Two ways, chosen by whether the operator gives `--to`:
+- From FROM on (no `--to`): reset the stage's consumer group, like `kafka-consumer-groups --reset-offsets
+  --to-datetime`. Each partition of the stage's input goes to the first offset whose record timestamp is
+  at or after FROM (the end offset where there is none), and the stage reads on from there to the end.
+  The group must be stopped for that (`reset_plan`).
+- A window [FROM, TO): copy the records of the window, same key and value, to the end of the same input
+  topic, so the running stage processes them again; its group is not touched (`window_plan`). The window
+  is fixed in offsets when it is planned and ends at most at the end offsets of that moment, so the
+  copies (appended after it) are never part of it.
 
-`--to` does not stop the stage: once its group is rewound the stage reads on to the end of the topic,
-processing the records after TO again too (the deliverer's ledger keeps a copy from being delivered
-twice). The plan shows, per partition, where TO falls, so the size of the window is visible; a shadow
-replay (`--shadow`) does stop at TO.
+The topics use LogAppendTime, so "at or after 08:00" means "accepted by the broker at or after 08:00",
+and a copy gets the time it was written, outside any window in the past.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ def to_ms(moment: datetime) -> int:
     return (moment - _EPOCH) // timedelta(milliseconds=1)
 
 
+# --- from FROM on: the group reset -----------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class PartitionReset:
     """One partition's move: from the committed offset (None: never committed) to `new`."""
@@ -47,16 +54,11 @@ class PartitionReset:
     current: int | None
     new: int
     end: int
-    window_end: int | None = None  # the first offset at or after --to
 
     @property
     def reread(self) -> int:
         """Records the stage will read (again) after the reset."""
         return max(0, self.end - self.new)
-
-    @property
-    def in_window(self) -> int | None:
-        return None if self.window_end is None else max(0, self.window_end - self.new)
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,6 @@ class ResetPlan:
     stage: str
     group: str
     since: datetime
-    until: datetime | None
     partitions: tuple[PartitionReset, ...]
 
     def offsets(self) -> dict[TopicPartition, int]:
@@ -81,39 +82,91 @@ def reset_plan(
     group: str,
     topic: str,
     since: datetime,
-    until: datetime | None,
     committed: Mapping[int, int],
     targets: Mapping[int, int],
     ends: Mapping[int, int],
-    window_ends: Mapping[int, int] | None = None,
 ) -> ResetPlan:
     """The reset of `group` on `topic` to `targets` (the offsets for FROM), one row per partition."""
     rows = tuple(
-        PartitionReset(
-            topic, partition, committed.get(partition), min(targets.get(partition, end), end), end,
-            None if window_ends is None else window_ends.get(partition, end),
-        )
+        PartitionReset(topic, partition, committed.get(partition), min(targets.get(partition, end), end), end)
         for partition, end in sorted(ends.items())
     )
-    return ResetPlan(stage, group, since, until, rows)
+    return ResetPlan(stage, group, since, rows)
 
 
 def plan_text(plan: ResetPlan) -> list[str]:
     """The dry-run table: per partition, committed -> new, and what the stage will read again."""
-    window = f" to {plan.until.isoformat()}" if plan.until else ""
-    lines = [f"replay {plan.stage} (group {plan.group}) from {plan.since.isoformat()}{window}"]
+    lines = [f"replay {plan.stage} (group {plan.group}) from {plan.since.isoformat()}"]
     width = max((len(p.topic) for p in plan.partitions), default=5)
-    header = f"  {'topic':<{width}}  part  {'committed':>9} -> {'new':<9}  re-read"
-    lines.append(header + ("  in window" if plan.until else ""))
+    lines.append(f"  {'topic':<{width}}  part  {'committed':>9} -> {'new':<9}  re-read")
     for p in plan.partitions:
         current = "-" if p.current is None else str(p.current)
-        row = f"  {p.topic:<{width}}  {p.partition:>4}  {current:>9} -> {p.new:<9}  {p.reread:>7}"
-        lines.append(row + (f"  {p.in_window:>9}" if p.in_window is not None else ""))
+        lines.append(f"  {p.topic:<{width}}  {p.partition:>4}  {current:>9} -> {p.new:<9}  {p.reread:>7}")
     total = sum(p.reread for p in plan.partitions)
     lines.append(f"  {total} record(s) to read again")
-    if plan.until:
-        lines.append(
-            "  note: --to does not stop the stage; it reads on past TO to the end of the topic"
-            " (the 'in window' column counts the records before TO)"
-        )
+    return lines
+
+
+# --- a window [FROM, TO): the copy -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartitionWindow:
+    """The offsets `start <= offset < end` of one partition: the records the window copies."""
+
+    topic: str
+    partition: int
+    start: int
+    end: int
+
+    @property
+    def records(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    stage: str
+    topic: str
+    since: datetime
+    until: datetime
+    partitions: tuple[PartitionWindow, ...]
+
+    @property
+    def records(self) -> int:
+        return sum(p.records for p in self.partitions)
+
+
+def window_plan(
+    *,
+    stage: str,
+    topic: str,
+    since: datetime,
+    until: datetime,
+    starts: Mapping[int, int],
+    stops: Mapping[int, int],
+    ends: Mapping[int, int],
+) -> WindowPlan:
+    """The window of `topic` between `starts` (the offsets for FROM) and `stops` (for TO), per partition.
+
+    Both are clamped to `ends`, the end offsets when planning: what is written later (the copies among
+    it) is outside the window, whatever its timestamp.
+    """
+    rows = []
+    for partition, end in sorted(ends.items()):
+        start = min(starts.get(partition, end), end)
+        rows.append(PartitionWindow(topic, partition, start, max(start, min(stops.get(partition, end), end))))
+    return WindowPlan(stage, topic, since, until, tuple(rows))
+
+
+def window_text(plan: WindowPlan) -> list[str]:
+    """The dry-run table of a window replay: per partition, the offsets copied and how many."""
+    lines = [f"replay {plan.stage} from {plan.since.isoformat()} to {plan.until.isoformat()}: "
+             f"copy the window to the end of {plan.topic}"]
+    width = max((len(p.topic) for p in plan.partitions), default=5)
+    lines.append(f"  {'topic':<{width}}  part  {'from..to':>21}  records")  # `to` excluded
+    for p in plan.partitions:
+        span = f"{p.start}..{p.end}" if p.records else "-"
+        lines.append(f"  {p.topic:<{width}}  {p.partition:>4}  {span:>21}  {p.records:>7}")
+    lines.append(f"  {plan.records} record(s) to copy; the group and the running stage are not touched")
     return lines

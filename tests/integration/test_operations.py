@@ -1,5 +1,5 @@
-"""The operator's tools on the real broker: lag, replay (dry run, execute, refusal, shadow), trace, and the
-health and metrics endpoints.
+"""The operator's tools on the real broker: lag, replay (dry run, execute, refusal, window copy, shadow),
+trace, and the health and metrics endpoints.
 
 Each test has its own topic prefix and group prefix. The CLI runs in a worker thread (it calls
 asyncio.run) while the test's own loop keeps, where needed, a consumer alive in the group.
@@ -205,6 +205,53 @@ async def test_a_replay_is_refused_while_the_stage_runs(deployment: DeploymentSe
     assert refused.exit_code == 1
     assert f"refusing to replay: the group {group!r} has 1 active member(s)" in refused.stderr
     assert await kafka(deployment).committed(group, deployment.topic(ROUTED)) == {}
+
+
+async def three_batches(settings: DeploymentSettings) -> tuple[int, int]:
+    """10 fetched records, 10 more, then 10 more; returns the broker times of the second and the third
+    batch's first records: the window [since, until) is the second batch."""
+    starts = []
+    for batch in "abc":
+        seen = {(r.partition, r.offset) for r in await scan(settings, FETCHED)}
+        await publish(settings, FETCHED, [fetched(f"{batch}{i}") for i in range(10)])
+        records = await scan(settings, FETCHED)
+        starts.append(min(r.timestamp_ms for r in records if (r.partition, r.offset) not in seen))
+    return starts[1], starts[2]
+
+
+def keyed(records: Sequence[Record]) -> list[tuple[int, bytes | None, bytes]]:
+    return sorted((r.partition, r.key, r.value) for r in records)
+
+
+async def test_a_window_replay_copies_exactly_the_window_while_the_stage_runs(
+    deployment: DeploymentSettings,
+) -> None:
+    since, until = await three_batches(deployment)
+    topic, group = deployment.topic(FETCHED), deployment.group("router")
+    window = [r for r in await scan(deployment, FETCHED) if since <= r.timestamp_ms < until]
+    assert len(window) == 10
+    async with kafka(deployment).consumer(group, [topic]) as consumer:  # the running router
+        await consumer.commit(next_offsets(await read(consumer, 30)))
+        committed = await kafka(deployment).committed(group, topic)
+        ends = await kafka(deployment).end_offsets(topic)
+
+        dry = await popbridge(deployment, "replay", "router", "--from", iso(since), "--to", iso(until))
+        assert dry.exit_code == 0, dry.output
+        assert "10 record(s) to copy" in dry.stdout
+        assert "dry run: nothing copied" in dry.stdout
+        assert await kafka(deployment).end_offsets(topic) == ends
+
+        done = await popbridge(
+            deployment, "replay", "router", "--from", iso(since), "--to", iso(until), "--execute"
+        )
+        assert done.exit_code == 0, done.output
+        assert f"copied: 10 record(s) to {topic}" in done.stdout
+        reread = await read(consumer, 10)  # the live member gets the copies, and nothing else
+        assert keyed(reread) == keyed(window)
+        assert await consumer.fetch(1.0) == []
+    copies = [r for r in await scan(deployment, FETCHED) if r.offset >= ends[r.partition]]
+    assert keyed(copies) == keyed(window)
+    assert await kafka(deployment).committed(group, topic) == committed
 
 
 # --- shadow replay ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from services.runtime.embedded import EmbeddedLog
 from services.runtime.health import LagWatch, ProgressTracker
 from services.runtime.log import LogError, Outgoing, TopicPartition
 from services.runtime.metrics import Metrics
-from services.runtime.ops import execute_replay, plan_replay, stage_lag
+from services.runtime.ops import copy_window, execute_replay, plan_replay, plan_window, stage_lag
 from services.runtime.settings import DeploymentSettings
 from services.runtime.stages import Stage
 
@@ -53,12 +53,31 @@ async def test_a_replay_moves_the_group_to_the_first_record_of_the_hour(tmp_path
     log = await log_with_two_hours_of_records(tmp_path, clock)
     async with log.consumer("g", ["fetched"]) as consumer:
         await consumer.commit({TopicPartition("fetched", 0): 10})
-        plan = await plan_replay(log, STAGE, T + timedelta(minutes=30), None)
+        plan = await plan_replay(log, STAGE, T + timedelta(minutes=30))
         assert [(p.current, p.new) for p in plan.partitions] == [(10, 5)]
         with pytest.raises(LogError, match="live consumer"):
             await execute_replay(log, plan)
     assert await execute_replay(log, plan) == {TopicPartition("fetched", 0): 5}
     assert await log.committed("g", "fetched") == {0: 5}
+
+
+async def test_a_window_replay_copies_the_hour_while_a_consumer_of_the_group_is_live(tmp_path: Path) -> None:
+    clock = Clock()
+    log = EmbeddedLog(tmp_path, clock=clock, synchronous="NORMAL")
+    await log.ensure_topics([TopicSpec("fetched", 1)])
+    async with log.producer() as producer:
+        for hour in range(3):
+            batch = [Outgoing("fetched", b"%d-%d" % (hour, i), key=b"k%d" % i) for i in range(2)]
+            await producer.send_all(batch)
+            clock.now += 3600
+    async with log.consumer("g", ["fetched"]) as consumer:
+        await consumer.commit({TopicPartition("fetched", 0): 6})
+        plan = await plan_window(log, STAGE, T + timedelta(hours=1), T + timedelta(hours=2))
+        assert [(p.start, p.end) for p in plan.partitions] == [(2, 4)]
+        assert await copy_window(log, plan, chunk=1) == {0: 2}
+    copies = [(r.offset, r.key, r.value) async for r in log.scan("fetched")][6:]
+    assert copies == [(6, b"k0", b"1-0"), (7, b"k1", b"1-1")]
+    assert await log.committed("g", "fetched") == {0: 6}
 
 
 async def test_the_deliverer_watch_counts_retries_apart_from_its_liveness_lag(tmp_path: Path) -> None:

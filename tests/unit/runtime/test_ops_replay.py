@@ -1,4 +1,4 @@
-"""services/runtime/replay.py: reading the time and planning the offset reset."""
+"""services/runtime/replay.py: reading the time, planning the offset reset and the window copy."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from services.runtime.log import TopicPartition
-from services.runtime.replay import parse_time, plan_text, reset_plan, to_ms
+from services.runtime.replay import parse_time, plan_text, reset_plan, to_ms, window_plan, window_text
 
 SINCE = datetime(2026, 11, 27, 8, tzinfo=UTC)
 
@@ -37,7 +37,7 @@ def test_a_time_that_is_not_iso_8601_is_refused_with_examples() -> None:
 
 def test_the_plan_moves_each_partition_to_the_offset_found_for_the_time() -> None:
     plan = reset_plan(
-        stage="router", group="popbridge-router", topic="fetched", since=SINCE, until=None,
+        stage="router", group="popbridge-router", topic="fetched", since=SINCE,
         committed={0: 10, 1: 3}, targets={0: 4, 1: 3, 2: 0}, ends={0: 10, 1: 5, 2: 0},
     )
     rows = [(p.partition, p.current, p.new, p.reread) for p in plan.partitions]
@@ -47,17 +47,52 @@ def test_the_plan_moves_each_partition_to_the_offset_found_for_the_time() -> Non
     assert plan.changes
 
 
-def test_the_dry_run_text_shows_committed_to_new_and_the_window() -> None:
+def test_the_dry_run_text_shows_committed_to_new() -> None:
     plan = reset_plan(
-        stage="router", group="g", topic="fetched", since=SINCE, until=SINCE + timedelta(hours=1),
-        committed={0: 10}, targets={0: 4}, ends={0: 10}, window_ends={0: 7},
+        stage="router", group="g", topic="fetched", since=SINCE,
+        committed={0: 10}, targets={0: 4}, ends={0: 10},
     )
-    assert plan.partitions[0].in_window == 3
     text = "\n".join(plan_text(plan))
-    assert "replay router (group g) from 2026-11-27T08:00:00+00:00 to 2026-11-27T09:00:00+00:00" in text
+    assert "replay router (group g) from 2026-11-27T08:00:00+00:00" in text
     assert "10 -> 4" in text
     assert "6 record(s) to read again" in text
-    assert "--to does not stop the stage" in text
+
+
+UNTIL = SINCE + timedelta(hours=1)
+
+
+def test_a_window_is_the_offsets_from_the_time_of_from_to_the_time_of_to() -> None:
+    plan = window_plan(
+        stage="router", topic="fetched", since=SINCE, until=UNTIL,
+        starts={0: 4, 1: 3, 2: 0}, stops={0: 7, 1: 3, 2: 0}, ends={0: 10, 1: 5, 2: 0},
+    )
+    rows = [(p.partition, p.start, p.end, p.records) for p in plan.partitions]
+    assert rows == [(0, 4, 7, 3), (1, 3, 3, 0), (2, 0, 0, 0)]
+    assert plan.records == 3
+
+
+def test_a_window_ends_at_the_end_offsets_of_planning_so_copies_are_never_in_it() -> None:
+    # Offsets looked up after the end offsets may already count records written since (the copies of
+    # a concurrent run, with a timestamp inside a window that reaches into the future): they are cut off.
+    plan = window_plan(
+        stage="deliverer", topic="routed", since=SINCE, until=UNTIL,
+        starts={0: 12, 1: 2}, stops={0: 15, 1: 9}, ends={0: 10, 1: 6, 2: 4},
+    )
+    rows = [(p.partition, p.start, p.end) for p in plan.partitions]
+    assert rows == [(0, 10, 10), (1, 2, 6), (2, 4, 4)]  # a partition without an answer: empty window
+
+
+def test_the_window_dry_run_shows_offsets_and_counts_per_partition() -> None:
+    plan = window_plan(
+        stage="router", topic="fetched", since=SINCE, until=UNTIL,
+        starts={0: 4, 1: 5}, stops={0: 7, 1: 5}, ends={0: 10, 1: 5},
+    )
+    text = window_text(plan)
+    assert text[0] == ("replay router from 2026-11-27T08:00:00+00:00 to 2026-11-27T09:00:00+00:00: "
+                       "copy the window to the end of fetched")
+    assert text[2].split() == ["fetched", "0", "4..7", "3"]
+    assert text[3].split() == ["fetched", "1", "-", "0"]
+    assert "3 record(s) to copy; the group and the running stage are not touched" in text[-1]
 
 
 def test_milliseconds_are_exact() -> None:
