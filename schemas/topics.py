@@ -26,6 +26,9 @@ RETRY_TOPICS = tuple(f"popbridge.delivery.retry-{tier}" for tier in range(1, 6))
 DELIVERED = "popbridge.delivery.delivered"
 # Compacted: per (mailbox, UIDL) the latest fetch record, so a restarted fetcher re-downloads nothing.
 FETCH_STATE = "popbridge.fetch.state"
+# Carries no records: fetcher replicas subscribe to it in one consumer group, and the partitions a replica
+# is assigned name the mailboxes it polls (services.fetcher.placement). 64 partitions: up to 64 replicas.
+FETCH_ASSIGNMENT = "popbridge.fetch.assignment"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     # Compaction keeps one record per key, and keys never repeat (a pair is delivered once), so the delete
     # policy bounds the ledger: 30 days outlive the routed topic's 14 days of replay plus 5 days of retries.
     TopicSpec(DELIVERED, 3, {"cleanup.policy": "compact,delete", "retention.ms": str(30 * DAY_MS)}),
+    TopicSpec(FETCH_ASSIGNMENT, 64, {"cleanup.policy": "delete", "retention.ms": str(60 * 60 * 1000)}),
 )
 
 

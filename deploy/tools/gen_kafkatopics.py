@@ -45,6 +45,8 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     topics.DEAD_LETTERS: {"deliverer": (WRITE,)},
     # The fetcher reads its compacted state back at start-up and appends to it after each fetch.
     topics.FETCH_STATE: {"fetcher": (READ, WRITE)},
+    # Fetcher replicas share the mailboxes by the partitions of this (empty) topic their group assigns them.
+    topics.FETCH_ASSIGNMENT: {"fetcher": (READ,)},
     # The deliverer parks deferred copies in its retry tiers and checks its ledger before handing over.
     **{name: {"deliverer": (READ, WRITE)} for name in topics.RETRY_TOPICS},
     topics.DELIVERED: {"deliverer": (READ, WRITE)},

@@ -3,7 +3,8 @@
 Both read the deployment settings from `ctx.obj` (set by services.cli; used duck-typed, as services do
 not import the CLI) and open the log with services.runtime.connect.open_log. A config mistake raises
 ConfigError (one line, exit code 2); a log that cannot be reached is one line and exit code 1. The SMTP
-password is read here, from `password_env` or `password_file`, and goes nowhere but the AUTH command.
+password is read here, from `password_env` or `password_file`, and goes nowhere but the AUTH command; an
+XOAUTH2 token is read by the source built here, afresh for every session.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from schemas.topics import DEAD_LETTERS, DELIVERED, RETRY_TOPICS
 from services.deliverer.ledger import decode_record, ledger_key, read_to_end
 from services.deliverer.retry import RetryPolicy
 from services.deliverer.service import Counts, Deliverer
-from services.deliverer.smtp import SmtpTransport
+from services.deliverer.smtp import SmtpTransport, TokenSource
 from services.runtime.connect import open_log
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.health import LagWatch, ProgressTracker, serve_health
@@ -34,8 +35,8 @@ from services.runtime.kafka import KafkaLog
 from services.runtime.log import Log, LogError, Outgoing
 from services.runtime.logs import setup_logging
 from services.runtime.metrics import Metrics
-from services.runtime.secrets import read_secret
-from services.runtime.settings import DeploymentSettings, SmtpTarget, load_config
+from services.runtime.secrets import read_secret, read_token
+from services.runtime.settings import DeploymentSettings, MailConfig, SmtpTarget, load_config
 
 
 def _deployment(ctx: click.Context) -> tuple[DeploymentSettings, Mapping[str, str]]:
@@ -48,9 +49,26 @@ def _deployment(ctx: click.Context) -> tuple[DeploymentSettings, Mapping[str, st
 
 def smtp_password(target: SmtpTarget, environ: Mapping[str, str]) -> str | None:
     """The referenced SMTP password, when the target authenticates; ConfigError names the reference."""
-    if not (target.username or target.password_env or target.password_file):
+    if target.auth == "xoauth2" or not (target.username or target.password_env or target.password_file):
         return None
     return read_secret(env=target.password_env, file=target.password_file, environ=environ, what="delivery")
+
+
+def smtp_token(target: SmtpTarget, environ: Mapping[str, str]) -> TokenSource | None:
+    """The bearer token source of an XOAUTH2 target, read afresh for every session; else None."""
+    if target.auth != "xoauth2":
+        return None
+
+    async def token() -> str:
+        return await read_token(env=target.token_env, file=target.token_file, command=target.token_command,
+                                environ=environ, what="delivery", timeout=target.timeout)
+
+    return token
+
+
+def notice_address(config: MailConfig) -> str | None:
+    """The postmaster who hears of dead letters (`notify_postmaster`), or None."""
+    return config.postmaster if config.delivery.notify_postmaster else None
 
 
 def _run(coroutine: Any) -> Any:
@@ -69,17 +87,30 @@ def _run(coroutine: Any) -> Any:
 def deliverer(ctx: click.Context, config_path: Path, until_idle: bool) -> None:
     """Deliver routed messages to the organisation's SMTP/LMTP server, one copy per recipient."""
     settings, environ = _deployment(ctx)
-    target = load_config(config_path).delivery
-    password = smtp_password(target, environ)
+    config = load_config(config_path)
+    target = config.delivery
+    password, token = smtp_password(target, environ), smtp_token(target, environ)
     log = open_log(settings)
     setup_logging(settings.log_level)
-    counts: Counts = _run(_deliver(log, settings, target, password, until_idle))
+    wiring = _Wiring(target, password, token, notice_address(config))
+    counts: Counts = _run(_deliver(log, settings, wiring, until_idle))
     click.echo(f"deliverer: {counts.delivered} delivered, {counts.deferred} deferred, "
                f"{counts.failed} failed, {counts.skipped} skipped as already delivered")
 
 
-async def _deliver(log: KafkaLog | EmbeddedLog, settings: DeploymentSettings, target: SmtpTarget,
-                   password: str | None, until_idle: bool) -> Counts:
+@dataclass(frozen=True)
+class _Wiring:
+    """What the delivery stage is built from besides the log: the target, its secrets, the postmaster."""
+
+    target: SmtpTarget
+    password: str | None
+    token: TokenSource | None
+    postmaster: str | None
+
+
+async def _deliver(log: KafkaLog | EmbeddedLog, settings: DeploymentSettings, wiring: _Wiring,
+                   until_idle: bool) -> Counts:
+    target = wiring.target
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -89,8 +120,9 @@ async def _deliver(log: KafkaLog | EmbeddedLog, settings: DeploymentSettings, ta
     watch = None if until_idle else LagWatch.of(log, settings, "deliverer")
     port = None if until_idle else settings.http_port or None
     health = serve_health(port, tracker, metrics, watch=watch)
-    async with health, SmtpTransport(target, password) as transport:
-        stage = Deliverer(log, settings, transport, policy=policy, metrics=metrics)
+    async with health, SmtpTransport(target, wiring.password, token=wiring.token) as transport:
+        stage = Deliverer(log, settings, transport, policy=policy, metrics=metrics,
+                          postmaster=wiring.postmaster)
         tracker.mark_ready()
         return await stage.run(until_idle=until_idle, stop=stop)
 

@@ -6,7 +6,9 @@
 - SMTPUTF8 (RFC 6531): needed for a non-ASCII address or 8-bit header fields. Towards a server without
   it, a non-ASCII recipient fails on its own (5.6.7) and a non-ASCII sender or header fails every
   recipient (5.6.7 / 5.6.9): a clear permanent failure, never a crash.
-- DSN (RFC 3461): each RCPT carries `ORCPT=rfc822;<address>` when the server offers DSN.
+- DSN (RFC 3461): when the server offers DSN, each RCPT carries `NOTIFY=FAILURE,DELAY` (what RFC 3461 lets
+  a server assume anyway without NOTIFY, now explicit; never SUCCESS) and, for an ASCII address,
+  `ORCPT=rfc822;<address>`. Towards the null sender no DSN is ever sent.
 - A sender that cannot be written in MAIL FROM (spaces, brackets, control characters) becomes the null
   sender `<>`: the copy still arrives, and nobody outside is ever sent a bounce.
 """
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 
 from services.deliverer.outcome import Verdict, refused_here
 
+DSN_NOTIFY = "NOTIFY=FAILURE,DELAY"
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r")
 _UNSAFE_ADDRESS = re.compile(r"[\x00-\x20\x7f<>]")
 
@@ -125,9 +128,11 @@ def _mail_params(sender: str, recipients: Sequence[str], message: bytes, size: i
 
 
 def _rcpt_params(recipient: str, extensions: Extensions) -> tuple[str, ...]:
-    if extensions.has("dsn") and recipient.isascii():
-        return (f"ORCPT=rfc822;{xtext(recipient)}",)
-    return ()
+    if not extensions.has("dsn"):
+        return ()
+    if not recipient.isascii():  # ORCPT's rfc822 type is ASCII only (RFC 6533's utf-8 type is not used)
+        return (DSN_NOTIFY,)
+    return (DSN_NOTIFY, f"ORCPT=rfc822;{xtext(recipient)}")
 
 
 def xtext(value: str) -> str:

@@ -12,6 +12,9 @@ this process), attempt the rest concurrently (the transport bounds the connectio
 DeliveryAttempted, ledger entry, retry and dead letter, and only once that is durable commit the offsets.
 `until_idle` means: the routed topic is read to its end and no retry is due now; retries due later stay
 on their tier topics for the next run.
+
+With `postmaster` set (`notify_postmaster`), each copy that became a dead letter is reported to the
+postmaster in one short notice, sent once the dead letter is durable; a notice that fails is logged only.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from schemas.codec import encode
-from schemas.events import RecipientsResolved, RetryScheduled
+from schemas.events import DeliveryDeadLettered, RecipientsResolved, RetryScheduled
 from schemas.topics import DEAD_LETTERS, DELIVERED, DELIVERY_ATTEMPTS, RETRY_TOPICS, ROUTED
 from services.deliverer.envelope import mail_from
 from services.deliverer.ledger import Ledger, decode_record, ledger_key
+from services.deliverer.notice import postmaster_notice
 from services.deliverer.outcome import Verdict
 from services.deliverer.retry import Followups, Job, RetryPolicy, followups
 from services.deliverer.trace import line_ending_of, received_field, with_trace
@@ -115,6 +119,8 @@ class Deliverer:
     poll_seconds: float = 0.5
     counts: Counts = field(default_factory=Counts)
     metrics: Metrics | None = None
+    postmaster: str | None = None
+    """Where dead-letter notices go; None sends none."""
 
     def __post_init__(self) -> None:
         self.topics = Topics.of(self.settings)
@@ -202,6 +208,24 @@ class Deliverer:
             self._observe(result)
             for entry in result.delivered:
                 self._ledger.add(entry)
+        await self._notify([dead for result in results for dead in result.dead])
+
+    async def _notify(self, dead: Sequence[DeliveryDeadLettered]) -> None:
+        """One notice per dead-lettered copy to the postmaster (never to the outside sender)."""
+        if self.postmaster is not None and dead:
+            await asyncio.gather(*(self._send_notice(letter, self.postmaster) for letter in dead))
+
+    async def _send_notice(self, dead: DeliveryDeadLettered, postmaster: str) -> None:
+        """Null sender, so nothing answers it; a failure is logged, never retried or dead-lettered."""
+        notice = postmaster_notice(dead, postmaster=postmaster, now=self.clock.now())
+        verdict = (await self.transport.deliver("", [postmaster], notice))[postmaster]
+        fetch_id = dead.routed.fetch_id
+        if verdict.outcome == "delivered":
+            logger.info("fetch %s to %s: dead letter reported to %s", fetch_id, dead.recipient, postmaster)
+        else:
+            logger.error("fetch %s to %s: the dead letter notice to %s was not delivered (%s): %s %s",
+                         fetch_id, dead.recipient, postmaster, verdict.outcome, verdict.smtp_code or "",
+                         verdict.text)
 
     def _observe(self, result: Followups) -> None:
         if self.metrics is None:

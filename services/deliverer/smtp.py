@@ -1,11 +1,12 @@
 """The SMTP/LMTP adapter: hands one message to the organisation's mail server, one verdict per recipient.
 
 aiosmtplib opens each session: the connection, implicit TLS or STARTTLS (certificates verified by
-default, TLS 1.2 or newer), EHLO (LHLO for LMTP) and AUTH PLAIN or LOGIN. The mail transactions then run
-on a small reply reader of our own on the same transport, because aiosmtplib reads exactly one reply per
-command, and both PIPELINING (MAIL and every RCPT in one write) and LMTP (one reply per accepted
-recipient after the data) have several replies in flight. Sessions are reused, with RSET between
-messages, up to `SmtpTarget.connections` in parallel.
+default, TLS 1.2 or newer), EHLO (LHLO for LMTP) and AUTH: PLAIN or LOGIN with the password, or XOAUTH2
+(Exchange Online) with a bearer token fetched afresh for every session from the injected `token` source.
+The mail transactions then run on a small reply reader of our own on the same transport, because
+aiosmtplib reads exactly one reply per command, and both PIPELINING (MAIL and every RCPT in one write)
+and LMTP (one reply per accepted recipient after the data) have several replies in flight. Sessions are
+reused, with RSET between messages, up to `SmtpTarget.connections` in parallel.
 
 Errors: `SmtpTransport.deliver` raises nothing for what the server or the network does; each such event
 becomes a verdict (see outcome.py). A session that cannot be opened defers every recipient:
@@ -14,17 +15,19 @@ becomes a verdict (see outcome.py). A session that cannot be opened defers every
      |-- connect             refused, unreachable, timed out, TLS handshake or certificate failure
      |-- greeting / EHLO     a non-2xx reply
      |-- STARTTLS            not offered although configured, or refused
-     `-- AUTH                no PLAIN/LOGIN offered, or the credentials were refused
-The password is never part of a message, a log line or an event.
+     `-- AUTH                no PLAIN/LOGIN (or XOAUTH2) offered, the credentials were refused, or the
+                             token source failed (CredentialError)
+The password and the token are never part of a message, a log line or an event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import cast
@@ -33,12 +36,16 @@ import aiosmtplib
 
 from services.deliverer.envelope import Envelope, Extensions, plan, wire_data
 from services.deliverer.outcome import Conversation, Reply, Verdict, outcomes, unreachable
-from services.runtime.settings import SmtpTarget
+from services.runtime.secrets import CredentialError
+from services.runtime.settings import ConfigError, SmtpTarget
 
 logger = logging.getLogger(__name__)
 
 _MAX_REPLY_BYTES = 64 * 1024
 _RSET_TIMEOUT = 10.0
+
+TokenSource = Callable[[], Awaitable[str]]
+"""Returns a current OAuth2 bearer token; raises CredentialError (or ConfigError) naming the source only."""
 
 
 class SessionError(Exception):
@@ -52,6 +59,11 @@ class SessionError(Exception):
 
 class _LostError(Exception):
     """The conversation cannot go on: no reply in time, the connection is gone or the reply is garbage."""
+
+
+def xoauth2_response(username: str, token: str) -> bytes:
+    """The SASL XOAUTH2 initial response, base64-encoded: user=U ^A auth=Bearer T ^A ^A."""
+    return base64.b64encode(f"user={username}\x01auth=Bearer {token}\x01\x01".encode())
 
 
 def tls_context(target: SmtpTarget) -> ssl.SSLContext:
@@ -228,9 +240,10 @@ class SmtpTransport:
     """Delivers messages to one SMTP or LMTP server over a small pool of reused sessions."""
 
     def __init__(self, target: SmtpTarget, password: str | None = None, *,
-                 context: ssl.SSLContext | None = None) -> None:
+                 context: ssl.SSLContext | None = None, token: TokenSource | None = None) -> None:
         self.target = target
         self._password = password
+        self._token = token
         self._context = context if context is not None else tls_context(target)
         self._idle: list[_Session] = []
         self._slots = asyncio.Semaphore(target.connections)
@@ -330,6 +343,9 @@ class SmtpTransport:
         await client.starttls()
 
     async def _login(self, client: aiosmtplib.SMTP, username: str) -> None:
+        if self.target.auth == "xoauth2":
+            await self._xoauth2(client, username)
+            return
         password = self._password or ""
         if "plain" in client.server_auth_methods:
             await client.auth_plain(username, password)
@@ -337,6 +353,22 @@ class SmtpTransport:
             await client.auth_login(username, password)
         else:
             raise SessionError("AUTH: the server offers neither PLAIN nor LOGIN")
+
+    async def _xoauth2(self, client: aiosmtplib.SMTP, username: str) -> None:
+        """AUTH XOAUTH2 with the initial response; a 334 (error details) is answered with an empty line."""
+        if "xoauth2" not in client.server_auth_methods:
+            raise SessionError("AUTH: the server does not offer XOAUTH2")
+        if self._token is None:
+            raise SessionError("AUTH: auth = \"xoauth2\" but no token source was configured")
+        try:
+            token = await self._token()
+        except (CredentialError, ConfigError) as exc:
+            raise SessionError(f"AUTH: {exc}") from None
+        response = await client.execute_command(b"AUTH", b"XOAUTH2", xoauth2_response(username, token))
+        if response.code == 334:
+            response = await client.execute_command(b"")
+        if response.code != 235:
+            raise aiosmtplib.SMTPAuthenticationError(response.code, response.message)
 
     def _take_over(self, client: aiosmtplib.SMTP) -> _Session:
         """Move the open transport from aiosmtplib's protocol to our reply reader."""

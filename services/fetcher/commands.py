@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
 
-from schemas.topics import FETCH_STATE
+from schemas.topics import FETCH_ASSIGNMENT, FETCH_STATE
 from services.fetcher import status
 from services.fetcher.memory import FetchMemory
+from services.fetcher.placement import Ownership
 from services.fetcher.service import Fetcher, PassResult
+from services.fetcher.sharing import MemoryRefresh, hold_assignment
 from services.fetcher.status import Timing
 from services.runtime.health import ProgressTracker, serve_health
 from services.runtime.kafka import KafkaLog
@@ -54,8 +56,14 @@ async def run_fetcher(
     once: bool,
     metrics: Metrics | None = None,
     tracker: ProgressTracker | None = None,
+    shared: bool = False,
 ) -> list[PassResult]:
-    """One pass over every mailbox (`once`), or poll each one on its own interval until cancelled."""
+    """One pass over every mailbox (`once`), or poll each one on its own interval until cancelled.
+
+    `shared` (replicas of `popbridge fetcher`): poll only the mailboxes the fetcher group assigns to this
+    replica (services.fetcher.sharing). Otherwise (`--once`, the single-process `popbridge run`) every
+    mailbox is polled here.
+    """
     memory = await load_memory(log_, settings)
     async with log_.producer() as producer:
         fetcher = Fetcher(
@@ -67,8 +75,25 @@ async def run_fetcher(
             return await fetcher.poll_all(config.mailboxes)
         if tracker is not None:
             tracker.mark_ready()
-        await asyncio.gather(*(poll_forever(fetcher, m) for m in config.mailboxes))
+        if shared:
+            await poll_shared(log_, settings, fetcher, config.mailboxes)
+        else:
+            await asyncio.gather(*(poll_forever(fetcher, m) for m in config.mailboxes))
     return []
+
+
+async def poll_shared(
+    log_: Log, settings: DeploymentSettings, fetcher: Fetcher, mailboxes: Sequence[Mailbox]
+) -> None:
+    """Poll, until cancelled, the mailboxes whose assignment partitions this replica holds."""
+    ownership = Ownership(tuple(m.id for m in mailboxes))
+    topic = settings.topic(FETCH_ASSIGNMENT)
+    refresh = MemoryRefresh(log_, settings.topic(FETCH_STATE), fetcher.memory, ownership)
+    fetcher.before_plan = refresh.before_plan
+    async with log_.consumer(settings.group("fetcher"), [topic]) as consumer, asyncio.TaskGroup() as tasks:
+        tasks.create_task(hold_assignment(consumer, topic, ownership))
+        for mailbox in mailboxes:
+            tasks.create_task(poll_forever(fetcher, mailbox, owns=lambda m: ownership.owns(m.id)))
 
 
 async def poll_forever(
@@ -101,7 +126,9 @@ async def serve_fetcher(
     """The long-running `popbridge fetcher`: poll forever, with /healthz, /readyz and /metrics."""
     metrics, tracker = Metrics(), ProgressTracker()
     async with serve_health(settings.http_port or None, tracker, metrics):
-        await run_fetcher(log_, settings, config, environ, once=False, metrics=metrics, tracker=tracker)
+        await run_fetcher(
+            log_, settings, config, environ, once=False, metrics=metrics, tracker=tracker, shared=True
+        )
 
 
 @click.command()

@@ -8,21 +8,11 @@ here contains the secret or the command's output.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Mapping
 
 from services.fetcher.pop3 import Pop3Client
-from services.runtime.secrets import read_secret
+from services.runtime.secrets import read_secret, read_token
 from services.runtime.settings import ConfigError, Mailbox
-
-DEFAULT_COMMAND_TIMEOUT = 30.0
-
-
-class CredentialError(Exception):
-    """The password or token could not be obtained; retriable (a refresher may be down for a while)."""
-
-    retriable = True
 
 
 async def session_secret(mailbox: Mailbox, environ: Mapping[str, str]) -> str:
@@ -32,40 +22,8 @@ async def session_secret(mailbox: Mailbox, environ: Mapping[str, str]) -> str:
         return read_secret(
             env=mailbox.password_env, file=mailbox.password_file, environ=environ, what=f"{what} password"
         )
-    if mailbox.token_command:
-        return await run_token_command(mailbox.token_command, what, timeout=mailbox.timeout)
-    return read_secret(env=mailbox.token_env, file=mailbox.token_file, environ=environ, what=f"{what} token")
-
-
-async def run_token_command(argv: tuple[str, ...], what: str, *, timeout: float) -> str:
-    """Run `argv`; its stdout, stripped, is the token. CredentialError names the program, not its arguments
-    or output."""
-    shown = argv[0]  # its arguments may carry an account or a secret
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,  # a helper's diagnostics may quote secrets
-        )
-    except OSError as exc:
-        raise CredentialError(f"{what} token_command `{shown}` cannot run: {exc.strerror}") from None
-    try:
-        async with asyncio.timeout(timeout):
-            stdout, _ = await process.communicate()
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
-        raise CredentialError(f"{what} token_command `{shown}` did not finish within {timeout:g} s") from None
-    if process.returncode != 0:
-        raise CredentialError(
-            f"{what} token_command `{shown}` failed with exit status {process.returncode} (output not shown)"
-        )
-    token = stdout.decode("utf-8", "replace").strip()
-    if not token or "\n" in token:
-        raise CredentialError(f"{what} token_command `{shown}` did not print exactly one token line")
-    return token
+    return await read_token(env=mailbox.token_env, file=mailbox.token_file, command=mailbox.token_command,
+                            environ=environ, what=what, timeout=mailbox.timeout)
 
 
 async def authenticate(client: Pop3Client, mailbox: Mailbox, secret: str) -> None:

@@ -29,7 +29,7 @@ from typing import TypeVar, cast
 from schemas import codec
 from schemas.events import FetchRecorded, MailFetched, fetch_state_key
 from schemas.topics import FETCH_STATE, FETCHED
-from services.fetcher.credentials import CredentialError, authenticate, session_secret
+from services.fetcher.credentials import authenticate, session_secret
 from services.fetcher.memory import FetchMemory
 from services.fetcher.plan import Listed, Plan, fetch_id_of, plan_pass, session_part
 from services.fetcher.pop3 import (
@@ -47,6 +47,7 @@ from services.fetcher.status import Failure, MailboxStates, State
 from services.runtime.health import ProgressTracker
 from services.runtime.log import LogError, LogProducer, Outgoing
 from services.runtime.metrics import Metrics
+from services.runtime.secrets import CredentialError
 from services.runtime.settings import ConfigError, DeploymentSettings, Mailbox
 
 log = logging.getLogger("popbridge.fetcher")

@@ -623,6 +623,9 @@ class EmbeddedConsumer:
     async def caught_up(self) -> bool:
         return await self._run(self._member.caught_up)
 
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._member.positions)  # the partitions this member owns, as of its last fetch
+
     async def _run(
         self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:

@@ -92,6 +92,9 @@ class KafkaConsumer:
         except KafkaError as exc:
             raise _wrap(exc, "commit") from exc
 
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+
     async def caught_up(self) -> bool:
         assigned = self.consumer.assignment()
         if not assigned:

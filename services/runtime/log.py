@@ -91,6 +91,11 @@ class LogConsumer(Protocol):
         """True when every assigned partition has been read to its end (used by --until-idle)."""
         ...
 
+    def assignment(self) -> set[TopicPartition]:
+        """The partitions the group assigns to this consumer now (empty before the first assignment and
+        while a rebalance takes them away). Kept current by `fetch`: call it regularly."""
+        ...
+
 
 class Log(Protocol):
     """A durable, partitioned log: Kafka or the embedded one."""

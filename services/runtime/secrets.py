@@ -1,11 +1,25 @@
-"""Reading referenced secrets (environment variable or file). Values never enter a message or a log line."""
+"""Reading referenced secrets: a password or a bearer token from an environment variable, a file or a command.
+
+Values never enter a message or a log line. Errors:
+
+    ConfigError        the reference itself is unusable (variable unset, file unreadable): fix the config
+    CredentialError    a token command failed or hung: retriable (a refresher may be down for a while)
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 
 from services.runtime.settings import ConfigError
+
+
+class CredentialError(Exception):
+    """The password or token could not be obtained; retriable (a refresher may be down for a while)."""
+
+    retriable = True
 
 
 def read_secret(*, env: str | None, file: str | None, environ: Mapping[str, str], what: str) -> str:
@@ -21,3 +35,42 @@ def read_secret(*, env: str | None, file: str | None, environ: Mapping[str, str]
         except OSError as exc:
             raise ConfigError(f"{what}: cannot read secret file {file}: {exc.strerror}") from None
     raise ConfigError(f"{what}: no secret reference (set *_env or *_file)")
+
+
+async def read_token(*, env: str | None, file: str | None, command: tuple[str, ...],
+                     environ: Mapping[str, str], what: str, timeout: float) -> str:
+    """An OAuth2 bearer token, read afresh: `command`'s stdout when set, else the variable or file."""
+    if command:
+        return await run_token_command(command, what, timeout=timeout)
+    return read_secret(env=env, file=file, environ=environ, what=f"{what} token")
+
+
+async def run_token_command(argv: tuple[str, ...], what: str, *, timeout: float) -> str:
+    """Run `argv`; its stdout, stripped, is the token. CredentialError names the program, not its arguments
+    or output."""
+    shown = argv[0]  # its arguments may carry an account or a secret
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,  # a helper's diagnostics may quote secrets
+        )
+    except OSError as exc:
+        raise CredentialError(f"{what} token_command `{shown}` cannot run: {exc.strerror}") from None
+    try:
+        async with asyncio.timeout(timeout):
+            stdout, _ = await process.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        raise CredentialError(f"{what} token_command `{shown}` did not finish within {timeout:g} s") from None
+    if process.returncode != 0:
+        raise CredentialError(
+            f"{what} token_command `{shown}` failed with exit status {process.returncode} (output not shown)"
+        )
+    token = stdout.decode("utf-8", "replace").strip()
+    if not token or "\n" in token:
+        raise CredentialError(f"{what} token_command `{shown}` did not print exactly one token line")
+    return token

@@ -171,7 +171,17 @@ class SmtpTarget(_Config, frozen=True):
     username: str | None = None
     password_env: str | None = None
     password_file: str | None = None
+    # How to log in when `username` is set: SASL PLAIN or LOGIN with the password ("login-plain"), or
+    # XOAUTH2 (Exchange Online) with a bearer token from token_env, token_file or token_command (an argv run
+    # before each session; its stdout is the token), as for the mailboxes.
+    auth: Literal["login-plain", "xoauth2"] = "login-plain"
+    token_env: str | None = None
+    token_file: str | None = None
+    token_command: tuple[str, ...] = ()
     timeout: float = 60.0
+    # Send the postmaster (MailConfig.postmaster) one short notice per dead-lettered copy; never a bounce
+    # to the outside sender.
+    notify_postmaster: bool = False
     # The deliverer: connections used in parallel, the delays of its retry tiers (seconds; the last one
     # repeats) and how long a deferred copy is retried before it goes to the dead letters.
     connections: int = 2
@@ -183,6 +193,10 @@ class SmtpTarget(_Config, frozen=True):
             raise ValueError("connections: must be at least 1")
         if not 1 <= len(self.retry_delays) <= 5 or min(self.retry_delays) <= 0:
             raise ValueError("retry_delays: one to five positive numbers of seconds")
+        if self.auth == "xoauth2" and not self.username:
+            raise ValueError("auth = \"xoauth2\" needs username")
+        if self.auth == "xoauth2" and not (self.token_env or self.token_file or self.token_command):
+            raise ValueError("auth = \"xoauth2\" needs token_env, token_file or token_command")
 
 
 class MailConfig(_Config, frozen=True):

@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 
 from schemas.topics import FETCHED, PLAIN_ROUTER_TOPICS, ROUTED, TOPICS, TopicSpec
-from services.deliverer.commands import smtp_password
+from services.deliverer.commands import notice_address, smtp_password, smtp_token
 from services.deliverer.retry import RetryPolicy
 from services.deliverer.service import Counts, Deliverer
 from services.deliverer.smtp import SmtpTransport
@@ -90,13 +90,14 @@ class Pipeline:
         target = self.config.delivery
         policy = RetryPolicy(delays=target.retry_delays, max_age=timedelta(days=target.max_age_days))
         router = RouterLoop(self.log, self.settings, self.config, poll_seconds=self.poll_seconds)
-        async with SmtpTransport(target, smtp_password(target, self.environ)) as transport:
+        password, token = smtp_password(target, self.environ), smtp_token(target, self.environ)
+        async with SmtpTransport(target, password, token=token) as transport:
             # A batch is as large as the sessions that send it in parallel: a copy the server accepted is
             # in the ledger before the next batch starts, so a kill can catch at most this many copies
             # between the server's 250 and the ledger (RFC 1047's window), which a restart sends again.
             deliverer = Deliverer(
                 self.log, self.settings, transport, policy=policy, poll_seconds=self.poll_seconds,
-                batch_size=target.connections,
+                batch_size=target.connections, postmaster=notice_address(self.config),
             )
             if until_idle:
                 await self._until_idle(router, deliverer, stop)

@@ -12,8 +12,17 @@ ASCII = b"Subject: hi\r\n\r\nbody\r\n"
 def test_size_and_dsn_when_offered() -> None:
     envelope = plan("bob@remote.example", ["a@x.example"], ASCII, ALL)
     assert envelope.mail_params == (f"SIZE={len(ASCII)}",)
-    assert envelope.rcpt_params == {"a@x.example": ("ORCPT=rfc822;a@x.example",)}
+    assert envelope.rcpt_params == {"a@x.example": ("NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;a@x.example")}
     assert plan("", ["a@x.example"], ASCII, PLAIN).mail_params == ()
+
+
+def test_dsn_notify_is_sent_only_when_offered_and_orcpt_only_for_ascii_addresses() -> None:
+    envelope = plan("bob@remote.example", ["a+b@x.example", "jörg@x.example"], ASCII, ALL)
+    assert envelope.rcpt_params == {
+        "a+b@x.example": ("NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;a+2Bb@x.example"),
+        "jörg@x.example": ("NOTIFY=FAILURE,DELAY",),
+    }
+    assert plan("", ["a@x.example"], ASCII, PLAIN).rcpt_params == {"a@x.example": ()}
 
 
 def test_eight_bit_bodies_are_declared() -> None:

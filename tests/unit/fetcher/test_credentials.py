@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from services.fetcher.credentials import CredentialError, session_secret
+from services.fetcher.credentials import session_secret
 from services.fetcher.service import classify
+from services.runtime.secrets import CredentialError
 from services.runtime.settings import ConfigError, Mailbox
 
 TOKEN = "ya29.secret-token-value"

@@ -1,0 +1,51 @@
+"""services/deliverer/commands.py: the delivery target's secrets and postmaster notices, from the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.deliverer.commands import notice_address, smtp_password, smtp_token
+from services.runtime.settings import ConfigError, load_config
+from tests.unit.runtime.test_settings import GOOD, write
+
+
+def config_with(tmp_path: Path, delivery: str) -> Path:
+    return write(tmp_path, GOOD.replace('tls = "none"\n', f'tls = "none"\n{delivery}\n', 1))
+
+
+async def test_an_xoauth2_target_reads_its_token_for_each_session_and_needs_no_password(
+    tmp_path: Path,
+) -> None:
+    token_file = tmp_path / "token"
+    delivery = f'username = "relay@example.com"\nauth = "xoauth2"\ntoken_file = "{token_file}"'
+    path = config_with(tmp_path, delivery)
+    target = load_config(path).delivery
+    source = smtp_token(target, {})
+
+    assert smtp_password(target, {}) is None
+    assert source is not None
+    token_file.write_text("first\n")
+    assert await source() == "first"
+    token_file.write_text("refreshed\n")
+    assert await source() == "refreshed"
+
+
+def test_xoauth2_without_a_token_reference_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="token_env, token_file or token_command"):
+        load_config(config_with(tmp_path, 'username = "relay@example.com"\nauth = "xoauth2"'))
+
+
+def test_the_default_keeps_the_password_login_and_sends_no_notices(tmp_path: Path) -> None:
+    config = load_config(config_with(tmp_path, 'username = "relay"\npassword_env = "SMTP_PW"'))
+
+    assert config.delivery.auth == "login-plain"
+    assert smtp_password(config.delivery, {"SMTP_PW": "pw"}) == "pw"
+    assert smtp_token(config.delivery, {}) is None
+    assert notice_address(config) is None
+
+
+def test_notify_postmaster_sends_notices_to_the_configured_postmaster(tmp_path: Path) -> None:
+    config = load_config(config_with(tmp_path, "notify_postmaster = true"))
+    assert notice_address(config) == "postmaster@example.com"

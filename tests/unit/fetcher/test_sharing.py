@@ -1,0 +1,121 @@
+"""services/fetcher/sharing.py: replicas follow the group assignment; a gained mailbox's memory is re-read."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from schemas import codec
+from schemas.events import FetchRecorded, fetch_state_key
+from schemas.topics import TopicSpec
+from services.fetcher.memory import FetchMemory
+from services.fetcher.placement import Ownership
+from services.fetcher.sharing import MemoryRefresh, hold_assignment
+from services.runtime.embedded import EmbeddedLog
+from services.runtime.log import Record
+from services.runtime.settings import Mailbox
+
+TOPIC = "assignment"
+STATE = "state"
+MAILBOXES = tuple(f"box{n}" for n in range(20))
+T = datetime(2026, 11, 27, tzinfo=UTC)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def replica(log: EmbeddedLog, ownership: Ownership) -> AsyncIterator[None]:
+    async with log.consumer("fetcher", [TOPIC]) as consumer:
+        task = asyncio.create_task(hold_assignment(consumer, TOPIC, ownership, every=0.05))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def test_two_replicas_own_disjoint_mailboxes_and_the_survivor_takes_all_over(tmp_path: Path) -> None:
+    log = EmbeddedLog(tmp_path)
+    await log.ensure_topics([TopicSpec(TOPIC, 64)])
+    a, b = Ownership(MAILBOXES), Ownership(MAILBOXES)
+    async with replica(log, a):
+        await until(lambda: a.owned == set(MAILBOXES))
+        async with replica(log, b):
+            await until(lambda: bool(b.owned) and a.owned | b.owned == set(MAILBOXES))
+            await until(lambda: a.owned.isdisjoint(b.owned))
+            assert 0 < len(a.owned) < len(MAILBOXES)
+            assert b.stale == set(b.owned)  # gained: memory to be re-read before planning
+        await until(lambda: a.owned == set(MAILBOXES))
+
+
+def recorded(mailbox_id: str, uidl: str) -> Record:
+    record = FetchRecorded(
+        mailbox_id=mailbox_id, uidl=uidl, fetch_id=f"f-{mailbox_id}-{uidl}", size=1, sha256="0" * 64,
+        published_at=T,
+    )  # fmt: skip
+    return Record(STATE, 0, 0, fetch_state_key(mailbox_id, uidl), codec.encode(record), 0)
+
+
+class StateTopic:
+    """The fetch-state topic as a list; `gate` holds scans back until the test releases them."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.scans = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def scan(self, topic: str) -> AsyncIterator[Record]:
+        assert topic == STATE
+        self.scans += 1
+        snapshot = list(self.records)  # the end offsets are read when the scan starts
+        await self.gate.wait()
+        for record in snapshot:
+            yield record
+
+
+def mailbox(mailbox_id: str) -> Mailbox:
+    return Mailbox(id=mailbox_id, host="127.0.0.1", username=mailbox_id)
+
+
+def refresh_for(state: StateTopic, memory: FetchMemory) -> tuple[MemoryRefresh, Ownership]:
+    ownership = Ownership(MAILBOXES)
+    ownership.update(set(range(64)))
+    return MemoryRefresh(state, STATE, memory, ownership), ownership
+
+
+async def test_a_gained_mailbox_learns_what_the_previous_owner_published_before_planning() -> None:
+    state, memory = StateTopic(), FetchMemory()
+    state.records = [recorded("box1", "u1"), recorded("box2", "u9")]
+    refresh, ownership = refresh_for(state, memory)
+    await refresh.before_plan(mailbox("box1"))
+    assert set(memory.known("box1")) == {"u1"}
+    assert memory.known("box2") == {}  # not logged in yet: its memory is read once the maildrop is ours
+    assert not ownership.is_stale("box1")
+    await refresh.before_plan(mailbox("box1"))
+    assert state.scans == 1  # fresh now: no more scans
+
+
+async def test_mailboxes_that_logged_in_together_share_one_scan_and_a_later_login_gets_its_own() -> None:
+    state, memory = StateTopic(), FetchMemory()
+    refresh, _ = refresh_for(state, memory)
+    state.gate.clear()
+    scanning = asyncio.create_task(refresh.before_plan(mailbox("box1")))
+    await until(lambda: state.scans == 1)
+    waiting = [asyncio.create_task(refresh.before_plan(mailbox(m))) for m in ("box2", "box3")]
+    await asyncio.sleep(0.05)
+    state.records = [recorded("box2", "late")]  # written by the old owner before box2's login completed
+    state.gate.set()
+    await asyncio.gather(scanning, *waiting)
+    assert state.scans == 2  # box2 and box3 logged in after the first scan began: one more scan for both
+    assert set(memory.known("box2")) == {"late"}
