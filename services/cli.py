@@ -63,12 +63,22 @@ def deployment_settings(environ: dict[str, str]) -> DeploymentSettings:
         kafka_sasl_username=environ.get("POPBRIDGE_KAFKA_SASL_USERNAME") or None,
         kafka_sasl_password_file=environ.get("POPBRIDGE_KAFKA_SASL_PASSWORD_FILE") or None,
         kafka_ca_file=environ.get("POPBRIDGE_KAFKA_CA_FILE") or None,
+        kafka_compression=_compression(environ.get("POPBRIDGE_KAFKA_COMPRESSION", "")),
         topic_prefix=environ.get("POPBRIDGE_TOPIC_PREFIX", ""),
         group_prefix=environ.get("POPBRIDGE_GROUP_PREFIX", "popbridge"),
         log_level=environ.get("POPBRIDGE_LOG_LEVEL", "INFO"),
         data_dir=environ.get("POPBRIDGE_DATA_DIR", ""),
         http_port=int(port),
     )
+
+
+def _compression(value: str) -> str | None:
+    if value in ("", "none"):
+        return None
+    if value not in ("gzip", "snappy", "lz4", "zstd"):
+        choices = "none, gzip, snappy, lz4 or zstd"
+        raise ConfigError(f"environment: POPBRIDGE_KAFKA_COMPRESSION: {value!r} is not {choices}")
+    return value
 
 
 @click.group(cls=LazyGroup)

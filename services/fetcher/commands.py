@@ -15,7 +15,7 @@ from services.fetcher import status
 from services.fetcher.memory import FetchMemory
 from services.fetcher.placement import Ownership
 from services.fetcher.service import Fetcher, PassResult
-from services.fetcher.sharing import MemoryRefresh, hold_assignment
+from services.fetcher.sharing import Handover, MemoryRefresh, Passes, hold_assignment
 from services.fetcher.status import Timing
 from services.runtime.health import ProgressTracker, serve_health
 from services.runtime.kafka import KafkaLog
@@ -90,19 +90,31 @@ async def poll_shared(
     topic = settings.topic(FETCH_ASSIGNMENT)
     refresh = MemoryRefresh(log_, settings.topic(FETCH_STATE), fetcher.memory, ownership)
     fetcher.before_plan = refresh.before_plan
-    async with log_.consumer(settings.group("fetcher"), [topic]) as consumer, asyncio.TaskGroup() as tasks:
+    passes = Passes()
+    handover = Handover(topic, ownership, passes)
+    async with (
+        log_.consumer(settings.group("fetcher"), [topic], on_revoked=handover.revoked) as consumer,
+        asyncio.TaskGroup() as tasks,
+    ):
         tasks.create_task(hold_assignment(consumer, topic, ownership))
         for mailbox in mailboxes:
-            tasks.create_task(poll_forever(fetcher, mailbox, owns=lambda m: ownership.owns(m.id)))
+            tasks.create_task(
+                poll_forever(fetcher, mailbox, owns=lambda m: ownership.owns(m.id), passes=passes)
+            )
 
 
 async def poll_forever(
-    fetcher: Fetcher, mailbox: Mailbox, *, owns: Callable[[Mailbox], bool] | None = None
+    fetcher: Fetcher,
+    mailbox: Mailbox,
+    *,
+    owns: Callable[[Mailbox], bool] | None = None,
+    passes: Passes | None = None,
 ) -> None:
     """Poll one mailbox on its own interval, backing off after failures, until cancelled.
 
     `owns` (mailbox sharing) says whether this replica may poll the mailbox now; while it may not,
-    the loop only checks again every OWNERSHIP_CHECK seconds.
+    the loop only checks again every OWNERSHIP_CHECK seconds. `passes` registers each pass, right after
+    that check, so a rebalance revoking the mailbox waits for it (or aborts it).
     """
     rng = random.Random()  # noqa: S311 - poll jitter, not cryptography
     await asyncio.sleep(rng.uniform(0, min(mailbox.poll_interval, FIRST_POLL_SPREAD)))
@@ -112,7 +124,13 @@ async def poll_forever(
             failures = 0
             await asyncio.sleep(OWNERSHIP_CHECK)
             continue
-        result = await fetcher.poll(mailbox)
+        if passes is None:
+            result = await fetcher.poll(mailbox)
+        else:
+            ran = await passes.run(mailbox.id, fetcher.poll(mailbox))
+            if ran is None:
+                continue  # aborted: the mailbox was handed over
+            result = ran
         failures = failures + 1 if result.error else 0
         delay = next_delay(
             mailbox, failures, rng, retry_after=result.retry_after, login_delay=result.login_delay
@@ -144,7 +162,7 @@ def fetcher(obj: object, config_path: Path, once: bool) -> None:
     config = load_config(config_path)
     if not settings.kafka_bootstrap:
         raise ConfigError("environment: POPBRIDGE_KAFKA_BOOTSTRAP is not set")
-    log_ = KafkaLog(settings.kafka_bootstrap)
+    log_ = KafkaLog(settings.kafka_bootstrap, compression=settings.kafka_compression)
     if not once:
         asyncio.run(serve_fetcher(log_, settings, config, environ))
         return

@@ -64,6 +64,14 @@ class Ownership:
         self.stale = (self.stale | change.gained) - change.lost
         return change
 
+    def revoke(self, held: Collection[int]) -> frozenset[str]:
+        """The group takes the partitions `held` away (a rebalance): their mailboxes are no longer owned,
+        at once, before the next `update`; returns them."""
+        lost = self.owned & owned_mailboxes(self.mailbox_ids, held, self.partitions)
+        self.owned -= lost
+        self.stale -= lost
+        return lost
+
     def owns(self, mailbox_id: str) -> bool:
         return mailbox_id in self.owned
 

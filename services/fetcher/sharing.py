@@ -4,28 +4,36 @@ the memory of a gained mailbox up to date before planning it (see services.fetch
 A replica holds its membership from its own task (`hold_assignment`), calling `fetch` every
 ASSIGNMENT_CHECK seconds, so a long POP3 pass never delays heartbeats or a rebalance. A replica that dies
 is dropped by the group after the session timeout (aiokafka's 10 s default) and its partitions, so its
-mailboxes, go to the survivors. A revoked mailbox's pass in progress is finished, then not started again
-(services.fetcher.commands.poll_forever checks ownership before each pass).
+mailboxes, go to the survivors.
+
+A graceful rebalance (a replica joins or leaves) hands a mailbox over without two replicas ever polling it
+at once: the assignment consumer's `on_revoked` (`Handover.revoked`) runs inside the rebalance, before the
+group gives the partition to another replica. It marks the mailboxes of the revoked partitions not owned
+(services.fetcher.commands.poll_forever checks ownership before each pass, so none starts again) and waits
+for their passes in progress (`Passes`) to end, aborting one still running after HANDOVER_TIMEOUT.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from schemas import codec
 from schemas.events import FetchRecorded
 from services.fetcher.memory import FetchMemory
 from services.fetcher.placement import Change, Ownership
-from services.runtime.log import LogConsumer, LogError, Record
+from services.runtime.log import REVOKE_TIMEOUT, LogConsumer, LogError, Record, TopicPartition
 from services.runtime.settings import Mailbox
 
 log = logging.getLogger("popbridge.fetcher")
 
 ASSIGNMENT_CHECK = 1.0  # seconds between fetches of the assignment topic: heartbeats and rebalances noticed
+HANDOVER_TIMEOUT = REVOKE_TIMEOUT / 2  # a revoked mailbox's pass still running after this is aborted
+
+T = TypeVar("T")
 
 
 async def hold_assignment(
@@ -41,6 +49,69 @@ async def hold_assignment(
         change = ownership.update({tp.partition for tp in consumer.assignment() if tp.topic == topic})
         if change:
             _log_change(ownership, change)
+
+
+class Passes:
+    """The passes in progress on this replica, by mailbox, so that a rebalance can wait for them."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, asyncio.Task[Any]] = {}
+
+    def running(self, mailbox_id: str) -> bool:
+        return mailbox_id in self._running
+
+    async def run(self, mailbox_id: str, pass_: Coroutine[Any, Any, T]) -> T | None:
+        """Run one pass of `mailbox_id`; None when `finish` aborted it. Registered before the first await,
+        so a pass started right after an ownership check is always seen by `finish`."""
+        task = asyncio.create_task(pass_, name=f"pass {mailbox_id}")
+        self._running[mailbox_id] = task
+        try:
+            return await task  # cancelling the caller cancels the pass, and waits for it
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                return None  # aborted by `finish`, not a cancellation of the caller
+            raise
+        finally:
+            if self._running.get(mailbox_id) is task:
+                del self._running[mailbox_id]
+
+    async def finish(self, mailbox_ids: Collection[str], timeout: float) -> None:
+        """Wait until no pass of `mailbox_ids` runs; abort the ones still running after `timeout`."""
+        tasks = {self._running[m] for m in mailbox_ids if m in self._running}
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=timeout)
+        for task in late:
+            log.warning(
+                "mailbox assignment: %s still running after %.0f s: aborted", task.get_name(), timeout
+            )
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
+
+
+@dataclass
+class Handover:
+    """`on_revoked` of the assignment consumer: give the mailboxes of revoked partitions up, their passes
+    over, before the rebalance completes and another replica gets them."""
+
+    topic: str
+    ownership: Ownership
+    passes: Passes
+    timeout: float = HANDOVER_TIMEOUT
+
+    async def revoked(self, tps: set[TopicPartition]) -> None:
+        lost = self.ownership.revoke({tp.partition for tp in tps if tp.topic == self.topic})
+        if not lost:
+            return
+        _log_change(self.ownership, Change(lost=lost))
+        busy = sorted(m for m in lost if self.passes.running(m))
+        if busy:
+            log.info(
+                "mailbox assignment: waiting for the passes of %s before handing them over", ",".join(busy)
+            )
+        await self.passes.finish(lost, self.timeout)
 
 
 def _log_change(ownership: Ownership, change: Change) -> None:

@@ -21,7 +21,8 @@ Consumer groups: each consumer is a row with a heartbeat (every `member_timeout 
 group. A partition moves only once its owner released it (at its next fetch, so after it committed what
 it handled; or when it stopped fetching for MAX_POLL_INTERVAL) or died, and the new owner starts at the
 committed offset: a rebalance skips nothing, and a stage that commits before fetching again sees no
-record twice.
+record twice. A consumer with `on_revoked` awaits it, in that fetch, before it releases the partitions it
+is losing: until the callback returned the new owner waits for them (it holds none of them meanwhile).
 Consumer commits never move a committed offset backwards; `set_committed` (ops) does.
 
 Errors:
@@ -52,7 +53,7 @@ from pathlib import Path
 from typing import Concatenate, Literal, ParamSpec, TypeVar
 
 from schemas.topics import MAX_MESSAGE_BYTES, TopicSpec
-from services.runtime.log import LogError, Outgoing, Record, TopicPartition, Written
+from services.runtime.log import LogError, OnRevoked, Outgoing, Record, TopicPartition, Written
 
 DB_NAME = "log.sqlite3"
 SCHEMA_VERSION = 1
@@ -441,31 +442,44 @@ class _GroupMember:
     waiting: set[TopicPartition] = field(default_factory=set)  # assigned, but the old owner holds it still
     turn: int = 0
     bumps: int = 0  # how often this member changed the group: the consumer then wakes waiting fetches
+    # With an on_revoked callback: the partitions it was called for, which may now be released; None
+    # (no callback) releases every partition that moved at once.
+    handed_over: set[TopicPartition] | None = None
+    moving: set[TopicPartition] = field(default_factory=set)  # owned, assigned elsewhere, still held
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
-    def sync(self, conn: sqlite3.Connection, *, release: bool = True) -> None:
+    def sync(self, conn: sqlite3.Connection, *, release: bool = True, force: bool = False) -> None:
         """Heartbeat, drop dead members, and release/claim partitions to match the assignment.
 
         `release=False` (a heartbeat while records are being handled) keeps partitions that moved to
-        another member until the next fetch, so they move only after their records were committed."""
+        another member until the next fetch, so they move only after their records were committed.
+        With an on_revoked callback only the partitions `handed_over` are released, unless `force`
+        (a stalled member)."""
         with _transaction(conn):
             changed = self._heartbeat(conn)
             desired, owners = self._desired(conn), self._owners(conn)
             to_release = [tp for tp, m in owners.items() if m == self.member_id and desired.get(tp) != m]
             to_claim = [tp for tp, m in desired.items() if m == self.member_id and tp not in owners]
-            for tp in to_release if release else []:
+            releasing = [
+                tp for tp in to_release
+                if release and (force or self.handed_over is None or tp in self.handed_over)
+            ]  # fmt: skip
+            for tp in releasing:
                 self._set_owner(conn, tp, None)
                 del owners[tp]
             for tp in to_claim:
                 self._set_owner(conn, tp, self.member_id)
                 owners[tp] = self.member_id
-            if changed or to_claim or (release and to_release):
+            if changed or to_claim or releasing:
                 conn.execute("UPDATE groups SET version = version + 1 WHERE group_id = ?", (self.group,))
                 self.bumps += 1
             self._take(conn, owners, desired)
-            self.version = -1 if to_release and not release else self._group_version(conn)
+            self.moving = set(to_release) - set(releasing)
+            if self.handed_over is not None:
+                self.handed_over &= self.moving  # released, or assigned back to this member
+            self.version = -1 if self.moving else self._group_version(conn)
 
     def _desired(self, conn: sqlite3.Connection) -> dict[TopicPartition, str]:
         """Who should own each partition the live members of the group subscribe to."""
@@ -539,6 +553,18 @@ class _GroupMember:
         if self._group_version(conn) != self.version:
             self.sync(conn)
 
+    def revoking(self, conn: sqlite3.Connection) -> set[TopicPartition]:
+        """The partitions this member holds that the group now assigns to another one, not handed over yet
+        (only with an on_revoked callback)."""
+        self.refresh(conn)
+        return self.moving - (self.handed_over or set())
+
+    def hand_over(self, conn: sqlite3.Connection, tps: set[TopicPartition]) -> None:
+        """on_revoked returned for `tps`: release them (those still moving)."""
+        if self.handed_over is not None:
+            self.handed_over |= tps
+        self.sync(conn)
+
     def poll(self, conn: sqlite3.Connection, max_records: int) -> list[Record]:
         self.refresh(conn)
         owned = sorted(self.positions)
@@ -595,12 +621,20 @@ class EmbeddedConsumer:
     """LogConsumer of one group member on the embedded log."""
 
     def __init__(
-        self, worker: _Worker, changes: _Changes, member: _GroupMember, poll_interval: float
+        self,
+        worker: _Worker,
+        changes: _Changes,
+        member: _GroupMember,
+        poll_interval: float,
+        on_revoked: OnRevoked | None = None,
     ) -> None:
         self._worker = worker
         self._changes = changes
         self._member = member
         self._poll_interval = poll_interval
+        self._on_revoked = on_revoked
+        if on_revoked is not None:
+            member.handed_over = set()
         self._last_fetch = time.monotonic()
         self._bumps_seen = 0
 
@@ -610,11 +644,20 @@ class EmbeddedConsumer:
         while True:
             self._last_fetch = time.monotonic()
             seen = self._changes.count
+            if self._on_revoked is not None:
+                await self._hand_over(self._on_revoked)
             records = await self._run(self._member.poll, max_records)
             remaining = deadline - loop.time()
             if records or remaining <= 0:
                 return records
             await self._changes.wait(seen, min(self._poll_interval, remaining))
+
+    async def _hand_over(self, on_revoked: OnRevoked) -> None:
+        """Partitions that moved to another member: the callback first, then release them."""
+        revoked = await self._run(self._member.revoking)
+        if revoked:
+            await on_revoked(set(revoked))
+            await self._run(self._member.hand_over, revoked)
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         if offsets:
@@ -646,7 +689,7 @@ class EmbeddedConsumer:
             await asyncio.sleep(interval)
             stalled = time.monotonic() - self._last_fetch > stalled_after
             try:
-                await self._run(self._member.sync, release=stalled)
+                await self._run(self._member.sync, release=stalled, force=stalled)
             except LogError as exc:
                 _logger.warning("embedded log heartbeat failed, retrying: %s", exc)
 
@@ -714,10 +757,13 @@ class EmbeddedLog:
                 await producer.drain()
 
     @asynccontextmanager
-    async def consumer(self, group: str, topics: Sequence[str]) -> AsyncIterator[EmbeddedConsumer]:
+    async def consumer(
+        self, group: str, topics: Sequence[str], *, on_revoked: OnRevoked | None = None
+    ) -> AsyncIterator[EmbeddedConsumer]:
+        """A group member; `on_revoked` is awaited in its fetch before it releases partitions it is losing."""
         member = _GroupMember(group, tuple(topics), self._clock, int(self._member_timeout * 1000))
         async with self._worker() as worker:
-            consumer = EmbeddedConsumer(worker, self._changes, member, self._poll_interval)
+            consumer = EmbeddedConsumer(worker, self._changes, member, self._poll_interval, on_revoked)
             await consumer.join()
             heartbeat = asyncio.create_task(
                 consumer.heartbeat_forever(self._member_timeout / 5, MAX_POLL_INTERVAL)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka import TopicPartition as KafkaTopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
@@ -26,7 +26,15 @@ from aiokafka.errors import (
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from schemas.topics import MAX_MESSAGE_BYTES, TopicSpec
-from services.runtime.log import LogError, Outgoing, Record, TopicPartition, Written
+from services.runtime.log import (
+    REVOKE_TIMEOUT,
+    LogError,
+    OnRevoked,
+    Outgoing,
+    Record,
+    TopicPartition,
+    Written,
+)
 
 # Room for the event framing and Kafka's record overhead on top of the largest message.
 _REQUEST_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
@@ -62,11 +70,31 @@ class KafkaProducer:
         return [Written(m.topic, m.partition, m.offset) for m in results]
 
 
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    """Awaited by aiokafka's coordinator inside a rebalance: `on_partitions_revoked` before this member
+    rejoins the group (so before any other member gets the partitions), `on_partitions_assigned` after.
+
+    The protocol is eager: every rebalance revokes every partition, and assigns afresh."""
+
+    def __init__(self, on_revoked: OnRevoked | None) -> None:
+        self.on_revoked = on_revoked
+        self.revoking = False  # between a revocation and the next assignment
+
+    async def on_partitions_revoked(self, revoked: set[KafkaTopicPartition]) -> None:
+        self.revoking = True
+        if self.on_revoked is not None and revoked:
+            await self.on_revoked({TopicPartition(tp.topic, tp.partition) for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: set[KafkaTopicPartition]) -> None:
+        self.revoking = False
+
+
 @dataclass
 class KafkaConsumer:
     """LogConsumer on an aiokafka group consumer with manual commits."""
 
     consumer: AIOKafkaConsumer
+    rebalance: _Rebalance | None = None
 
     async def fetch(self, timeout: float, max_records: int = 500) -> list[Record]:
         try:
@@ -93,6 +121,8 @@ class KafkaConsumer:
             raise _wrap(exc, "commit") from exc
 
     def assignment(self) -> set[TopicPartition]:
+        if self.rebalance is not None and self.rebalance.revoking:
+            return set()  # aiokafka still lists the revoked partitions until the new assignment
         return {TopicPartition(tp.topic, tp.partition) for tp in self.consumer.assignment()}
 
     async def caught_up(self) -> bool:
@@ -112,6 +142,9 @@ class KafkaLog:
 
     bootstrap_servers: str
     client_id: str = "popbridge"
+    # Off by default: mail is mostly base64 attachments that compress little, and zstd cost a third of
+    # the fetcher's throughput in bench/fetch.py. Operators who pay for storage may choose "zstd".
+    compression: str | None = None
 
     async def ensure_topics(self, specs: Sequence[TopicSpec]) -> list[str]:
         async with self._admin("create topics") as admin:
@@ -220,7 +253,7 @@ class KafkaLog:
             acks="all",
             enable_idempotence=True,
             max_request_size=_REQUEST_BYTES,
-            compression_type="zstd",
+            compression_type=self.compression,
             linger_ms=5,
         )
         try:
@@ -233,9 +266,15 @@ class KafkaLog:
             await producer.stop()
 
     @asynccontextmanager
-    async def consumer(self, group: str, topics: Sequence[str]) -> AsyncIterator[KafkaConsumer]:
+    async def consumer(
+        self, group: str, topics: Sequence[str], *, on_revoked: OnRevoked | None = None
+    ) -> AsyncIterator[KafkaConsumer]:
+        """A group member. `on_revoked` runs in aiokafka's rebalance listener, before this member rejoins:
+        the broker waits for it (rebalance_timeout_ms, raised to REVOKE_TIMEOUT) to complete the rebalance
+        and only then gives the partitions to others. Heartbeats go on while it runs."""
+        rebalance = _Rebalance(on_revoked)
+        extra = {"rebalance_timeout_ms": int(REVOKE_TIMEOUT * 1000)} if on_revoked is not None else {}
         consumer = AIOKafkaConsumer(
-            *topics,
             bootstrap_servers=self.bootstrap_servers,
             client_id=self.client_id,
             group_id=group,
@@ -244,13 +283,16 @@ class KafkaLog:
             max_partition_fetch_bytes=_REQUEST_BYTES,
             fetch_max_bytes=_REQUEST_BYTES,
             isolation_level="read_committed",
+            **extra,
         )
+        if topics:  # as AIOKafkaConsumer(*topics) does, with the listener
+            consumer.subscribe(list(topics), listener=rebalance)
         try:
             await consumer.start()
         except KafkaError as exc:
             raise _wrap(exc, "connect consumer") from exc
         try:
-            yield KafkaConsumer(consumer)
+            yield KafkaConsumer(consumer, rebalance)
         finally:
             await consumer.stop()
 

@@ -10,16 +10,22 @@ Contracts:
 - `LogConsumer.fetch` returns records of the assigned partitions in offset order per partition.
 - `LogConsumer.commit` takes the offset of the NEXT record to read per partition, and is to be called
   only after the outcome of every earlier record is itself durable.
+- `Log.consumer(..., on_revoked=...)` is awaited with the partitions this consumer is about to lose,
+  before the group hands them to another member: the new owner gets them only after it returned (it
+  must return within REVOKE_TIMEOUT). While a rebalance takes partitions away, `assignment` leaves them
+  out.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
 from schemas.topics import TopicSpec
+
+REVOKE_TIMEOUT = 60.0  # seconds an `on_revoked` callback may take before the group moves on without it
 
 
 class LogError(Exception):
@@ -66,6 +72,9 @@ class Written:
     topic: str
     partition: int
     offset: int
+
+
+OnRevoked = Callable[[set[TopicPartition]], Awaitable[None]]
 
 
 class LogProducer(Protocol):
@@ -118,7 +127,12 @@ class Log(Protocol):
         """Per partition, the group's committed offset (absent where the group never committed)."""
         ...
 
-    def consumer(self, group: str, topics: Sequence[str]) -> AbstractAsyncContextManager[LogConsumer]: ...
+    def consumer(
+        self, group: str, topics: Sequence[str], *, on_revoked: OnRevoked | None = None
+    ) -> AbstractAsyncContextManager[LogConsumer]:
+        """A member of consumer group `group`. `on_revoked` is awaited with the partitions it is losing
+        before another member gets them (a graceful rebalance; not when this member dies or stalls)."""
+        ...
 
 
 def next_offsets(records: Sequence[Record]) -> dict[TopicPartition, int]:

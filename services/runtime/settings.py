@@ -230,6 +230,7 @@ class DeploymentSettings(msgspec.Struct, frozen=True, kw_only=True):
     kafka_sasl_username: str | None = None
     kafka_sasl_password_file: str | None = None
     kafka_ca_file: str | None = None
+    kafka_compression: str | None = None
     topic_prefix: str = ""
     group_prefix: str = "popbridge"
     log_level: str = "INFO"

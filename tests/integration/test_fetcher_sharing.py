@@ -1,9 +1,12 @@
 """Fetcher replicas share the mailboxes through the consumer group on the real broker and Dovecot: two
-`popbridge fetcher` processes poll disjoint mailboxes, and when one is killed the other takes over."""
+`popbridge fetcher` processes poll disjoint mailboxes, and when one is killed the other takes over; a
+replica joining never polls a mailbox while the old owner's pass of it still runs."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import re
 import signal
@@ -12,13 +15,17 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from schemas.topics import FETCH_ASSIGNMENT, TopicSpec, topic_spec
+from services.fetcher.commands import load_memory, poll_shared
+from services.fetcher.service import Fetcher, PassResult
+from services.runtime.settings import Mailbox
 from tests.support.dovecot import DovecotMailboxes, MailUser
-from tests.support.fetcher import FetcherStage
+from tests.support.fetcher import FetcherStage, dovecot_mailbox
 
 pytestmark = pytest.mark.integration
 
@@ -141,4 +148,94 @@ async def test_two_replicas_share_the_mailboxes_and_the_survivor_takes_over_a_ki
         assert len(counts) == 2 * MAILBOXES, f"published after the kill: {sorted(counts)}"
         assert takeover < TAKEOVER_DEADLINE
         assert a.owned() == every
+    assert [pair for pair, times in counts.items() if times > 1] == []  # keep mode: nothing published twice
+
+
+SLOW_PASS = 1.5  # seconds each pass of the handover test is held before its POP3 session
+
+
+@dataclass(frozen=True)
+class Span:
+    replica: str
+    mailbox_id: str
+    start: float
+    end: float
+
+
+@dataclass
+class SlowFetcher(Fetcher):
+    """A Fetcher whose passes take SLOW_PASS longer, each recorded in `spans` (start and end)."""
+
+    name: str = ""
+    spans: list[Span] = field(default_factory=list)
+
+    async def poll(self, mailbox: Mailbox) -> PassResult:
+        start = time.monotonic()
+        try:
+            await asyncio.sleep(SLOW_PASS)
+            return await super().poll(mailbox)
+        finally:
+            self.spans.append(Span(self.name, mailbox.id, start, time.monotonic()))
+
+
+async def test_a_joining_replica_never_polls_a_mailbox_while_the_old_owners_pass_of_it_runs(
+    kafka_bootstrap: str, kafka_topic_prefix: str, dovecot: DovecotMailboxes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="popbridge.fetcher")
+    stage = FetcherStage(kafka_bootstrap, kafka_topic_prefix)
+    await stage.create_topics()
+    spec = topic_spec(FETCH_ASSIGNMENT)
+    await stage.log.ensure_topics([TopicSpec(stage.settings.topic(spec.name), spec.partitions, spec.config)])
+    users = [dovecot.new_user(f"hand{n}") for n in range(6)]
+    mailboxes = [
+        dovecot_mailbox(dovecot, user, f"hand{n}", mode="keep", poll_interval=0.2)
+        for n, user in enumerate(users)
+    ]
+    environ = {f"PW_hand{n}": user.password for n, user in enumerate(users)}
+    for n, user in enumerate(users):
+        dovecot.deliver(user, message(n, 1))
+    spans: list[Span] = []
+
+    async def run_replica(name: str) -> None:
+        memory = await load_memory(stage.log, stage.settings)
+        async with stage.log.producer() as producer:
+            fetcher = SlowFetcher(
+                settings=stage.settings, producer=producer, memory=memory, environ=environ, name=name,
+                spans=spans,
+            )  # fmt: skip
+            await poll_shared(stage.log, stage.settings, fetcher, mailboxes)
+
+    def polled_by(name: str) -> set[str]:
+        return {s.mailbox_id for s in spans if s.replica == name}
+
+    a = asyncio.create_task(run_replica("a"))
+    try:
+        await until(lambda: polled_by("a") == {m.id for m in mailboxes}, 20, "replica a polling all")
+        joined = time.monotonic()
+        b = asyncio.create_task(run_replica("b"))
+        try:
+            await until(lambda: bool(polled_by("b")), 20, "replica b polling mailboxes of its own")
+            await asyncio.sleep(2 * SLOW_PASS)  # passes of both replicas, after the rebalance
+        finally:
+            b.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await b
+    finally:
+        a.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await a
+
+    overlaps = [
+        (first, second)
+        for first in spans
+        for second in spans
+        if first.mailbox_id == second.mailbox_id and first.replica == "a" and second.replica == "b"
+        and first.start < second.end and second.start < first.end
+    ]  # fmt: skip
+    assert overlaps == []
+    # The handover was exercised: the rebalance waited for passes of a in flight.
+    assert any("waiting for the passes of" in r.getMessage() for r in caplog.records)
+    assert polled_by("a") & polled_by("b"), "no mailbox moved from a to b"
+    assert all(s.start > joined for s in spans if s.replica == "b")
+    counts = Counter((e.mailbox_id, e.uidl) for e in await stage.published())
     assert [pair for pair, times in counts.items() if times > 1] == []  # keep mode: nothing published twice

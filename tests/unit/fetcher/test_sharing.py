@@ -13,9 +13,9 @@ from schemas.events import FetchRecorded, fetch_state_key
 from schemas.topics import TopicSpec
 from services.fetcher.memory import FetchMemory
 from services.fetcher.placement import Ownership
-from services.fetcher.sharing import MemoryRefresh, hold_assignment
+from services.fetcher.sharing import Handover, MemoryRefresh, Passes, hold_assignment
 from services.runtime.embedded import EmbeddedLog
-from services.runtime.log import Record
+from services.runtime.log import Record, TopicPartition
 from services.runtime.settings import Mailbox
 
 TOPIC = "assignment"
@@ -33,8 +33,11 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def replica(log: EmbeddedLog, ownership: Ownership) -> AsyncIterator[None]:
-    async with log.consumer("fetcher", [TOPIC]) as consumer:
+async def replica(
+    log: EmbeddedLog, ownership: Ownership, passes: Passes | None = None
+) -> AsyncIterator[None]:
+    on_revoked = None if passes is None else Handover(TOPIC, ownership, passes).revoked
+    async with log.consumer("fetcher", [TOPIC], on_revoked=on_revoked) as consumer:
         task = asyncio.create_task(hold_assignment(consumer, TOPIC, ownership, every=0.05))
         try:
             yield
@@ -119,3 +122,46 @@ async def test_mailboxes_that_logged_in_together_share_one_scan_and_a_later_logi
     await asyncio.gather(scanning, *waiting)
     assert state.scans == 2  # box2 and box3 logged in after the first scan began: one more scan for both
     assert set(memory.known("box2")) == {"late"}
+
+
+async def test_a_joining_replica_gets_a_mailbox_only_once_the_old_owners_pass_of_it_ended(
+    tmp_path: Path,
+) -> None:
+    log = EmbeddedLog(tmp_path)
+    await log.ensure_topics([TopicSpec(TOPIC, 64)])
+    a, b, passes = Ownership(MAILBOXES), Ownership(MAILBOXES), Passes()
+    gate = asyncio.Event()
+    ended: dict[str, float] = {}
+
+    async def slow_pass(mailbox_id: str) -> str:
+        await gate.wait()
+        ended[mailbox_id] = asyncio.get_running_loop().time()
+        return mailbox_id
+
+    async with replica(log, a, passes):
+        await until(lambda: a.owned == set(MAILBOXES))
+        running = [asyncio.create_task(passes.run(m, slow_pass(m))) for m in MAILBOXES]
+        await asyncio.sleep(0)
+        async with replica(log, b):
+            await until(lambda: a.owned != set(MAILBOXES))  # revoked: no new pass starts
+            handed = set(MAILBOXES) - a.owned
+            await asyncio.sleep(0.5)  # many assignment checks of b
+            assert b.owned == set()  # the passes of the revoked mailboxes still run
+            gate.set()
+            await until(lambda: b.owned == handed)
+            gained = asyncio.get_running_loop().time()
+            assert all(ended[m] < gained for m in handed)
+        assert await asyncio.gather(*running) == list(MAILBOXES)  # finished, not aborted
+
+
+async def test_a_revoked_mailboxs_pass_still_running_after_the_timeout_is_aborted() -> None:
+    ownership, passes = Ownership(MAILBOXES, partitions=1), Passes()
+    ownership.update({0})
+    stuck = asyncio.create_task(passes.run("box0", asyncio.sleep(3600, result="late")))
+    done = asyncio.create_task(passes.run("box1", asyncio.sleep(0, result="ok")))
+    await asyncio.sleep(0)
+    await Handover(TOPIC, ownership, passes, timeout=0.1).revoked({TopicPartition(TOPIC, 0)})
+    assert ownership.owned == frozenset()
+    assert await stuck is None
+    assert await done == "ok"
+    assert not passes.running("box0")

@@ -12,7 +12,7 @@ import sqlite3
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -454,3 +454,51 @@ async def test_every_record_whose_send_returned_survives_a_kill_9(tmp_path: Path
         partition, offset, digest = line.split()
         (record,) = await log.read("mail", int(partition), int(offset), int(offset) + 1)
         assert hashlib.sha256(record.value).hexdigest() == digest.decode()
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.02)
+
+
+async def test_a_member_gets_a_moving_partition_only_after_the_old_owners_on_revoked_returned(
+    tmp_path: Path,
+) -> None:
+    log = await new_log(tmp_path, partitions=4)
+    in_flight = asyncio.Event()  # the old owner's work on what it is losing: ends when the test says
+    revoked: list[set[TopicPartition]] = []
+
+    async def on_revoked(tps: set[TopicPartition]) -> None:
+        revoked.append(tps)
+        await in_flight.wait()
+
+    async def keep_fetching(consumer: LogConsumer) -> None:
+        while True:
+            await consumer.fetch(0.05)
+
+    async with log.consumer("g", [TOPIC], on_revoked=on_revoked) as a:
+        await a.fetch(0.05)
+        everything = {TopicPartition(TOPIC, p) for p in range(4)}
+        assert a.assignment() == everything
+        a_fetches = asyncio.create_task(keep_fetching(a))
+        async with log.consumer("g", [TOPIC]) as b:
+            b_fetches = asyncio.create_task(keep_fetching(b))
+            await eventually(lambda: bool(revoked))
+            losing = revoked[0]
+            assert len(losing) == 2
+            await asyncio.sleep(0.5)  # several fetches of b, while a's callback still waits
+            assert b.assignment() == set()
+            assert a.assignment() == everything  # a still holds them
+            in_flight.set()
+            await eventually(lambda: b.assignment() == losing)
+            assert a.assignment() == everything - losing
+            assert revoked == [losing]  # called once per handover
+            b_fetches.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await b_fetches
+        a_fetches.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await a_fetches
