@@ -186,7 +186,7 @@ def lock_pop3_sessions(dovecot: DovecotMailboxes, user: MailUser) -> None:
     """
     passwd = dovecot.maildir(user).parents[2] / "users" / user.login
     if not passwd.is_file():
-        pytest.skip(f"the Dovecot fixture no longer keeps passwd-files at {passwd}")
+        pytest.fail(f"the Dovecot fixture no longer keeps passwd-files at {passwd}: update this helper")
     line = passwd.read_text().rstrip("\n")
     passwd.write_text(f"{line}userdb_pop3_lock_session=yes\n")
 
