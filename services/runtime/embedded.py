@@ -511,6 +511,17 @@ class _GroupMember:
             "DELETE FROM members WHERE group_id = ? AND heartbeat_ms < ? AND member_id != ?",
             (self.group, now - self.timeout_ms, self.member_id),
         ).rowcount
+        # A member whose process on this machine is gone (kill -9) is dead now, not after the timeout:
+        # a restarted `popbridge run` takes its partitions back at once.
+        others = conn.execute(
+            "SELECT member_id, client FROM members WHERE group_id = ? AND member_id != ?",
+            (self.group, self.member_id),
+        ).fetchall()
+        for member_id, client in others:
+            if _process_gone(client):
+                expired += conn.execute(
+                    "DELETE FROM members WHERE group_id = ? AND member_id = ?", (self.group, member_id)
+                ).rowcount
         conn.execute(
             "DELETE FROM owners WHERE group_id = ?1 AND member_id NOT IN"
             " (SELECT member_id FROM members WHERE group_id = ?1)",
@@ -615,6 +626,28 @@ class _GroupMember:
 
 def _client() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_gone(client: str) -> bool:
+    """True when `client` (host:pid) names a process of this machine that no longer runs (or is a zombie).
+
+    Only a certain answer counts: another host, or a pid we may not signal, is left to the heartbeat
+    timeout. A reused pid looks alive, which only delays the takeover to the timeout, as before.
+    """
+    host, _, pid = client.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state == "Z"
 
 
 class EmbeddedConsumer:

@@ -8,7 +8,9 @@ import hashlib
 import os
 import random
 import signal
+import socket
 import sqlite3
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -18,7 +20,14 @@ from pathlib import Path
 import pytest
 
 from schemas.topics import MIB, TopicSpec
-from services.runtime.embedded import DB_NAME, EmbeddedLog, EmbeddedLogError, assign, partition_for_key
+from services.runtime.embedded import (
+    DB_NAME,
+    EmbeddedLog,
+    EmbeddedLogError,
+    _process_gone,
+    assign,
+    partition_for_key,
+)
 from services.runtime.log import Log, LogConsumer, Outgoing, Record, TopicPartition, next_offsets
 from services.runtime.ops import OpsLog
 
@@ -502,3 +511,26 @@ async def test_a_member_gets_a_moving_partition_only_after_the_old_owners_on_rev
         a_fetches.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await a_fetches
+
+
+def test_a_member_whose_process_is_gone_is_dead_at_once() -> None:
+
+    host = socket.gethostname()
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert _process_gone(f"{host}:{exited.pid}")
+        assert _process_gone(f"{host}:{zombie.pid}")
+        assert not _process_gone(f"{host}:{running.pid}")
+        assert not _process_gone(f"{host}:{os.getpid()}")
+        assert not _process_gone(f"another-{host}:{exited.pid}")
+    finally:
+        running.kill()
+        running.wait()
+        zombie.wait()
