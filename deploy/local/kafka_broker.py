@@ -2,6 +2,7 @@
 """Run a throw-away single-node Apache Kafka broker from Maven Central jars, with the stdlib only.
 
     kafka_broker.py start  --dir DIR [--port P] [--controller-port C] [--heap 1g] [--timeout 90]
+                           [--sasl-scram USER:PASSWORD [--tls-keystore PEM]]
     kafka_broker.py stop   --dir DIR
     kafka_broker.py status --dir DIR
     kafka_broker.py fetch
@@ -12,6 +13,14 @@
 answers ApiVersions and lists itself in Metadata on its listener. The last line on stdout is the bootstrap
 address; progress goes to stderr. A second `start` on a running DIR only prints its address again.
 `fetch` only fills the jar cache (CI can warm it before the tests). Linux only: liveness is read in /proc.
+
+`--sasl-scram USER:PASSWORD` adds a SASL_PLAINTEXT listener with SCRAM-SHA-512 on another free port of
+127.0.0.1 (address in DIR/bootstrap_sasl); the user is created when DIR/data is formatted (a restart keeps
+the users DIR was formatted with). With `--tls-keystore PEM` (a file holding the unencrypted PKCS#8 private
+key and the certificate chain, e.g. for IP:127.0.0.1) a SASL_SSL listener with the same users is added too
+(address in DIR/bootstrap_sasl_ssl). Inter-broker and controller traffic stay on PLAINTEXT. stdout then
+lists `SASL_PLAINTEXT=host:port` (and `SASL_SSL=host:port`) before the last line, the PLAINTEXT address.
+This is for tests: the password is on the StorageTool command line.
 
 The jars live in $POPBRIDGE_KAFKA_LIBS or ~/.cache/popbridge/kafka-<version>/libs. mvn copies them there
 once; the marker file .popbridge-complete (the pom's sha256 and the jar names) then means "complete", and
@@ -51,6 +60,9 @@ from pathlib import Path
 from typing import TypeAlias
 
 Ports: TypeAlias = tuple[int | None, int | None]  # (client port, controller port); None: not chosen
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+_SCRAM_PART = re.compile(r"[A-Za-z0-9._-]+")  # StorageTool's --add-scram syntax has no escapes
 HOST = "127.0.0.1"
 POM = Path(__file__).resolve().with_name("pom.xml")
 MARKER = ".popbridge-complete"
@@ -180,16 +192,22 @@ def _first_error(output: str) -> str:
 # --- configuration ------------------------------------------------------------------------------------
 
 
-def server_properties(data_dir: Path, port: int, controller_port: int) -> str:
+def server_properties(data_dir: Path, port: int, controller_port: int,
+                      secure: dict[str, int] | None = None, keystore: Path | None = None) -> str:
+    """`secure` maps extra listeners (SASL_PLAINTEXT, SASL_SSL) to their ports; SASL_SSL needs `keystore`."""
+    secure = secure or {}
+    client = [f"PLAINTEXT://{HOST}:{port}", *(f"{name}://{HOST}:{p}" for name, p in secure.items())]
     settings = {
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.voters": f"1@{HOST}:{controller_port}",  # static quorum: format needs no flag
-        "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
+        "listeners": ",".join([*client, f"CONTROLLER://{HOST}:{controller_port}"]),
+        "advertised.listeners": ",".join(client),
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listener.security.protocol.map": ",".join(
+            ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT", *(f"{name}:{name}" for name in secure)]
+        ),
         "log.dirs": str(data_dir),
         "num.partitions": "1",
         "auto.create.topics.enable": "false",  # topics come from code, with their configs
@@ -211,8 +229,56 @@ def server_properties(data_dir: Path, port: int, controller_port: int) -> str:
         "replica.fetch.max.bytes": str(MAX_MESSAGE_BYTES),
         "fetch.max.bytes": str(MAX_MESSAGE_BYTES),
     }
+    if secure:
+        settings["sasl.enabled.mechanisms"] = SCRAM_MECHANISM
+    for name in secure:
+        settings[f"listener.name.{name.lower()}.{SCRAM_MECHANISM.lower()}.sasl.jaas.config"] = SCRAM_LOGIN
+    if "SASL_SSL" in secure:
+        if keystore is None:
+            raise BrokerError("a SASL_SSL listener needs --tls-keystore")
+        settings["listener.name.sasl_ssl.ssl.keystore.type"] = "PEM"
+        settings["listener.name.sasl_ssl.ssl.keystore.location"] = str(keystore)
     lines = [f"{key}={value}" for key, value in settings.items()]
     return "# Written by deploy/local/kafka_broker.py; rewritten on every start.\n" + "\n".join(lines) + "\n"
+
+
+def scram_credentials(value: str) -> tuple[str, str]:
+    """USER:PASSWORD for --sasl-scram; both made of letters, digits, '.', '_' and '-'."""
+    user, _, password = value.partition(":")
+    if not (_SCRAM_PART.fullmatch(user) and _SCRAM_PART.fullmatch(password)):
+        raise argparse.ArgumentTypeError(
+            "not USER:PASSWORD made of letters, digits, '.', '_' and '-' (the password is not shown)"
+        )
+    return user, password
+
+
+def secure_ports(properties: Path, names: list[str], taken: list[int]) -> dict[str, int]:
+    """A port for each extra listener: the previous one of DIR if still free, else any free port."""
+    text = properties.read_text() if properties.is_file() else ""
+    chosen: dict[str, int] = {}
+    for name in names:
+        match = re.search(rf"(?<![A-Z_]){name}://{re.escape(HOST)}:(\d+)", text)
+        previous = int(match.group(1)) if match else None
+        avoid = [*taken, *chosen.values()]
+        if previous is not None and previous not in avoid and _is_free(previous):
+            chosen[name] = previous
+        else:
+            chosen[name] = _free_port(avoid=avoid)
+    return chosen
+
+
+def wait_listening(port: int, timeout: float) -> None:
+    """The extra listeners open with the broker; wait until one accepts connections."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((HOST, port), timeout=1.0):
+                return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                message = f"listener {HOST}:{port} not accepting after {timeout:g} s: {exc}"
+                raise BrokerError(message) from None
+            time.sleep(0.2)
 
 
 def previous_ports(properties: Path) -> Ports:
@@ -345,16 +411,22 @@ def cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
-def format_storage(java: str, libs: Path, properties: Path, data_dir: Path) -> None:
-    """Format a new data dir; a restart keeps the one it has (and the cluster id in its meta.properties)."""
+def format_storage(java: str, libs: Path, properties: Path, data_dir: Path,
+                   scram: tuple[str, str] | None = None) -> None:
+    """Format a new data dir; a restart keeps the one it has (and the cluster id in its meta.properties).
+
+    `scram` (user, password) creates that SCRAM-SHA-512 user in the new cluster's metadata."""
     if (data_dir / "meta.properties").is_file():
         return
+    extra = [] if scram is None else [
+        "--add-scram", f"{SCRAM_MECHANISM}=[name={scram[0]},password={scram[1]}]"]
     command = java_command(java, libs, "256m", STORAGE_TOOL, "format", "--ignore-formatted",
-                           "-t", cluster_id(), "-c", str(properties))
+                           "-t", cluster_id(), "-c", str(properties), *extra)
     result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
     if result.returncode != 0:
+        output = result.stdout + result.stderr
         raise BrokerError(f"{STORAGE_TOOL} format failed (exit {result.returncode})",
-                          details=result.stdout + result.stderr)
+                          details=output.replace(scram[1], "***") if scram else output)
 
 
 def launch(command: list[str], directory: Path) -> subprocess.Popen[bytes]:
@@ -409,25 +481,54 @@ def _tail(path: Path, lines: int = 25) -> str:
 # --- the commands -------------------------------------------------------------------------------------
 
 
-def start(directory: Path, ports: Ports, heap: str, timeout: float) -> str:
-    """Start the broker of DIR (or find it running) and return its bootstrap address once it serves."""
+def start(directory: Path, ports: Ports, heap: str, timeout: float, *,
+          scram: tuple[str, str] | None = None, keystore: Path | None = None) -> str:
+    """Start the broker of DIR (or find it running) and return its bootstrap address once it serves.
+
+    With `scram`, also SASL_PLAINTEXT (and with `keystore` SASL_SSL) listeners: see the module doc."""
     directory.mkdir(parents=True, exist_ok=True)
+    if keystore is not None and scram is None:
+        raise BrokerError("--tls-keystore needs --sasl-scram (the TLS listener is SASL_SSL)")
+    if keystore is not None and not keystore.is_file():
+        raise BrokerError(f"--tls-keystore {keystore}: no such file")
     if running_pid(directory) is not None:
         return _already_running(directory, timeout)
     started = time.monotonic()
     java = find_java()
     libs = ensure_jars(libs_dir())
-    port, controller_port = pick_ports(ports, previous_ports(directory / "server.properties"))
     properties, data_dir = directory / "server.properties", directory / "data"
-    properties.write_text(server_properties(data_dir, port, controller_port))
-    format_storage(java, libs, properties, data_dir)
+    port, controller_port = pick_ports(ports, previous_ports(properties))
+    names = [] if scram is None else ["SASL_PLAINTEXT"] + (["SASL_SSL"] if keystore is not None else [])
+    secure = secure_ports(properties, names, [port, controller_port])
+    properties.write_text(server_properties(data_dir, port, controller_port, secure, keystore))
+    format_storage(java, libs, properties, data_dir, scram)
     process = launch(java_command(java, libs, heap, BROKER_MAIN, str(properties)), directory)
     (directory / "broker.pid").write_text(f"{process.pid}\n")
     bootstrap = f"{HOST}:{port}"
     (directory / "bootstrap").write_text(f"{bootstrap}\n")
+    for name in ("SASL_PLAINTEXT", "SASL_SSL"):
+        (directory / _secure_file(name)).unlink(missing_ok=True)
     _wait_for_child(process, directory, port, timeout)
+    for name, secure_port in secure.items():
+        wait_listening(secure_port, timeout)
+        (directory / _secure_file(name)).write_text(f"{HOST}:{secure_port}\n")
+        log(f"{name} listener ({SCRAM_MECHANISM}) at {HOST}:{secure_port}")
     log(f"broker ready at {bootstrap} in {time.monotonic() - started:.1f} s (pid {process.pid})")
     return bootstrap
+
+
+def _secure_file(name: str) -> str:
+    return {"SASL_PLAINTEXT": "bootstrap_sasl", "SASL_SSL": "bootstrap_sasl_ssl"}[name]
+
+
+def secure_addresses(directory: Path) -> list[str]:
+    """`NAME=host:port` of the extra listeners of DIR's broker, as `start` prints them."""
+    found = []
+    for name in ("SASL_PLAINTEXT", "SASL_SSL"):
+        path = directory / _secure_file(name)
+        if path.is_file():
+            found.append(f"{name}={path.read_text().strip()}")
+    return found
 
 
 def _wait_for_child(process: subprocess.Popen[bytes], directory: Path, port: int, timeout: float) -> None:
@@ -509,6 +610,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     start_parser.add_argument("--controller-port", type=int, help="KRaft port (default: a free one)")
     start_parser.add_argument("--heap", type=_heap, default="1g", help="JVM -Xmx (default: 1g)")
     start_parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait (default: 90)")
+    start_parser.add_argument("--sasl-scram", type=scram_credentials, metavar="USER:PASSWORD",
+                              help="add a SASL_PLAINTEXT listener with this SCRAM-SHA-512 user")
+    start_parser.add_argument("--tls-keystore", type=Path, metavar="PEM",
+                              help="with --sasl-scram: add a SASL_SSL listener with this key + cert chain")
     stop_parser = commands.add_parser("stop", help="stop the broker of DIR")
     status_parser = commands.add_parser("status", help="exit 0 if the broker of DIR runs, 3 if not")
     for sub in (start_parser, stop_parser, status_parser):
@@ -526,7 +631,12 @@ def main(argv: list[str] | None = None) -> int:
         directory: Path = arguments.dir.resolve()
         if arguments.command == "start":
             ports = (arguments.port, arguments.controller_port)
-            print(start(directory, ports, arguments.heap, arguments.timeout))
+            keystore = arguments.tls_keystore.resolve() if arguments.tls_keystore else None
+            bootstrap = start(directory, ports, arguments.heap, arguments.timeout,
+                              scram=arguments.sasl_scram, keystore=keystore)
+            for line in secure_addresses(directory):
+                print(line)
+            print(bootstrap)
         elif arguments.command == "stop":
             stop(directory)
         else:

@@ -17,8 +17,8 @@ from services.fetcher.placement import Ownership
 from services.fetcher.service import Fetcher, PassResult
 from services.fetcher.sharing import Handover, MemoryRefresh, Passes, hold_assignment
 from services.fetcher.status import Timing
+from services.runtime.connect import kafka_log
 from services.runtime.health import ProgressTracker, serve_health
-from services.runtime.kafka import KafkaLog
 from services.runtime.log import Log
 from services.runtime.metrics import Metrics
 from services.runtime.settings import ConfigError, DeploymentSettings, Mailbox, MailConfig, load_config
@@ -162,7 +162,7 @@ def fetcher(obj: object, config_path: Path, once: bool) -> None:
     config = load_config(config_path)
     if not settings.kafka_bootstrap:
         raise ConfigError("environment: POPBRIDGE_KAFKA_BOOTSTRAP is not set")
-    log_ = KafkaLog(settings.kafka_bootstrap, compression=settings.kafka_compression)
+    log_ = kafka_log(settings)
     if not once:
         asyncio.run(serve_fetcher(log_, settings, config, environ))
         return

@@ -23,9 +23,10 @@ import faust
 
 from schemas import codec
 from schemas.events import MailFetched, RecipientsResolved
-from schemas.topics import FETCHED, MAX_MESSAGE_BYTES, ROUTED, topic_spec
+from schemas.topics import FETCHED, MAX_MESSAGE_BYTES, ROUTED, TopicSpec, topic_spec
 from services.router.dedupe import DEFAULT_WINDOW, apply_dedupe, decode_seen, dedupe_key, encode_seen
 from services.router.stage import route_fetched, to_postmaster
+from services.runtime.kafka_security import KafkaSecurity, kafka_security
 from services.runtime.metrics import Metrics
 from services.runtime.settings import DeploymentSettings, MailConfig
 
@@ -44,8 +45,46 @@ def faust_broker_url(bootstrap: str) -> str:
     return ";".join(f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip())
 
 
+def faust_credentials(security: KafkaSecurity) -> faust.types.auth.CredentialsT | None:
+    """The same TLS and SASL options as KafkaLog's clients, as faust's `broker_credentials`.
+
+    faust 0.15 hands them to its aiokafka producer, consumers and topic creation unchanged
+    (transport.drivers.aiokafka.credentials_to_aiokafka_auth); SCRAM-SHA-256/512 are SASLMechanism values.
+    """
+    if security.sasl:
+        return faust.SASLCredentials(
+            username=security.username,
+            password=security.password,
+            mechanism=security.mechanism,
+            ssl_context=security.ssl_context if security.tls else None,
+        )
+    if security.tls:
+        return faust.SSLCredentials(security.ssl_context)
+    return None
+
+
 def repartition_topic(settings: DeploymentSettings) -> str:
     return f"{settings.group('router')}-by-message-id"
+
+
+SEEN_TABLE = "seen-copies"
+_REPARTITION_CONFIG = {
+    "cleanup.policy": "delete",
+    "max.message.bytes": str(MAX_MESSAGE_BYTES),
+    "retention.ms": str(7 * 24 * 3600 * 1000),
+}
+
+
+def internal_topics(settings: DeploymentSettings) -> list[TopicSpec]:
+    """The router's own topics (the repartition topic and the table's changelog), to create before the app
+    starts: faust's assignor skips a topic that does not exist yet at the first rebalance, and the agent
+    reading it then never gets a partition (a silent stall, seen in CI)."""
+    partitions = topic_spec(FETCHED).partitions
+    changelog = f"{settings.group('router')}-{SEEN_TABLE}-changelog"
+    return [
+        TopicSpec(repartition_topic(settings), partitions, dict(_REPARTITION_CONFIG)),
+        TopicSpec(changelog, partitions, {"cleanup.policy": "compact"}),
+    ]
 
 
 def create_app(
@@ -55,14 +94,20 @@ def create_app(
     clock: Clock = utc_now,
     dedupe_window: timedelta = DEFAULT_WINDOW,
     metrics: Metrics | None = None,
+    security: KafkaSecurity | None = None,
 ) -> faust.App:
-    """A fresh router app (one per process, one per test) with its agents and table registered."""
+    """A fresh router app (one per process, one per test) with its agents and table registered.
+
+    `security` defaults to the one the settings describe (which reads the SASL password file)."""
     if not settings.kafka_bootstrap:
         raise ValueError("the faust router needs Kafka bootstrap servers")
+    if security is None:
+        security = kafka_security(settings)
     partitions = topic_spec(FETCHED).partitions
     app = faust.App(
         settings.group("router"),
         broker=faust_broker_url(settings.kafka_bootstrap),
+        broker_credentials=faust_credentials(security),
         autodiscover=False,
         web_enabled=False,
         store="memory://",
@@ -87,9 +132,9 @@ def create_app(
         value_type=bytes,
         internal=True,
         partitions=partitions,
-        config={"max.message.bytes": str(MAX_MESSAGE_BYTES), "retention.ms": str(7 * 24 * 3600 * 1000)},
+        config=dict(_REPARTITION_CONFIG),
     )
-    seen = app.Table("seen-copies", key_type=bytes, value_type=bytes, partitions=partitions)
+    seen = app.Table(SEEN_TABLE, key_type=bytes, value_type=bytes, partitions=partitions)
 
     @app.agent(fetched, name="popbridge.router.route")
     async def route(stream: Any) -> AsyncIterator[None]:

@@ -10,10 +10,10 @@ from pathlib import Path
 import click
 
 from schemas.topics import FETCHED
-from services.router.app import create_app, repartition_topic
+from services.router.app import create_app, internal_topics, repartition_topic
+from services.runtime.connect import kafka_log
 from services.runtime.health import LagWatch, ProgressTracker, serve_health
 from services.runtime.idle import wait_until_idle
-from services.runtime.kafka import KafkaLog
 from services.runtime.metrics import Metrics
 from services.runtime.settings import ConfigError, DeploymentSettings, MailConfig, load_config
 
@@ -24,14 +24,15 @@ async def run_router(settings: DeploymentSettings, config: MailConfig, *, until_
     """Start the app, wait for a signal (or for idleness), stop the app cleanly."""
     if not settings.kafka_bootstrap:
         raise ConfigError("environment: POPBRIDGE_KAFKA_BOOTSTRAP: the router service needs Kafka")
-    kafka = KafkaLog(settings.kafka_bootstrap)
+    kafka = kafka_log(settings)
     metrics, tracker = Metrics(), ProgressTracker()
-    app = create_app(settings, config, metrics=metrics)
+    app = create_app(settings, config, metrics=metrics, security=kafka.security)
     # The lag watch counts moving commits as progress: a faust agent stalled after a rebalance (a known
     # faust failure) shows as lag without progress, /healthz fails, and Kubernetes restarts the pod.
     watch = None if until_idle else LagWatch.of(kafka, settings, "router")
     port = None if until_idle else settings.http_port or None
     async with serve_health(port, tracker, metrics, watch=watch):
+        await kafka.ensure_topics(internal_topics(settings))
         await app.start()
         tracker.mark_ready()
         try:

@@ -7,7 +7,7 @@ import asyncio
 import click
 
 from schemas.topics import TOPICS, TopicSpec
-from services.runtime.kafka import KafkaLog
+from services.runtime.connect import kafka_log
 from services.runtime.settings import ConfigError, DeploymentSettings
 
 
@@ -29,7 +29,7 @@ def create(obj: object) -> None:
     if not settings.kafka_bootstrap:
         raise ConfigError("environment: POPBRIDGE_KAFKA_BOOTSTRAP is not set")
     specs = deployed_specs(settings)
-    created = asyncio.run(KafkaLog(settings.kafka_bootstrap).ensure_topics(specs))
+    created = asyncio.run(kafka_log(settings).ensure_topics(specs))
     for spec in specs:
         state = "created" if spec.name in created else "exists"
         settings_text = " ".join(f"{k}={v}" for k, v in sorted(spec.config.items()))

@@ -19,7 +19,7 @@ another one stalls then fails its probe too, and restarting it is harmless.
 Readiness: the stage calls `tracker.mark_ready()` once it is connected and has its partitions.
 
     metrics, tracker = Metrics(), ProgressTracker()
-    watch = LagWatch.of(KafkaLog(settings.kafka_bootstrap), settings, "deliverer")
+    watch = LagWatch.of(kafka_log(settings), settings, "deliverer")
     async with serve_health(settings.http_port or None, tracker, metrics, watch=watch):
         ...  # run the stage; tracker.mark_ready() once connected
 """

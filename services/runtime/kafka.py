@@ -11,14 +11,18 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka import TopicPartition as KafkaTopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import create_conn
 from aiokafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
+    KafkaConnectionError,
     KafkaError,
+    SaslAuthenticationFailed,
     TopicAlreadyExistsError,
     UnknownMemberIdError,
     for_code,
@@ -26,6 +30,7 @@ from aiokafka.errors import (
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from schemas.topics import MAX_MESSAGE_BYTES, TopicSpec
+from services.runtime.kafka_security import PLAINTEXT, KafkaSecurity, kafka_security
 from services.runtime.log import (
     REVOKE_TIMEOUT,
     LogError,
@@ -35,6 +40,7 @@ from services.runtime.log import (
     TopicPartition,
     Written,
 )
+from services.runtime.settings import ConfigError, DeploymentSettings
 
 # Room for the event framing and Kafka's record overhead on top of the largest message.
 _REQUEST_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
@@ -145,6 +151,55 @@ class KafkaLog:
     # Off by default: mail is mostly base64 attachments that compress little, and zstd cost a third of
     # the fetcher's throughput in bench/fetch.py. Operators who pay for storage may choose "zstd".
     compression: str | None = None
+    # TLS and SASL options for every client built here (services.runtime.kafka_security).
+    security: KafkaSecurity = PLAINTEXT
+
+    @classmethod
+    def from_settings(cls, settings: DeploymentSettings) -> KafkaLog:
+        """The log of a deployment: bootstrap, compression and security from `POPBRIDGE_KAFKA_*`.
+
+        Reads the SASL password file and the CA file now; a ConfigError names the variable."""
+        if not settings.kafka_bootstrap:
+            raise ConfigError("environment: POPBRIDGE_KAFKA_BOOTSTRAP: not set")
+        return cls(
+            settings.kafka_bootstrap,
+            compression=settings.kafka_compression,
+            security=kafka_security(settings),
+        )
+
+    async def _failed(self, exc: KafkaError, doing: str) -> KafkaLogError:
+        """The error to raise for `exc`. aiokafka reports a refused SASL login only as "Unable to
+        bootstrap" (the reason goes to its log), so a failed SASL connection is retried once by hand to
+        tell a wrong user or password from an unreachable broker."""
+        if isinstance(exc, KafkaConnectionError) and self.security.sasl:
+            refusal = await self._sasl_refusal()
+            if refusal is not None:
+                return KafkaLogError(f"kafka: {doing}: {refusal}", retriable=False)
+        return _wrap(exc, doing)
+
+    async def _sasl_refusal(self) -> str | None:
+        """Why the brokers refuse our SASL login (never the password), or None when none refuses it."""
+        for server in self.bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            try:
+                conn = await create_conn(
+                    host, int(port), request_timeout_ms=10_000, **self._client_options(bootstrap=False)
+                )
+            except SaslAuthenticationFailed as exc:
+                return (
+                    f"SASL {self.security.mechanism} login as {self.security.username!r} refused by"
+                    f" {host}:{port} ({exc}): check POPBRIDGE_KAFKA_SASL_USERNAME and the password in"
+                    " POPBRIDGE_KAFKA_SASL_PASSWORD_FILE"
+                )
+            except (KafkaError, OSError, ValueError):
+                continue
+            conn.close()
+        return None
+
+    def _client_options(self, *, bootstrap: bool = True) -> dict[str, Any]:
+        """What every aiokafka client of this log gets: servers, client id, TLS and SASL."""
+        servers = {"bootstrap_servers": self.bootstrap_servers} if bootstrap else {}
+        return {**servers, "client_id": self.client_id, **self.security.client_options()}
 
     async def ensure_topics(self, specs: Sequence[TopicSpec]) -> list[str]:
         async with self._admin("create topics") as admin:
@@ -155,12 +210,12 @@ class KafkaLog:
 
     @asynccontextmanager
     async def _admin(self, doing: str) -> AsyncIterator[AIOKafkaAdminClient]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers, client_id=self.client_id)
+        admin = AIOKafkaAdminClient(**self._client_options())
         try:
             await admin.start()
             yield admin
         except KafkaError as exc:
-            raise _wrap(exc, doing) from exc
+            raise await self._failed(exc, doing) from exc
         finally:
             await admin.close()
 
@@ -173,12 +228,12 @@ class KafkaLog:
     async def end_offsets(self, topic: str) -> dict[int, int]:
         """Per partition, the offset the next record written will get."""
         partitions = await self.partitions(topic)
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, client_id=self.client_id)
+        consumer = AIOKafkaConsumer(**self._client_options())
         try:
             await consumer.start()
             ends = await consumer.end_offsets([KafkaTopicPartition(topic, p) for p in partitions])
         except KafkaError as exc:
-            raise _wrap(exc, f"end offsets of {topic}") from exc
+            raise await self._failed(exc, f"end offsets of {topic}") from exc
         finally:
             await asyncio.sleep(0)  # aiokafka's stop() right after start() re-raises a CancelledError
             await consumer.stop()
@@ -190,8 +245,7 @@ class KafkaLog:
         if not ends:
             return
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers,
-            client_id=self.client_id,
+            **self._client_options(),
             enable_auto_commit=False,
             max_partition_fetch_bytes=_REQUEST_BYTES,
             fetch_max_bytes=_REQUEST_BYTES,
@@ -210,7 +264,7 @@ class KafkaLog:
                     if await consumer.position(KafkaTopicPartition(topic, p)) >= end:
                         del ends[p]
         except KafkaError as exc:
-            raise _wrap(exc, f"read {topic}") from exc
+            raise await self._failed(exc, f"read {topic}") from exc
         finally:
             await consumer.stop()
 
@@ -248,8 +302,7 @@ class KafkaLog:
     @asynccontextmanager
     async def producer(self) -> AsyncIterator[KafkaProducer]:
         producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap_servers,
-            client_id=self.client_id,
+            **self._client_options(),
             acks="all",
             enable_idempotence=True,
             max_request_size=_REQUEST_BYTES,
@@ -259,7 +312,7 @@ class KafkaLog:
         try:
             await producer.start()
         except KafkaError as exc:
-            raise _wrap(exc, "connect producer") from exc
+            raise await self._failed(exc, "connect producer") from exc
         try:
             yield KafkaProducer(producer)
         finally:
@@ -275,8 +328,7 @@ class KafkaLog:
         rebalance = _Rebalance(on_revoked)
         extra = {"rebalance_timeout_ms": int(REVOKE_TIMEOUT * 1000)} if on_revoked is not None else {}
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers,
-            client_id=self.client_id,
+            **self._client_options(),
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -290,7 +342,7 @@ class KafkaLog:
         try:
             await consumer.start()
         except KafkaError as exc:
-            raise _wrap(exc, "connect consumer") from exc
+            raise await self._failed(exc, "connect consumer") from exc
         try:
             yield KafkaConsumer(consumer, rebalance)
         finally:
@@ -366,8 +418,7 @@ class KafkaLog:
         if not clamped:
             return clamped
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers,
-            client_id=self.client_id,
+            **self._client_options(),
             group_id=group,
             enable_auto_commit=False,
         )
@@ -385,7 +436,7 @@ class KafkaLog:
                 f"group {group!r} became active while its offsets were moved: {exc}", retriable=False
             ) from exc
         except KafkaError as exc:
-            raise _wrap(exc, f"commit offsets of {group}") from exc
+            raise await self._failed(exc, f"commit offsets of {group}") from exc
         finally:
             await consumer.stop()
         return clamped
@@ -405,8 +456,7 @@ class KafkaLog:
     ) -> AsyncIterator[AIOKafkaConsumer]:
         """A consumer outside any group, for offset lookups and ranged reads."""
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers,
-            client_id=self.client_id,
+            **self._client_options(),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=fetch_bytes,
@@ -416,7 +466,7 @@ class KafkaLog:
             await consumer.start()
             yield consumer
         except KafkaError as exc:
-            raise _wrap(exc, doing) from exc
+            raise await self._failed(exc, doing) from exc
         finally:
             await asyncio.sleep(0)  # aiokafka's stop() right after start() re-raises a CancelledError
             await consumer.stop()
