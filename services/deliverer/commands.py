@@ -10,7 +10,6 @@ XOAUTH2 token is read by the source built here, afresh for every session.
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -37,6 +36,7 @@ from services.runtime.logs import setup_logging
 from services.runtime.metrics import Metrics
 from services.runtime.secrets import read_secret, read_token
 from services.runtime.settings import DeploymentSettings, MailConfig, SmtpTarget, load_config
+from services.runtime.signals import stop_on_signals
 
 
 def _deployment(ctx: click.Context) -> tuple[DeploymentSettings, Mapping[str, str]]:
@@ -111,10 +111,7 @@ class _Wiring:
 async def _deliver(log: KafkaLog | EmbeddedLog, settings: DeploymentSettings, wiring: _Wiring,
                    until_idle: bool) -> Counts:
     target = wiring.target
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
     policy = RetryPolicy(delays=target.retry_delays, max_age=timedelta(days=target.max_age_days))
     metrics, tracker = Metrics(), ProgressTracker()
     watch = None if until_idle else LagWatch.of(log, settings, "deliverer")

@@ -22,6 +22,7 @@ from services.runtime.health import ProgressTracker, serve_health
 from services.runtime.log import Log
 from services.runtime.metrics import Metrics
 from services.runtime.settings import ConfigError, DeploymentSettings, Mailbox, MailConfig, load_config
+from services.runtime.signals import stop_on_signals, until_stopped
 
 log = logging.getLogger("popbridge.fetcher")
 
@@ -143,10 +144,12 @@ async def serve_fetcher(
 ) -> None:
     """The long-running `popbridge fetcher`: poll forever, with /healthz, /readyz and /metrics."""
     metrics, tracker = Metrics(), ProgressTracker()
+    stop = stop_on_signals()
     async with serve_health(settings.http_port or None, tracker, metrics):
-        await run_fetcher(
+        polling = run_fetcher(
             log_, settings, config, environ, once=False, metrics=metrics, tracker=tracker, shared=True
         )
+        await until_stopped(polling, stop)
 
 
 @click.command()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from pathlib import Path
 
 import click
@@ -16,6 +15,7 @@ from services.runtime.health import LagWatch, ProgressTracker, serve_health
 from services.runtime.idle import wait_until_idle
 from services.runtime.metrics import Metrics
 from services.runtime.settings import ConfigError, DeploymentSettings, MailConfig, load_config
+from services.runtime.signals import stop_on_signals
 
 log = logging.getLogger("popbridge.router")
 
@@ -46,11 +46,7 @@ async def run_router(settings: DeploymentSettings, config: MailConfig, *, until_
 
 
 async def _wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    await stop_on_signals().wait()
 
 
 @click.command()
