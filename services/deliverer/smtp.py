@@ -228,9 +228,10 @@ class _Session:
         try:
             self.reader.write(b"QUIT\r\n")
             await self.reader.reply(min(self.timeout, _RSET_TIMEOUT))
-        except _LostError:
-            pass
-        self.close()
+        except (_LostError, TimeoutError):
+            pass  # closing anyway
+        finally:
+            self.close()
 
     def close(self) -> None:
         self.reader.transport.close()
@@ -276,7 +277,11 @@ class SmtpTransport:
             envelope = plan(sender, recipients, message, session.extensions)
             verdicts = dict(envelope.refused)
             if envelope.recipients:
-                verdicts.update(outcomes(await session.transact(envelope, wire_data(message))))
+                try:
+                    verdicts.update(outcomes(await session.transact(envelope, wire_data(message))))
+                except BaseException:  # cancelled mid-transaction: the session is in an unknown state
+                    session.close()
+                    raise
             if session.usable:
                 self._idle.append(session)
             else:
@@ -319,6 +324,9 @@ class SmtpTransport:
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
             client.close()
             raise SessionError(f"{step}: {type(exc).__name__}: {exc}") from None
+        except BaseException:  # a failing token command, a cancellation: never leave the socket open
+            client.close()
+            raise
         return self._take_over(client)
 
     async def _hello(self, client: aiosmtplib.SMTP) -> None:
