@@ -46,7 +46,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from types import TracebackType
@@ -403,7 +403,7 @@ async def _open_channel(
 
 
 class Pop3Client:
-    """A POP3 session. Build it with `connect` (or `open_pop3`); see the module docstring."""
+    """A POP3 session. Build it with `connect` and use it with `async with`; see the module docstring."""
 
     def __init__(self, channel: _Channel, core: Pop3Connection, *, pipelining: bool, window: int) -> None:
         self._channel = channel
@@ -703,24 +703,3 @@ def _challenge_text(challenge: Challenge) -> str:
     except binascii.Error:
         return challenge.data.decode("ascii", "replace")[:200]
 
-
-@asynccontextmanager
-async def open_pop3(
-    host: str,
-    port: int,
-    *,
-    tls: TlsMode = "implicit",
-    ssl_context: ssl.SSLContext | None = None,
-    server_hostname: str | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
-    pipelining: bool = True,
-    window: int = DEFAULT_WINDOW,
-    max_reply_bytes: int | None = None,
-) -> AsyncIterator[Pop3Client]:
-    """`async with open_pop3(...) as client:`, the same as `Pop3Client.connect` plus `async with`."""
-    client = await Pop3Client.connect(
-        host, port, tls=tls, ssl_context=ssl_context, server_hostname=server_hostname,
-        timeout=timeout, pipelining=pipelining, window=window, max_reply_bytes=max_reply_bytes,
-    )  # fmt: skip
-    async with client:
-        yield client

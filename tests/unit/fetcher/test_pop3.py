@@ -30,7 +30,6 @@ from services.fetcher.pop3 import (
     Pop3TlsError,
     TlsMode,
     error_for_reply,
-    open_pop3,
     tls_context,
 )
 from services.fetcher.pop3_protocol import Reply
@@ -355,11 +354,3 @@ async def test_commands_go_out_without_waiting_for_nagle() -> None:
     async with client_of(ScriptedServer(answers({}))) as client:
         sock = client._channel.transport.get_extra_info("socket")
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-
-
-async def test_open_pop3_is_connect_plus_async_with() -> None:
-    server = ScriptedServer(answers({b"NOOP": b"+OK\r\n", b"QUIT": b"+OK bye\r\n"}))
-    async with listening(server.handle) as port, open_pop3("127.0.0.1", port, tls="none") as client:
-        await client.noop()
-        await client.quit()
-    assert server.received == [b"NOOP\r\n", b"QUIT\r\n"]
