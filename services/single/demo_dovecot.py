@@ -99,7 +99,7 @@ def _greets(port: int) -> bool:
         return False
 
 
-def _group_alive(group: int) -> bool:
+def group_alive(group: int) -> bool:
     """Whether a live (not zombie) process of process group `group` remains, read from /proc."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -250,7 +250,7 @@ class DemoDovecot:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         deadline = time.monotonic() + STOP_TIMEOUT
-        while _group_alive(process.pid):
+        while group_alive(process.pid):
             if time.monotonic() > deadline:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)

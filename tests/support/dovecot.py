@@ -41,6 +41,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from services.single.demo_dovecot import dovecot_binary, group_alive
+
 HOST = "127.0.0.1"
 TLS_HOSTNAME = "localhost"
 INSTALL_HINT = "apt-get install dovecot-pop3d dovecot-lmtpd"
@@ -519,25 +521,9 @@ def _greets(port: int, greeting: bytes) -> bool:
         return False
 
 
-def _live_group_members(group: int) -> list[int]:
-    """Processes (not zombies) in process group `group`, read from /proc."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if fields[0] != "Z" and int(fields[2]) == group:
-            members.append(int(entry.name))
-    return members
-
-
 def _wait_for_group_to_exit(group: int) -> None:
     deadline = time.monotonic() + STOP_TIMEOUT
-    while _live_group_members(group):
+    while group_alive(group):
         if time.monotonic() > deadline:
             os.killpg(group, signal.SIGKILL)
             return
@@ -584,8 +570,7 @@ class DovecotMailboxes:
 
 
 def _dovecot_binary() -> str:
-    search_path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
-    found = shutil.which("dovecot", path=search_path)
+    found = dovecot_binary()
     if found is None:
         _dovecot_missing()
     return found
