@@ -8,6 +8,7 @@ has the record. Size limits follow schemas.topics.MAX_MESSAGE_BYTES so a 50 MB m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka import TopicPartition as KafkaTopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.conn import create_conn
+from aiokafka.conn import AIOKafkaConnection
 from aiokafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
@@ -181,19 +182,24 @@ class KafkaLog:
         """Why the brokers refuse our SASL login (never the password), or None when none refuses it."""
         for server in self.bootstrap_servers.split(","):
             host, _, port = server.strip().rpartition(":")
+            conn = AIOKafkaConnection(
+                host, int(port), request_timeout_ms=10_000, **self._client_options(bootstrap=False)
+            )
             try:
-                conn = await create_conn(
-                    host, int(port), request_timeout_ms=10_000, **self._client_options(bootstrap=False)
-                )
+                await conn.connect()
+            except (OSError, ValueError):
+                continue  # no socket was made: nothing to wait for
             except SaslAuthenticationFailed as exc:
+                await _closed(conn)
                 return (
                     f"SASL {self.security.mechanism} login as {self.security.username!r} refused by"
                     f" {host}:{port} ({exc}): check POPBRIDGE_KAFKA_SASL_USERNAME and the password in"
                     " POPBRIDGE_KAFKA_SASL_PASSWORD_FILE"
                 )
-            except (KafkaError, OSError, ValueError):
+            except KafkaError:
+                await _closed(conn)
                 continue
-            conn.close()
+            await _closed(conn)
         return None
 
     def _client_options(self, *, bootstrap: bool = True) -> dict[str, Any]:
@@ -250,8 +256,8 @@ class KafkaLog:
             max_partition_fetch_bytes=_REQUEST_BYTES,
             fetch_max_bytes=_REQUEST_BYTES,
         )
-        await consumer.start()
         try:
+            await consumer.start()
             consumer.assign([KafkaTopicPartition(topic, p) for p in ends])
             await consumer.seek_to_beginning()
             while ends:
@@ -311,8 +317,11 @@ class KafkaLog:
         )
         try:
             await producer.start()
-        except KafkaError as exc:
-            raise await self._failed(exc, "connect producer") from exc
+        except BaseException as exc:
+            await producer.stop()  # a failed start leaves connections open (aiokafka#1130)
+            if isinstance(exc, KafkaError):
+                raise await self._failed(exc, "connect producer") from exc
+            raise
         try:
             yield KafkaProducer(producer)
         finally:
@@ -341,8 +350,11 @@ class KafkaLog:
             consumer.subscribe(list(topics), listener=rebalance)
         try:
             await consumer.start()
-        except KafkaError as exc:
-            raise await self._failed(exc, "connect consumer") from exc
+        except BaseException as exc:
+            await consumer.stop()  # a failed start leaves connections open (aiokafka#1130)
+            if isinstance(exc, KafkaError):
+                raise await self._failed(exc, "connect consumer") from exc
+            raise
         try:
             yield KafkaConsumer(consumer, rebalance)
         finally:
@@ -473,6 +485,7 @@ class KafkaLog:
 
 
 _READ_BYTES = 1024 * 1024
+_CLOSE_WAIT_SECONDS = 5.0  # a TLS shutdown the broker does not answer is abandoned after this
 
 
 @dataclass(frozen=True)
@@ -489,6 +502,15 @@ def _live_group_message(group: str, members: Sequence[KafkaGroupMember]) -> str:
         f"group {group!r} has {len(members)} active member(s) ({clients}):"
         " stop them before moving its offsets"
     )
+
+
+async def _closed(conn: AIOKafkaConnection) -> None:
+    """Close `conn` and wait until its socket is gone. aiokafka closes a connection that failed its login
+    but does not wait: over TLS the socket outlives the close by the shutdown handshake, and a caller that
+    ends its event loop right after the error (a one-shot command, a test) leaks it. `close()` is
+    idempotent and returns the future of the socket's end."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(conn.close()), _CLOSE_WAIT_SECONDS)
 
 
 def _record(m: ConsumerRecord[bytes, bytes]) -> Record:
