@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from services.deliverer.smtp import SmtpTransport
 from tests.support.deliverer import MESSAGE, smtp_target
 from tests.support.dovecot import DovecotMailboxes, make_server_certificates
-from tests.support.smtp import ReceivedMessage, SmtpSink, _free_port
+from tests.support.smtp import ReceivedMessage, SmtpSink, serve_smtp, smtp_protocol, unused_port
 
 pytestmark = pytest.mark.integration
 
@@ -44,21 +43,11 @@ class Recorder:
         return self.data_reply
 
 
-class _LmtpController(Controller):
-    def factory(self) -> SMTP:
-        return LMTP(self.handler, **self.SMTP_kwargs)
-
-
 @contextmanager
 def serve(handler: object, *, lmtp: bool = False, **smtp_kwargs: Any) -> Iterator[int]:
-    port = _free_port()
-    cls = _LmtpController if lmtp else Controller
-    controller = cls(handler, hostname="127.0.0.1", port=port, server_hostname="mx.test", **smtp_kwargs)
-    controller.start()
-    try:
+    protocol = smtp_protocol(handler, LMTP if lmtp else SMTP, hostname="mx.test", **smtp_kwargs)
+    with serve_smtp(protocol) as port:
         yield port
-    finally:
-        controller.stop()
 
 
 async def deliver(
@@ -122,7 +111,7 @@ async def test_a_dropped_connection_defers_and_the_next_message_gets_a_new_one()
 
 
 async def test_a_refused_connection_defers() -> None:
-    verdicts = await deliver(_free_port(), ("alice@example.com",))
+    verdicts = await deliver(unused_port(), ("alice@example.com",))
     assert verdicts == {"alice@example.com": ("deferred", None, None)}
 
 

@@ -9,14 +9,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from services.deliverer.commands import smtp_password, smtp_token
 from services.deliverer.smtp import SmtpTransport
 from services.runtime.settings import SmtpTarget
 from tests.support.deliverer import MESSAGE, smtp_target
-from tests.support.smtp import _free_port
+from tests.support.smtp import serve_smtp, smtp_protocol
 
 pytestmark = pytest.mark.integration
 
@@ -51,14 +50,10 @@ class ExchangeLike:
 
 @contextmanager
 def exchange_like() -> Iterator[tuple[ExchangeLike, int]]:
-    handler, port = ExchangeLike(), _free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port, server_hostname="outlook.test",
-                            auth_require_tls=False)  # loopback; auth_required would warn without TLS
-    controller.start()
-    try:
+    handler = ExchangeLike()
+    # loopback; auth_required would warn without TLS
+    with serve_smtp(smtp_protocol(handler, hostname="outlook.test", auth_require_tls=False)) as port:
         yield handler, port
-    finally:
-        controller.stop()
 
 
 def xoauth2_target(port: int, **changes: object) -> SmtpTarget:

@@ -13,15 +13,16 @@ is not at the start of an SMTP line, so if the client stuffed it, the extra dot 
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 HOST = "127.0.0.1"
@@ -62,9 +63,108 @@ class _SinkSMTP(SMTP):
     line_length_limit = DATA_SIZE_LIMIT
 
 
-class _SinkController(Controller):
-    def factory(self) -> SMTP:
-        return _SinkSMTP(self.handler, **self.SMTP_kwargs)
+ProtocolFactory = Callable[[asyncio.AbstractEventLoop], SMTP]
+"""Builds one aiosmtpd protocol (SMTP, LMTP or a subclass) for a connection, on the server's loop."""
+
+START_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 5.0  # seconds the server waits for its open connections to close when it stops
+
+
+class SmtpServer:
+    """aiosmtpd's protocol served on a loopback port the OS picks, on a thread with its own event loop.
+
+    aiosmtpd's Controller cannot bind port 0 (it connects to its own port to check the server), so
+    tests would pick a free port and bind it later, a race with every other process on the machine.
+    Here the listening socket is bound first and its port read back. `stop()` closes every open
+    connection and waits for it to go before closing the loop: a transport left open would warn at
+    garbage collection, in whichever later test that happens."""
+
+    def __init__(self, factory: ProtocolFactory) -> None:
+        self._factory = factory
+        self._loop = asyncio.new_event_loop()
+        self._protocols: list[tuple[SMTP, asyncio.Future[None]]] = []
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="smtp-server", daemon=True)
+        self._problem: BaseException | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    def start(self) -> int:
+        """Serve; returns the port once the socket listens."""
+        self._thread.start()
+        if not self._ready.wait(START_TIMEOUT):
+            raise RuntimeError(f"the SMTP server did not start within {START_TIMEOUT} s")
+        if self._problem is not None:
+            self._thread.join()
+            raise self._problem
+        return self.port
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+
+    def _protocol(self) -> SMTP:
+        protocol = self._factory(self._loop)
+        lost = self._loop.create_future()
+        self._protocols.append((protocol, lost))
+        connection_lost = protocol.connection_lost
+
+        def report_lost(error: Exception | None) -> None:
+            try:
+                connection_lost(error)
+            finally:
+                if not lost.done():
+                    lost.set_result(None)
+
+        protocol.connection_lost = report_lost  # type: ignore[method-assign]  # an instance hook, not a patch of aiosmtpd
+        return protocol
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._server = self._loop.run_until_complete(self._loop.create_server(self._protocol, HOST, 0))
+            self.port = int(self._server.sockets[0].getsockname()[1])
+        except BaseException as problem:  # reported to start(), on the test's thread
+            self._problem = problem
+            self._loop.close()
+            return
+        finally:
+            self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._close())
+        self._loop.close()
+
+    async def _close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for protocol, _ in self._protocols:
+            if protocol.transport is not None:
+                protocol.transport.close()
+        pending = [lost for _, lost in self._protocols if not lost.done()]
+        if pending:  # connection_lost runs on a later turn of the loop
+            await asyncio.wait(pending, timeout=CLOSE_TIMEOUT)
+        await self._server.wait_closed()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextmanager
+def serve_smtp(factory: ProtocolFactory) -> Iterator[int]:
+    """Serve aiosmtpd protocols from `factory` on a free loopback port for the block; yields the port."""
+    server = SmtpServer(factory)
+    port = server.start()
+    try:
+        yield port
+    finally:
+        server.stop()
+
+
+def smtp_protocol(handler: object, cls: type[SMTP] = SMTP, **smtp_kwargs: Any) -> ProtocolFactory:
+    """A factory of `cls(handler, **smtp_kwargs)` on the server's loop, for `serve_smtp`."""
+    return lambda loop: cls(handler, loop=loop, **smtp_kwargs)
 
 
 class _Handler:
@@ -128,7 +228,7 @@ class SmtpSink:
         self.rcpt_reply = rcpt_reply
         self.data_reply = data_reply
         self._journal = _Journal()
-        self._controller: Controller | None = None
+        self._server: SmtpServer | None = None
         self._port = 0
 
     @property
@@ -166,22 +266,20 @@ class SmtpSink:
             return list(journal.messages)
 
     def start(self) -> None:
-        self._port = _free_port()
-        self._controller = _SinkController(
+        self._server = SmtpServer(smtp_protocol(
             _Handler(self, self._journal),
-            hostname=HOST,
-            port=self._port,
-            server_hostname="smtp-sink.localhost",  # no getfqdn() lookup
+            _SinkSMTP,
+            hostname="smtp-sink.localhost",  # no getfqdn() lookup
             decode_data=False,
             enable_SMTPUTF8=True,
             data_size_limit=DATA_SIZE_LIMIT,
-        )
-        self._controller.start()
+        ))
+        self._port = self._server.start()
 
     def stop(self) -> None:
-        controller, self._controller = self._controller, None
-        if controller is not None:
-            controller.stop()
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()
 
     def __enter__(self) -> Self:
         self.start()
@@ -193,7 +291,8 @@ class SmtpSink:
         self.stop()
 
 
-def _free_port() -> int:
+def unused_port() -> int:
+    """A loopback port nothing listened on a moment ago: for a test of a refused connection only."""
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
