@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
-from services.runtime.signals import stop_on_signals, until_stopped
+import pytest
+
+from services.runtime.signals import until_stopped
 
 
 async def test_work_that_ends_gives_its_result() -> None:
@@ -35,12 +39,30 @@ async def test_a_stop_cancels_the_work() -> None:
     assert cancelled.is_set()
 
 
-async def test_sigterm_sets_the_stop_event() -> None:
+CHILD = """
+import asyncio, sys
+from services.runtime.signals import stop_on_signals
+
+async def main() -> None:
     stop = stop_on_signals()
-    try:
-        os.kill(os.getpid(), signal.SIGTERM)
-        await asyncio.wait_for(stop.wait(), timeout=5)
-    finally:
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+    print("ready", flush=True)
+    await stop.wait()
+    print("stopped", flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_sets_the_stop_event_and_the_process_ends_cleanly(signum: signal.Signals) -> None:
+    # A child process, so the signal never reaches pytest itself.
+    with subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True,
+                          cwd=Path(__file__).resolve().parents[3]) as child:
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == "ready\n"
+            child.send_signal(signum)
+            out, _ = child.communicate(timeout=20)
+        finally:
+            child.kill()  # no-op once it exited; ends it when an assertion failed first
+    assert (out, child.returncode) == ("stopped\n", 0)
