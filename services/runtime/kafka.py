@@ -183,7 +183,7 @@ class KafkaLog:
         for server in self.bootstrap_servers.split(","):
             host, _, port = server.strip().rpartition(":")
             conn = AIOKafkaConnection(
-                host, int(port), request_timeout_ms=10_000, **self._client_options(bootstrap=False)
+                **self._client_options(bootstrap=False), host=host, port=int(port), request_timeout_ms=10_000
             )
             try:
                 await conn.connect()
