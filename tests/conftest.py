@@ -1,6 +1,8 @@
 """Fixtures for the real parts: the Kafka broker, Dovecot and the SMTP sink live in tests/support."""
 
 import logging
+import os
+import random
 from collections.abc import Iterator
 
 import pytest
@@ -21,3 +23,12 @@ def logging_as_it_was() -> Iterator[None]:
         logger.setLevel(level)
         logger.handlers[:] = handlers
         logger.filters[:] = filters
+
+
+@pytest.fixture
+def seed() -> int:
+    """The seed of a randomised test: POPBRIDGE_TEST_SEED to replay a run, else a fresh one. Printed, so a
+    failing run's output says how to replay it."""
+    chosen = int(os.environ.get("POPBRIDGE_TEST_SEED") or random.randrange(2**32))
+    print(f"seed: {chosen} (replay with POPBRIDGE_TEST_SEED={chosen})")
+    return chosen

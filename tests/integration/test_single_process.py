@@ -1,6 +1,6 @@
 """Journeys through `popbridge run`: the three stages in one process, real Dovecot, a real SMTP server.
 
-The crash test kills `popbridge run` with SIGKILL at random moments (the seed is printed), adds mail
+The crash test kills `popbridge run` with SIGKILL at random moments (the seed is printed; POPBRIDGE_TEST_SEED replays it), adds mail
 between runs, then runs it to idle. Every (message, recipient) must arrive exactly once and the POP3
 mailbox must end empty. The one duplicate no SMTP client can prevent is a copy the server accepted
 just before the kill, before the delivered ledger recorded it (RFC 1047): such a copy is identified
@@ -150,10 +150,8 @@ async def while_delivering(sink: SmtpSink, rng: random.Random, timeout: float = 
 
 
 async def test_killed_at_random_moments_it_loses_nothing_and_delivers_nothing_twice(
-    dovecot: DovecotMailboxes, smtp_sink: SmtpSink, tmp_path: Path
+    dovecot: DovecotMailboxes, smtp_sink: SmtpSink, tmp_path: Path, seed: int
 ) -> None:
-    seed = random.randrange(2**32)
-    print(f"crash test seed: {seed}")
     rng = random.Random(seed)
     user = dovecot.new_user("catchall")
     config_file = config(tmp_path / "popbridge.toml", user, pop3_address(dovecot), smtp_sink)
