@@ -1,11 +1,12 @@
 """Journeys through `popbridge run`: the three stages in one process, real Dovecot, a real SMTP server.
 
 The crash test kills `popbridge run` with SIGKILL at random moments (the seed is printed;
-POPBRIDGE_TEST_SEED replays it), adds mail between runs, then runs it to idle. Every (message, recipient) must arrive exactly once and the POP3
-mailbox must end empty. The one duplicate no SMTP client can prevent is a copy the server accepted
-just before the kill, before the delivered ledger recorded it (RFC 1047): such a copy is identified
-right after each kill (accepted by the sink, absent from the ledger) and may arrive twice; the test
-reports how many there were, and any other duplicate fails it.
+POPBRIDGE_TEST_SEED replays it), adds mail between runs, then runs it to idle. Every (message,
+recipient) must arrive exactly once and the POP3 mailbox must end empty. The one duplicate no SMTP
+client can prevent is a copy the server accepted just before the kill, before the delivered ledger
+recorded it (RFC 1047): such a copy is identified right after each kill (accepted by the sink, absent
+from the ledger) and may arrive twice; the test reports how many there were, and any other duplicate
+fails it.
 """
 
 from __future__ import annotations
