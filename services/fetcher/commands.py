@@ -69,7 +69,7 @@ async def run_fetcher(
     async with log_.producer() as producer:
         fetcher = Fetcher(
             settings=settings, producer=producer, memory=memory, environ=environ, metrics=metrics,
-            tracker=tracker,
+            tracker=tracker, max_parallel_mailboxes=config.max_parallel_mailboxes,
         )  # fmt: skip
         fetcher.limit_hosts(config.mailboxes)
         if once:

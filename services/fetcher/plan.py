@@ -3,16 +3,25 @@
 Pure: it sees the server's listing and the fetcher's durable memory (`FetchRecorded` per UIDL), and
 decides. Deletion of a retrieved message is never planned here: the service deletes only after the
 broker acknowledged the publish.
+
+Identity: the memory is keyed by UIDL, so a UIDL must name one message. An id the server lists that
+is not RFC 1939's 1 to 70 characters in 0x21..0x7E, or that two messages share, or a message LIST shows
+and UIDL does not, names nothing: such a message is identified by its content instead (`content_key`,
+72 characters, so it can never equal a valid UIDL). It is retrieved on every pass, published once per
+content, and deleted (delete mode) only in the session that retrieved it, after the broker acknowledged
+it: a fetch id never stands for two different messages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
 from schemas.events import FetchRecorded, fetch_id_for
+from services.fetcher.pop3_protocol import valid_unique_id
 
 
 @dataclass(frozen=True)
@@ -20,8 +29,25 @@ class Listed:
     """One message as the server lists it in this session."""
 
     number: int
-    uidl: str
-    size: int
+    uidl: str  # "" until retrieved when `by_content`, then its content_key
+    size: int  # as LIST claims it; only the bytes received count against the size limit
+    by_content: bool = False
+
+
+def identify(uidls: Mapping[int, str], sizes: Mapping[int, int]) -> list[Listed]:
+    """The listing of one session: each message by UIDL when its id can identify it, else by content."""
+    shared = Counter(uidls.values())
+    listing = []
+    for number in sorted(set(uidls) | set(sizes)):
+        uidl = uidls.get(number, "")
+        usable = valid_unique_id(uidl) and shared[uidl] == 1
+        listing.append(Listed(number, uidl if usable else "", sizes.get(number, 0), by_content=not usable))
+    return listing
+
+
+def content_key(sha256: str) -> str:
+    """The identity of a message without a usable UIDL: longer than any valid UIDL, so never one."""
+    return f"~sha256:{sha256}"
 
 
 @dataclass(frozen=True)
@@ -40,6 +66,15 @@ def already_published(message: Listed, known: FetchRecorded | None) -> bool:
     return known is not None and known.size == message.size
 
 
+def deletable(
+    record: FetchRecorded, *, mode: Literal["delete", "keep"], keep_days: float | None, now: datetime | None
+) -> bool:
+    """A published message may go: delete mode, or keep mode once `keep_days` have passed."""
+    if mode == "delete":
+        return True
+    return keep_days is not None and now is not None and record.published_at < now - timedelta(days=keep_days)
+
+
 def plan_pass(
     listing: list[Listed],
     known: Mapping[str, FetchRecorded],
@@ -48,23 +83,27 @@ def plan_pass(
     max_message_size: int,
     keep_days: float | None = None,
     now: datetime | None = None,
+    skip: Collection[str] = (),
+    skip_numbers: Collection[int] = (),
 ) -> Plan:
     """Decide one pass over a mailbox; `known` maps UIDL to what this mailbox published earlier.
 
-    In keep mode with `keep_days`, a message published before `now - keep_days` is deleted.
+    In keep mode with `keep_days`, a message published before `now - keep_days` is deleted. `skip`
+    (UIDLs) and `skip_numbers` are messages already found too big to take: left, counted as too big.
     """
     retrieve: list[Listed] = []
     delete_only: list[Listed] = []
     too_big: list[Listed] = []
     reused: set[str] = set()
-    expired_before = None if keep_days is None or now is None else now - timedelta(days=keep_days)
     for message in listing:
-        record = known.get(message.uidl)
+        record = None if message.by_content else known.get(message.uidl)
         if already_published(message, record):
             assert record is not None
-            if mode == "delete" or (expired_before is not None and record.published_at < expired_before):
+            if deletable(record, mode=mode, keep_days=keep_days, now=now):
                 delete_only.append(message)  # delete mode: the session that published it dropped before QUIT
-        elif message.size > max_message_size:
+        elif message.size > max_message_size or message.number in skip_numbers or (
+            message.uidl in skip and not message.by_content
+        ):
             too_big.append(message)
         else:
             retrieve.append(message)

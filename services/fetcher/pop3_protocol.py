@@ -210,6 +210,11 @@ class Pop3Connection:
         return len(self._expected)
 
     @property
+    def awaiting(self) -> str | None:
+        """The command whose reply comes next ("GREETING" for the banner), if any."""
+        return self._expected[0].keyword if self._expected else None
+
+    @property
     def buffered(self) -> int:
         """Bytes received but not yet part of a returned reply."""
         return len(self._buffer)
