@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,11 +26,14 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from schemas import codec
 from schemas.events import MailFetched
 from schemas.topics import FETCH_STATE, FETCHED, TopicSpec, topic_spec
 from services.fetcher.commands import load_memory
+from services.fetcher.pop3_protocol import MAX_LIST_BYTES, MAX_UIDL_BYTES
 from services.fetcher.service import RETR_MARGIN, Fetcher
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.settings import ConfigError, DeploymentSettings, Mailbox, load_config
@@ -45,6 +48,7 @@ from tests.support.hostile_pop3 import (
     silence,
     trickle,
 )
+from tests.support.pipeline import without_trace_field
 from tests.support.smtp import SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -84,7 +88,7 @@ class Stage:
 @asynccontextmanager
 async def stage(data_dir: Path, *, fetched_limit: int | None = None) -> AsyncIterator[Stage]:
     """A Fetcher on an embedded log in `data_dir`, its memory loaded as at a start."""
-    log = EmbeddedLog(data_dir, synchronous="OFF")
+    log = EmbeddedLog(data_dir, synchronous="NORMAL")
     fetched = topic_spec(FETCHED)
     if fetched_limit is not None:
         fetched = TopicSpec(
@@ -119,7 +123,8 @@ async def test_an_endless_retr_body_costs_that_message_only(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("listing", ["uidl_reply", "list_reply"])
 async def test_an_endless_listing_ends_that_session_and_deletes_nothing(tmp_path: Path, listing: str) -> None:
-    server = HostilePop3Server([Message(mail(1))], **{listing: endless_listing()})
+    server = HostilePop3Server([Message(mail(1))])
+    setattr(server, listing, endless_listing())
     async with server, stage(tmp_path) as s:
         result = await s.fetcher.poll(mailbox(server))
     assert result.state == "limit-exceeded"
@@ -303,3 +308,200 @@ async def test_a_bug_in_one_pass_is_contained_to_its_mailbox(
         )
     assert (buggy_result.state, buggy_result.error) == ("internal-error", "ZeroDivisionError: a bug of ours")
     assert (ok_result.error, ok_result.published) == (None, 1)
+
+
+# --- `popbridge run --until-idle` as a child process ----------------------------------------------------
+
+
+def _high_water_mark(pid: int, ended: threading.Event) -> int:
+    """The last VmHWM (KiB) of process `pid` read before it ended."""
+    peak = 0
+    while not ended.wait(0.02):
+        with contextlib.suppress(OSError):
+            status = Path(f"/proc/{pid}/status").read_text()
+            peak = max(
+                [peak, *(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))]
+            )
+    return peak
+
+
+def run_config(path: Path, smtp: SmtpSink, boxes: Sequence[Mailbox]) -> Path:
+    """The mail configuration of a child run: the SMTP sink, and these single-user mailboxes."""
+    text = f'[delivery]\nhost = "{smtp.host}"\nport = {smtp.port}\ntls = "none"\n'
+    for box in boxes:
+        text += (
+            f'\n[[mailboxes]]\nid = "{box.id}"\nhost = "{box.host}"\nport = {box.port}\ntls = "none"\n'
+            f'username = "{box.username}"\npassword_env = "{box.password_env}"\n'
+            f'recipients = ["alice@example.com"]\ntimeout = {box.timeout}\n'
+            f"command_deadline = {box.command_deadline}\nmax_message_size = {box.max_message_size}\n"
+        )
+    path.write_text(text)
+    return path
+
+
+@dataclass
+class Child:
+    """A `popbridge run --until-idle` process; `reap` waits for it and returns its peak RSS.
+
+    The peak is the child's VmHWM (/proc/<pid>/status: the high-water mark of its own memory since its
+    exec), read every 20 ms until it exits; a high-water mark only grows, so sampling misses nothing but
+    the last few ms. Not ru_maxrss: Linux carries the forking parent's high-water mark (pytest's ~90 MB)
+    over the exec into the child's ru_maxrss, which would hide anything smaller.
+    """
+
+    proc: subprocess.Popen[bytes]
+    output: Path
+
+    @classmethod
+    def start(cls, tmp_path: Path, config: Path, name: str = "run") -> Child:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POPBRIDGE_")}
+        env.update({"POPBRIDGE_DATA_DIR": str(tmp_path / "data"), PASSWORD_ENV: PASSWORD})
+        output = tmp_path / f"{name}.out"
+        with output.open("wb") as sink:
+            proc = subprocess.Popen(
+                [POPBRIDGE, "run", "--until-idle", "--config", str(config)],
+                stdout=sink, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+        return cls(proc, output)
+
+    async def reap(self, limit: float = 60.0) -> tuple[int, int]:
+        """(exit code, peak RSS in KiB) once the child ended; killed and failed after `limit` seconds."""
+        ended = threading.Event()
+        peak = asyncio.ensure_future(asyncio.to_thread(_high_water_mark, self.proc.pid, ended))
+        try:
+            code = await asyncio.wait_for(asyncio.to_thread(self.proc.wait), limit)
+        except TimeoutError:
+            self.proc.kill()
+            await asyncio.to_thread(self.proc.wait)
+            pytest.fail(f"the child did not end within {limit} s:\n{self.text}")
+        finally:
+            ended.set()
+        return code, await peak
+
+    @property
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+
+async def test_endless_replies_keep_the_peak_rss_of_run_near_the_limits(
+    tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    cases: dict[str, HostilePop3Server] = {
+        "baseline (one 2 KB message)": HostilePop3Server([Message(mail(1))]),
+        "endless RETR body": HostilePop3Server([Message(mail(2), retr=endless())]),
+        "endless UIDL": HostilePop3Server([Message(mail(3))], uidl_reply=endless_listing()),
+        "endless LIST": HostilePop3Server([Message(mail(4))], list_reply=endless_listing()),
+    }
+    peaks: dict[str, int] = {}
+    for n, (name, server) in enumerate(cases.items()):
+        async with server:
+            config = run_config(tmp_path / f"{n}.toml", smtp_sink, [mailbox(server)])
+            (tmp_path / str(n)).mkdir()
+            child = Child.start(tmp_path / str(n), config)
+            code, peaks[name] = await child.reap()
+        # The endless message is skipped as too big (the pass is fine); an endless listing fails its pass.
+        assert code == (1 if "listing" in name or name.endswith(("UIDL", "LIST")) else 0), child.text
+        assert ("too_big=1" in child.text) == (name == "endless RETR body")
+    print("\npeak RSS of `popbridge run --until-idle` (max_message_size 1 MB):")  # the measured figures
+    for name, peak in peaks.items():
+        print(f"  {name:30} {peak / 1024:7.1f} MiB")
+    baseline = peaks.pop("baseline (one 2 KB message)")
+    limits = {
+        "endless RETR body": MB + RETR_MARGIN,
+        "endless UIDL": MAX_UIDL_BYTES,
+        "endless LIST": MAX_LIST_BYTES,
+    }
+    for name, peak in peaks.items():
+        assert (peak - baseline) * 1024 < 2 * limits[name] + 8 * 2**20, f"{name}: {peak} KiB vs {baseline}"
+
+
+async def test_a_hung_mailbox_holds_up_no_one_elses_delivery_and_sigterm_ends_the_run(
+    tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    hung = HostilePop3Server([Message(mail(1))], greeting=silence())
+    healthy = HostilePop3Server([Message(mail(2)), Message(mail(3))])
+    async with hung, healthy:
+        boxes = [mailbox(hung, "hung", timeout=120.0, command_deadline=120.0), mailbox(healthy, "healthy")]
+        child = Child.start(tmp_path, run_config(tmp_path / "run.toml", smtp_sink, boxes))
+        delivered = await asyncio.to_thread(smtp_sink.wait_for, 2, 60.0)
+        assert hung.open_sessions == 1  # still hung: the two were delivered while it held its session
+        assert child.proc.poll() is None
+        child.proc.send_signal(signal.SIGTERM)
+        code, _ = await child.reap(limit=30.0)  # the hung session's deadlines are 120 s away
+    assert code == 0, child.text
+    assert "stopped by SIGTERM" in child.text
+    assert len(delivered) == 2
+    assert len(hung.messages) == 1  # untouched
+    assert healthy.messages == []
+
+
+async def test_a_signal_in_the_middle_of_a_message_abandons_it_and_loses_nothing(
+    tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    slow = Message(mail(2), retr=trickle(b"+OK\r\n", 0.05))
+    server = HostilePop3Server([Message(mail(1)), slow])
+    async with server:
+        config = run_config(
+            tmp_path / "run.toml", smtp_sink, [mailbox(server, timeout=120.0, command_deadline=120.0)]
+        )
+        first = Child.start(tmp_path, config, "first")
+        await server.wait_for(lambda s: b"RETR 2" in s.commands)
+        first.proc.send_signal(signal.SIGINT)
+        code, _ = await first.reap(limit=30.0)
+        assert code == 130, first.text
+        assert len(server.messages) == 2  # no QUIT: nothing deleted, the published one included
+        slow.retr = None  # the server behaves again
+        second = Child.start(tmp_path, config, "second")
+        code, _ = await second.reap()
+    assert code == 0, second.text
+    assert server.messages == []
+    received = sorted(without_trace_field(m.content) for m in smtp_sink.messages)
+    assert received == sorted(Message(mail(n)).content for n in (1, 2))
+
+
+# --- Property: whatever the listing, every message is durable on the log or still on the server ----------
+
+Arrival = tuple[bytes, bytes | None, int | None, bool]  # content, listed UIDL, LIST's claim, -ERR to RETR
+UIDLS = st.sampled_from([b"a", b"b", b"c", b"a b", b"", b"x" * 71, b"\xff\xfe", b"tab\tbed", None])
+CONTENTS = st.sampled_from([mail(n) for n in range(4)] + [mail(9, 6_000)])  # the last is over the limit
+ARRIVALS = st.lists(
+    st.tuples(CONTENTS, UIDLS, st.sampled_from([None, 0, 10**9]), st.booleans()), min_size=0, max_size=5
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rounds=st.lists(ARRIVALS, min_size=1, max_size=3), mode=st.sampled_from(["delete", "keep"]))
+def test_every_message_ends_durable_or_still_on_the_server(
+    tmp_path_factory: pytest.TempPathFactory, rounds: list[list[Arrival]], mode: str
+) -> None:
+    """Mail arrives in rounds (shared, malformed, reused UIDLs, LIST lies, -ERR to RETR), a pass each."""
+    asyncio.run(_passes(tmp_path_factory.mktemp("log"), rounds, mode))
+
+
+async def _passes(data_dir: Path, rounds: list[list[Arrival]], mode: str) -> None:
+    ever: list[Message] = []
+    server = HostilePop3Server([])
+    async with server, stage(data_dir) as s:
+        box = mailbox(server, mode=mode, max_message_size=5_000)
+        for arrivals in rounds:
+            for content, uidl, listed_size, refused in arrivals:
+                retr = reply(b"-ERR [SYS/PERM] no") if refused else None
+                serial = f"X-Serial: {len(ever)}\r\n".encode()  # every arrival a different message
+                message = Message(serial + content, uidl=uidl, listed_size=listed_size, retr=retr)
+                server.add(message)
+                ever.append(message)
+            result = await s.fetcher.poll(box)
+            assert result.state == "ok", result.error
+            published = await s.published()
+            durable = {e.sha256 for e in published}
+            still_there = {id(m) for m in server.messages}
+            lost = [
+                m
+                for m in ever
+                if hashlib.sha256(m.content).hexdigest() not in durable and id(m) not in still_there
+            ]
+            assert not lost, f"lost: {[(m.uidl, len(m.content)) for m in lost]}"
+            ids: dict[str, set[str]] = {}
+            for event in published:
+                ids.setdefault(event.fetch_id, set()).add(event.sha256)
+            assert all(len(digests) == 1 for digests in ids.values())  # a fetch id never merges two messages
