@@ -353,13 +353,13 @@ class Child:
     output: Path
 
     @classmethod
-    def start(cls, tmp_path: Path, config: Path, name: str = "run") -> Child:
+    def start(cls, tmp_path: Path, config: Path, name: str = "run", *, until_idle: bool = True) -> Child:
         env = {k: v for k, v in os.environ.items() if not k.startswith("POPBRIDGE_")}
         env.update({"POPBRIDGE_DATA_DIR": str(tmp_path / "data"), PASSWORD_ENV: PASSWORD})
         output = tmp_path / f"{name}.out"
         with output.open("wb") as sink:
             proc = subprocess.Popen(
-                [POPBRIDGE, "run", "--until-idle", "--config", str(config)],
+                [POPBRIDGE, "run", *(["--until-idle"] if until_idle else []), "--config", str(config)],
                 stdout=sink, stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
         return cls(proc, output)
@@ -415,14 +415,17 @@ async def test_endless_replies_keep_the_peak_rss_of_run_near_the_limits(
         assert (peak - baseline) * 1024 < 2 * limits[name] + 8 * 2**20, f"{name}: {peak} KiB vs {baseline}"
 
 
+@pytest.mark.parametrize("until_idle", [True, False], ids=["run --until-idle", "run"])
 async def test_a_hung_mailbox_holds_up_no_one_elses_delivery_and_sigterm_ends_the_run(
-    tmp_path: Path, smtp_sink: SmtpSink
+    tmp_path: Path, smtp_sink: SmtpSink, until_idle: bool
 ) -> None:
     hung = HostilePop3Server([Message(mail(1))], greeting=silence())
     healthy = HostilePop3Server([Message(mail(2)), Message(mail(3))])
     async with hung, healthy:
         boxes = [mailbox(hung, "hung", timeout=120.0, command_deadline=120.0), mailbox(healthy, "healthy")]
-        child = Child.start(tmp_path, run_config(tmp_path / "run.toml", smtp_sink, boxes))
+        child = Child.start(
+            tmp_path, run_config(tmp_path / "run.toml", smtp_sink, boxes), until_idle=until_idle
+        )
         delivered = await asyncio.to_thread(smtp_sink.wait_for, 2, 60.0)
         assert hung.open_sessions == 1  # still hung: the two were delivered while it held its session
         assert child.proc.poll() is None
@@ -430,6 +433,7 @@ async def test_a_hung_mailbox_holds_up_no_one_elses_delivery_and_sigterm_ends_th
         code, _ = await child.reap(limit=30.0)  # the hung session's deadlines are 120 s away
     assert code == 0, child.text
     assert "stopped by SIGTERM" in child.text
+    assert "Traceback" not in child.text
     assert len(delivered) == 2
     assert len(hung.messages) == 1  # untouched
     assert healthy.messages == []
