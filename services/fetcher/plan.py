@@ -83,27 +83,30 @@ def plan_pass(
     max_message_size: int,
     keep_days: float | None = None,
     now: datetime | None = None,
-    skip: Collection[str] = (),
-    skip_numbers: Collection[int] = (),
+    too_big_uidls: Collection[str] = (),
+    leave: Collection[str] = (),
+    leave_numbers: Collection[int] = (),
 ) -> Plan:
     """Decide one pass over a mailbox; `known` maps UIDL to what this mailbox published earlier.
 
-    In keep mode with `keep_days`, a message published before `now - keep_days` is deleted. `skip`
-    (UIDLs) and `skip_numbers` are messages already found too big to take: left, counted as too big.
+    In keep mode with `keep_days`, a message published before `now - keep_days` is deleted.
+    `too_big_uidls` were found too big by the bytes received (whatever LIST says now); `leave` (UIDLs)
+    and `leave_numbers` are not to be retrieved again in this pass (refused, too slow): in no list.
     """
     retrieve: list[Listed] = []
     delete_only: list[Listed] = []
     too_big: list[Listed] = []
     reused: set[str] = set()
     for message in listing:
-        record = None if message.by_content else known.get(message.uidl)
+        uidl = None if message.by_content else message.uidl
+        record = known.get(uidl) if uidl is not None else None
         if already_published(message, record):
             assert record is not None
             if deletable(record, mode=mode, keep_days=keep_days, now=now):
                 delete_only.append(message)  # delete mode: the session that published it dropped before QUIT
-        elif message.size > max_message_size or message.number in skip_numbers or (
-            message.uidl in skip and not message.by_content
-        ):
+        elif uidl in leave or message.number in leave_numbers:
+            continue
+        elif message.size > max_message_size or uidl in too_big_uidls:
             too_big.append(message)
         else:
             retrieve.append(message)

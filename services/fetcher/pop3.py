@@ -749,4 +749,3 @@ def _challenge_text(challenge: Challenge) -> str:
         return base64.b64decode(challenge.data, validate=True).decode("utf-8", "replace")[:200]
     except binascii.Error:
         return challenge.data.decode("ascii", "replace")[:200]
-

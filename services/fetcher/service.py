@@ -128,18 +128,20 @@ class _Progress:
 
     published: int = 0
     deleted: int = 0
-    too_big: int = 0
-    skipped: int = 0
+    too_big: set[str] = field(default_factory=set)  # messages by `_name`
+    skipped: set[str] = field(default_factory=set)
     sessions: int = 0
     login_delay: float | None = None
-    # Found too big by the bytes received, for the rest of this pass (the Fetcher keeps UIDLs for longer).
-    skip_numbers: set[int] = field(default_factory=set)
+    # Not to be retrieved again in this pass: UIDLs, and numbers (only after a session was cut short
+    # before QUIT, so that the numbering has not changed).
+    leave: set[str] = field(default_factory=set)
+    leave_numbers: set[int] = field(default_factory=set)
     limit_reconnects: int = 0
 
     def result(self, mailbox_id: str, failure: Failure | None = None) -> PassResult:
         return PassResult(
-            mailbox_id, published=self.published, deleted=self.deleted, too_big=self.too_big,
-            skipped=self.skipped, error=failure.reason if failure else None,
+            mailbox_id, published=self.published, deleted=self.deleted, too_big=len(self.too_big),
+            skipped=len(self.skipped), error=failure.reason if failure else None,
             state=failure.state if failure else "ok",
             retry_after=failure.retry_after if failure else None, login_delay=self.login_delay,
             sessions=self.sessions,
@@ -228,8 +230,8 @@ class Fetcher:
                 await self._drain(mailbox, progress)
         except Exception as exc:
             failure = classify(exc)
-            if not isinstance(exc, CONTAINED):
-                log.debug("mailbox %s: internal error", mailbox.id, exc_info=True)
+            if not isinstance(exc, CONTAINED) and self.states.state(mailbox.id) != failure.state:
+                log.error("mailbox %s: a bug in popbridge ended this pass", mailbox.id, exc_info=True)
             self._observe(mailbox, failure)
             if self.metrics is not None:
                 self.metrics.pop3_failures.labels(mailbox.id, failure.state).inc()
@@ -256,19 +258,18 @@ class Fetcher:
                 self._over_limit(mailbox, over, progress)
 
     def _over_limit(self, mailbox: Mailbox, over: _MessageOverLimit, progress: _Progress) -> None:
-        """A RETR reply outgrew its cap or deadline: skip that message and reconnect, a few times a pass."""
+        """A RETR reply outgrew its cap or deadline: skip that message and reconnect, a few times a pass.
+
+        The session was cut before QUIT, so the next one numbers the messages the same way."""
         progress.limit_reconnects += 1
         if progress.limit_reconnects > MAX_LIMIT_RECONNECTS:
             raise over.error
         listed, error = over.listed, over.error
-        progress.skip_numbers.add(listed.number)
+        progress.leave_numbers.add(listed.number)
         if error.exceeded == "bytes":  # this message will not fit next pass either
-            progress.too_big += 1
-            self._remember_oversized(mailbox, listed, progress)
-            self._skipped(mailbox, listed, "too-big", f"over max_message_size {mailbox.max_message_size}")
+            self._too_big(mailbox, listed, progress, f"over max_message_size {mailbox.max_message_size}")
         else:
-            progress.skipped += 1
-            self._skipped(mailbox, listed, "too-slow", str(error))
+            self._skip(mailbox, listed, progress, "too-slow", str(error))
 
     def _warn_tls_once(self, mailbox: Mailbox) -> None:
         if not mailbox.verify_tls and mailbox.tls != "none" and mailbox.id not in self._tls_warned:
@@ -289,15 +290,24 @@ class Fetcher:
         async with slot:
             yield
 
-    def _remember_oversized(self, mailbox: Mailbox, listed: Listed, progress: _Progress) -> None:
-        """Not to be retrieved again: by UIDL while this process runs, by number for the rest of the pass."""
-        progress.skip_numbers.add(listed.number)
+    def _too_big(self, mailbox: Mailbox, listed: Listed, progress: _Progress, detail: str) -> None:
+        """Found too big by its bytes: not retrieved again while this process runs (if it has a UIDL)."""
         if not listed.by_content:
             self._oversized.setdefault(mailbox.id, set()).add(listed.uidl)
+        progress.too_big.add(_name(listed))
+        self._report(mailbox, listed, "too-big", detail)
+
+    def _skip(self, mailbox: Mailbox, listed: Listed, progress: _Progress, reason: str, detail: str) -> None:
+        """Left on the server for the rest of this pass (by UIDL; by content it is retried in the pass)."""
+        if not listed.by_content:
+            progress.leave.add(listed.uidl)
+        progress.skipped.add(_name(listed))
+        self._report(mailbox, listed, reason, detail)
 
     async def _session(self, mailbox: Mailbox, progress: _Progress) -> bool:
         """One POP3 session of a pass; True when the pass should reconnect at once for more work."""
         secret = await session_secret(mailbox, self.environ)
+        left_before = self._left(mailbox, progress)
         async with self._slot(mailbox):
             client = await self._timed("CONNECT", self._connect(mailbox))
             async with client:
@@ -312,7 +322,11 @@ class Fetcher:
                 await self._timed("QUIT", client.quit())
         progress.deleted += deleted
         progress.sessions += 1
-        return more
+        # Reconnect only if the next session has other work: something was deleted, or more is left alone.
+        return more and (deleted > 0 or self._left(mailbox, progress) > left_before)
+
+    def _left(self, mailbox: Mailbox, progress: _Progress) -> int:
+        return len(progress.leave) + len(progress.leave_numbers) + len(self._oversized.get(mailbox.id, ()))
 
     async def _connect(self, mailbox: Mailbox) -> Pop3Client:
         context = tls_context(mailbox.ca_file, verify=mailbox.verify_tls) if mailbox.tls != "none" else None
@@ -349,9 +363,10 @@ class Fetcher:
         plan = plan_pass(
             listing, self.memory.known(mailbox.id), mode=mailbox.mode,
             max_message_size=mailbox.max_message_size, keep_days=mailbox.keep_days, now=self.clock(),
-            skip=self._oversized.get(mailbox.id, ()), skip_numbers=progress.skip_numbers,
+            too_big_uidls=self._oversized.get(mailbox.id, ()), leave=progress.leave,
+            leave_numbers=progress.leave_numbers,
         )  # fmt: skip
-        progress.too_big = max(progress.too_big, len(plan.too_big))
+        progress.too_big.update(_name(m) for m in plan.too_big)
         self._report_too_big(mailbox, plan.too_big)
         limit = mailbox.max_messages_per_session
         return session_part(
@@ -362,12 +377,12 @@ class Fetcher:
     def _report_too_big(self, mailbox: Mailbox, too_big: list[Listed]) -> None:
         for message in too_big:
             if message.size > mailbox.max_message_size:  # the others were reported when found
-                self._skipped(mailbox, message, "too-big", f"{message.size} bytes by LIST, over "
-                              f"max_message_size {mailbox.max_message_size}")  # fmt: skip
+                self._report(mailbox, message, "too-big", f"{message.size} bytes by LIST, over "
+                             f"max_message_size {mailbox.max_message_size}")  # fmt: skip
 
-    def _skipped(self, mailbox: Mailbox, message: Listed, reason: str, detail: str) -> None:
+    def _report(self, mailbox: Mailbox, message: Listed, reason: str, detail: str) -> None:
         """Report a message left on the server, once per (mailbox, message, reason) in this process."""
-        name = message.uidl if message.uidl and not message.by_content else f"number {message.number}"
+        name = _name(message)
         if (mailbox.id, name, reason) in self._reported:
             return
         self._reported.add((mailbox.id, name, reason))
@@ -423,14 +438,11 @@ class Fetcher:
         if self.metrics is not None:
             self.metrics.pop3_command("RETR").observe(time.perf_counter() - started)
         if isinstance(raw, Pop3Error):
-            progress.skipped += 1
-            self._skipped(mailbox, listed, "refused", str(raw))
+            self._skip(mailbox, listed, progress, "refused", str(raw))
         elif len(raw) > mailbox.max_message_size:
-            progress.too_big += 1
-            self._remember_oversized(mailbox, listed, progress)
             limit = mailbox.max_message_size
-            self._skipped(
-                mailbox, listed, "too-big", f"{len(raw)} bytes received, over max_message_size {limit}"
+            self._too_big(
+                mailbox, listed, progress, f"{len(raw)} bytes received, over max_message_size {limit}"
             )
         elif listed.by_content:
             self._take_by_content(mailbox, listed, raw, batch)
@@ -493,14 +505,13 @@ class Fetcher:
         try:
             await self.producer.send_all([outgoing[e.fetch_id] for e in fits])
         except LogError as exc:
-            if exc.retriable or len(fits) == 1:
+            if exc.retriable:
                 raise
             fits = [e for e in fits if await self._sent_alone(outgoing[e.fetch_id])]
         for listed, event in pairs:
             if event not in fits:
-                progress.skipped += 1
-                self._skipped(
-                    mailbox, listed, "unpublishable", f"the log refuses a {event.size}-byte message"
+                self._skip(
+                    mailbox, listed, progress, "unpublishable", f"the log refuses a {event.size}-byte message"
                 )
         return {e.fetch_id for e in fits}
 
@@ -539,6 +550,11 @@ class Fetcher:
             return await awaitable
         with self.metrics.pop3_command(verb).time():
             return await awaitable
+
+
+def _name(message: Listed) -> str:
+    """How reports and counts name a message: its UIDL or content key, else its number in the session."""
+    return message.uidl or f"number {message.number}"
 
 
 @dataclass

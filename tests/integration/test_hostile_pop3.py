@@ -261,6 +261,16 @@ async def test_an_err_to_one_retr_skips_that_message_only(tmp_path: Path) -> Non
     assert server.messages == [refused]
 
 
+async def test_a_session_full_of_refused_messages_does_not_stop_the_pass_nor_loop(tmp_path: Path) -> None:
+    refused = [Message(mail(n), retr=reply(b"-ERR [SYS/PERM] no")) for n in range(3)]
+    by_content = Message(mail(3), uidl=b"a b", retr=reply(b"-ERR [SYS/PERM] no"))
+    server = HostilePop3Server([*refused, by_content, Message(mail(4)), Message(mail(5))])
+    async with server, stage(tmp_path) as s:
+        result = await s.fetcher.poll(mailbox(server, quit_every=2))
+    assert (result.error, result.published, result.deleted, result.skipped) == (None, 2, 2, 4)
+    assert server.messages == [*refused, by_content]
+
+
 async def test_a_hung_mailbox_does_not_delay_a_healthy_one(tmp_path: Path) -> None:
     hung = HostilePop3Server([Message(mail(1))], greeting=silence())
     healthy = HostilePop3Server([Message(mail(2)), Message(mail(3))])

@@ -122,8 +122,18 @@ def test_a_content_key_can_never_be_a_valid_uidl() -> None:
     assert not valid_unique_id(key)
 
 
-def test_messages_found_too_big_by_their_bytes_are_left_by_uidl_or_by_number() -> None:
-    listing = [Listed(1, "a", 10), Listed(2, "", 10, by_content=True), Listed(3, "c", 10)]
-    plan = plan_pass(listing, {}, mode="delete", max_message_size=MB, skip={"a"}, skip_numbers={2})
-    assert plan.too_big == listing[:2]
-    assert plan.retrieve == [listing[2]]
+def test_messages_found_too_big_by_their_bytes_are_too_big_whatever_list_claims() -> None:
+    listing = [Listed(1, "a", 10), Listed(2, "b", 10)]
+    plan = plan_pass(listing, {}, mode="delete", max_message_size=MB, too_big_uidls={"a"})
+    assert (plan.too_big, plan.retrieve) == ([listing[0]], [listing[1]])
+
+
+def test_messages_left_for_the_pass_are_in_no_list() -> None:
+    listing = [
+        Listed(1, "a", 10),
+        Listed(2, "", 10, by_content=True),
+        Listed(3, "c", 10),
+        Listed(4, "", 9, True),
+    ]
+    plan = plan_pass(listing, {}, mode="delete", max_message_size=MB, leave={"a", ""}, leave_numbers={2})
+    assert (plan.too_big, plan.retrieve) == ([], listing[2:])
