@@ -36,6 +36,7 @@ from services.fetcher.commands import load_memory
 from services.fetcher.pop3_protocol import MAX_LIST_BYTES, MAX_UIDL_BYTES
 from services.fetcher.service import RETR_MARGIN, Fetcher
 from services.runtime.embedded import EmbeddedLog
+from services.runtime.metrics import Metrics
 from services.runtime.settings import ConfigError, DeploymentSettings, Mailbox, load_config
 from tests.support.hostile_pop3 import (
     LOGIN,
@@ -86,7 +87,9 @@ class Stage:
 
 
 @asynccontextmanager
-async def stage(data_dir: Path, *, fetched_limit: int | None = None) -> AsyncIterator[Stage]:
+async def stage(
+    data_dir: Path, *, fetched_limit: int | None = None, metrics: Metrics | None = None
+) -> AsyncIterator[Stage]:
     """A Fetcher on an embedded log in `data_dir`, its memory loaded as at a start."""
     log = EmbeddedLog(data_dir, synchronous="NORMAL")
     fetched = topic_spec(FETCHED)
@@ -99,7 +102,7 @@ async def stage(data_dir: Path, *, fetched_limit: int | None = None) -> AsyncIte
     memory = await load_memory(log, settings)
     async with log.producer() as producer:
         yield Stage(log, Fetcher(settings=settings, producer=producer, memory=memory,
-                                 environ={PASSWORD_ENV: PASSWORD}))  # fmt: skip
+                                 environ={PASSWORD_ENV: PASSWORD}, metrics=metrics))  # fmt: skip
 
 
 def digests(contents: Sequence[bytes]) -> set[str]:
@@ -125,11 +128,13 @@ async def test_an_endless_retr_body_costs_that_message_only(tmp_path: Path) -> N
 async def test_an_endless_listing_ends_that_session_and_deletes_nothing(tmp_path: Path, listing: str) -> None:
     server = HostilePop3Server([Message(mail(1))])
     setattr(server, listing, endless_listing())
-    async with server, stage(tmp_path) as s:
+    metrics = Metrics(process=False)
+    async with server, stage(tmp_path, metrics=metrics) as s:
         result = await s.fetcher.poll(mailbox(server))
     assert result.state == "limit-exceeded"
     assert "larger than" in (result.error or "")
     assert len(server.messages) == 1
+    assert b'popbridge_pop3_failures_total{mailbox="box",state="limit-exceeded"} 1.0' in metrics.render()
 
 
 async def test_a_trickling_reply_fails_at_the_command_deadline_though_bytes_keep_coming(
@@ -255,10 +260,12 @@ def test_a_size_limit_the_fetched_topic_cannot_carry_is_a_config_error(tmp_path:
 async def test_an_err_to_one_retr_skips_that_message_only(tmp_path: Path) -> None:
     refused = Message(mail(2), retr=reply(b"-ERR [SYS/PERM] cannot read this one"))
     server = HostilePop3Server([Message(mail(1)), refused, Message(mail(3))])
-    async with server, stage(tmp_path) as s:
+    metrics = Metrics(process=False)
+    async with server, stage(tmp_path, metrics=metrics) as s:
         result = await s.fetcher.poll(mailbox(server))
     assert (result.error, result.published, result.deleted, result.skipped) == (None, 2, 2, 1)
     assert server.messages == [refused]
+    assert b'popbridge_messages_skipped_total{mailbox="box",reason="refused"} 1.0' in metrics.render()
 
 
 async def test_a_session_full_of_refused_messages_does_not_stop_the_pass_nor_loop(tmp_path: Path) -> None:
@@ -289,12 +296,14 @@ async def test_a_hung_mailbox_does_not_delay_a_healthy_one(tmp_path: Path) -> No
     assert len(hung.messages) == 1
 
 
-async def test_a_port_out_of_range_fails_its_mailbox_only(tmp_path: Path) -> None:
+async def test_a_port_out_of_range_or_a_tls_failure_fails_its_mailbox_only(tmp_path: Path) -> None:
     healthy = HostilePop3Server([Message(mail(1))])
     async with healthy, stage(tmp_path) as s:
         broken = mailbox(healthy, "broken")
         msgspec.structs.force_setattr(broken, "port", 70000)  # as if the configuration had let it through
-        broken_result, ok_result = await s.fetcher.poll_all([broken, mailbox(healthy, "ok")])
+        tls = mailbox(healthy, "tls", tls="implicit")  # a TLS handshake with a plain-text server
+        broken_result, tls_result, ok_result = await s.fetcher.poll_all([broken, tls, mailbox(healthy, "ok")])
+    assert tls_result.state == "tls-failed"
     assert broken_result.state == "config-error"
     assert "mailboxes[broken]: cannot connect to host '127.0.0.1' port 70000" in (broken_result.error or "")
     assert (ok_result.error, ok_result.published) == (None, 1)
