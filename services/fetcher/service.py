@@ -227,7 +227,7 @@ class Fetcher:
         progress = _Progress()
         try:
             async with self._parallel:
-                await self._drain(mailbox, progress)
+                await self._drain_until(mailbox, progress)
         except Exception as exc:
             failure = classify(exc)
             if not isinstance(exc, CONTAINED) and self.states.state(mailbox.id) != failure.state:
@@ -247,6 +247,20 @@ class Fetcher:
             log.log(logging.INFO if change.quiet else logging.WARNING, "%s", change.message())
         elif failure is not None:
             log.debug("mailbox %s: still %s: %s", mailbox.id, failure.state, failure.reason)
+
+    async def _drain_until(self, mailbox: Mailbox, progress: _Progress) -> None:
+        """The pass, abandoned at `pass_deadline` like a cancelled one: a session cut before QUIT deletes
+        nothing, and what it published is deleted on the next pass."""
+        try:
+            async with asyncio.timeout(mailbox.pass_deadline) as deadline:
+                await self._drain(mailbox, progress)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise Pop3LimitError(
+                f"the pass took longer than pass_deadline ({mailbox.pass_deadline:g} s); the rest waits for "
+                "the next pass", keyword="(the pass)", exceeded="time",
+            ) from None  # fmt: skip
 
     async def _drain(self, mailbox: Mailbox, progress: _Progress) -> None:
         self._warn_tls_once(mailbox)

@@ -118,6 +118,7 @@ class Mailbox(_Config, frozen=True):
     max_message_size: int = 50 * 1024 * 1024
     timeout: float = 60.0  # seconds without progress (connect, TLS, any reply) before a session fails
     command_deadline: float = 300.0  # seconds one reply may take in all, however slowly its bytes come
+    pass_deadline: float = 3600.0  # seconds one pass may take in all; what is left waits for the next pass
     # How to log in: USER/PASS, APOP, SASL PLAIN (all with the password) or XOAUTH2 with a bearer token
     # from token_env, token_file or token_command (an argv run before each session; its stdout is the
     # token, so an external refresher can supply it).
@@ -140,8 +141,8 @@ class Mailbox(_Config, frozen=True):
                 f"max_message_size: at most {MAX_MESSAGE_SIZE_LIMIT} bytes (the fetched topic's "
                 f"max.message.bytes, {MAX_MESSAGE_BYTES}, less room for the event's other fields)"
             )
-        if self.command_deadline <= 0:
-            raise ValueError("command_deadline: must be a positive number of seconds")
+        if self.command_deadline <= 0 or self.pass_deadline <= 0:
+            raise ValueError("command_deadline, pass_deadline: must be positive numbers of seconds")
         if self.quit_every < 1:
             raise ValueError("quit_every: must be at least 1")
         if self.max_connections_per_host < 1:
@@ -149,9 +150,9 @@ class Mailbox(_Config, frozen=True):
         if self.max_messages_per_session is not None and self.max_messages_per_session < 1:
             raise ValueError("max_messages_per_session: must be at least 1")
         if self.keep_days is not None and (self.mode != "keep" or self.keep_days < 0):
-            raise ValueError("keep_days: a number of days >= 0, only with mode = \"keep\"")
+            raise ValueError('keep_days: a number of days >= 0, only with mode = "keep"')
         if self.auth == "xoauth2" and not (self.token_env or self.token_file or self.token_command):
-            raise ValueError("auth = \"xoauth2\" needs token_env, token_file or token_command")
+            raise ValueError('auth = "xoauth2" needs token_env, token_file or token_command')
 
     @property
     def needs_password(self) -> bool:
@@ -207,9 +208,9 @@ class SmtpTarget(_Config, frozen=True):
         if not 1 <= len(self.retry_delays) <= 5 or min(self.retry_delays) <= 0:
             raise ValueError("retry_delays: one to five positive numbers of seconds")
         if self.auth == "xoauth2" and not self.username:
-            raise ValueError("auth = \"xoauth2\" needs username")
+            raise ValueError('auth = "xoauth2" needs username')
         if self.auth == "xoauth2" and not (self.token_env or self.token_file or self.token_command):
-            raise ValueError("auth = \"xoauth2\" needs token_env, token_file or token_command")
+            raise ValueError('auth = "xoauth2" needs token_env, token_file or token_command')
 
 
 class MailConfig(_Config, frozen=True):

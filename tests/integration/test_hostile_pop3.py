@@ -149,6 +149,15 @@ async def test_a_trickling_reply_fails_at_the_command_deadline_though_bytes_keep
     assert len(server.messages) == 1
 
 
+async def test_a_pass_ends_at_its_deadline_however_each_command_keeps_within_its_own(tmp_path: Path) -> None:
+    server = HostilePop3Server([Message(mail(1))], greeting=silence())
+    async with server, stage(tmp_path) as s:
+        result = await s.fetcher.poll(mailbox(server, timeout=60.0, command_deadline=60.0, pass_deadline=0.5))
+    assert result.state == "limit-exceeded"
+    assert "the pass took longer than pass_deadline (0.5 s)" in (result.error or "")
+    assert len(server.messages) == 1
+
+
 async def test_a_trickling_retr_skips_that_message_for_the_pass(tmp_path: Path) -> None:
     slow = Message(mail(2), retr=trickle(b"+OK\r\n", 0.05))
     server = HostilePop3Server([Message(mail(1)), slow, Message(mail(3))])
