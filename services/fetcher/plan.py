@@ -52,7 +52,9 @@ def content_key(sha256: str) -> str:
 
 @dataclass(frozen=True)
 class Plan:
-    """`delete_only`: published before, to delete now (delete mode, or keep mode past `keep_days`).
+    """`delete_only`: published before by UIDL and size, to delete now (delete mode, or keep mode past
+    `keep_days`) without publishing again, once the service checked the digest (the same UIDL and size
+    do not prove the same message: a server may reuse a UIDL after a deletion).
     `reused`: the UIDLs in `retrieve` that this mailbox published before for another message."""
 
     retrieve: list[Listed] = field(default_factory=list)

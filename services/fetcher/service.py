@@ -2,7 +2,8 @@
 
 Never lose a message: a message is deleted (delete mode) only after the broker acknowledged both its
 `MailFetched` event and the `FetchRecorded` memory entry; a message published but not deleted (the
-session dropped before QUIT) is deleted on the next pass without publishing again.
+session dropped before QUIT) is deleted on the next pass without publishing again, once its bytes proved
+it the same message (a server may reuse a UIDL for another message of the same size).
 
 One pass over a mailbox is one or more POP3 sessions: a session QUITs after `quit_every` deletions and
 the pass reconnects for the rest, so a dropped line loses little. Retrieval overlaps publishing: while
@@ -331,8 +332,7 @@ class Fetcher:
                 if self.before_plan is not None:
                     await self.before_plan(mailbox)
                 part, more = self._plan(mailbox, await self._listing(mailbox, client), progress)
-                deleted = await self._delete(client, part.delete_only)
-                deleted += await self._publish_all(client, mailbox, part, progress)
+                deleted = await self._publish_all(client, mailbox, part, progress)
                 await self._timed("QUIT", client.quit())
         progress.deleted += deleted
         progress.sessions += 1
@@ -412,20 +412,25 @@ class Fetcher:
     async def _publish_all(
         self, client: Pop3Client, mailbox: Mailbox, plan: Plan, progress: _Progress
     ) -> int:
-        """Retrieve and publish `plan.retrieve`; returns how many were marked deleted (delete mode).
+        """Retrieve and publish `plan.retrieve`, retrieve and check `plan.delete_only`; returns how many
+        were marked deleted.
 
         Up to PUBLISH_AHEAD batches are with the broker while the next one is retrieved; a batch's
         DELEs go out as soon as the broker acknowledged it, between the pipelined RETRs.
         """
         in_flight: deque[asyncio.Task[list[Listed]]] = deque()
         deleted = 0
+        todo = [*plan.delete_only, *plan.retrieve]
+        to_check = {m.number for m in plan.delete_only}
         try:
-            stream = cast(Retrievals, client.retr_each([m.number for m in plan.retrieve]))
+            stream = cast(Retrievals, client.retr_each([m.number for m in todo]))
             async with contextlib.aclosing(stream):
-                for group in batches(plan.retrieve):
+                for group in batches(todo):
                     batch = _Batch()
                     for listed in group:
-                        await self._take(stream, mailbox, listed, batch, progress)
+                        await self._take(
+                            stream, mailbox, listed, batch, progress, published=listed.number in to_check
+                        )
                     publish = self._publish_batch(mailbox, batch, plan.reused, progress)
                     in_flight.append(asyncio.create_task(publish))
                     while in_flight and (len(in_flight) >= PUBLISH_AHEAD or in_flight[0].done()):
@@ -437,9 +442,12 @@ class Fetcher:
         return deleted
 
     async def _take(
-        self, stream: Retrievals, mailbox: Mailbox, listed: Listed, batch: _Batch, progress: _Progress
-    ) -> None:
-        """Retrieve the next message into `batch`, or skip it (reported) if it cannot be taken."""
+        self, stream: Retrievals, mailbox: Mailbox, listed: Listed, batch: _Batch, progress: _Progress,
+        *, published: bool,
+    ) -> None:  # fmt: skip
+        """Retrieve the next message into `batch`, or skip it (reported) if it cannot be taken.
+
+        `published`: its UIDL and size say it was published before; its digest decides."""
         started = time.perf_counter()
         try:
             number, raw = await anext(stream)
@@ -460,7 +468,18 @@ class Fetcher:
             )
         elif listed.by_content:
             self._take_by_content(mailbox, listed, raw, batch)
+        elif published:
+            self._take_published(mailbox, listed, raw, batch)
         else:
+            batch.retrieved.append((listed, raw))
+
+    def _take_published(self, mailbox: Mailbox, listed: Listed, raw: bytes, batch: _Batch) -> None:
+        """Published before by UIDL and size: delete it if the digest agrees, else it is another message."""
+        record = self.memory.known(mailbox.id)[listed.uidl]
+        if hashlib.sha256(raw).hexdigest() == record.sha256:
+            batch.durable.append(listed)
+        else:
+            batch.reused.add(listed.uidl)
             batch.retrieved.append((listed, raw))
 
     def _take_by_content(self, mailbox: Mailbox, listed: Listed, raw: bytes, batch: _Batch) -> None:
@@ -483,6 +502,7 @@ class Fetcher:
         """Publish the batch; returns what to delete now: what the log holds durably (in keep mode only
         what was published before and is past keep_days)."""
         now = self.clock()
+        reused = reused | batch.reused
         pairs = [(listed, self._event(mailbox, listed, raw, now, listed.uidl in reused))
                  for listed, raw in batch.retrieved]  # fmt: skip
         sent = await self._send_fetched(mailbox, pairs, progress)
@@ -577,6 +597,7 @@ class _Batch:
 
     retrieved: list[tuple[Listed, bytes]] = field(default_factory=list)
     durable: list[Listed] = field(default_factory=list)
+    reused: set[str] = field(default_factory=set)  # UIDLs found reused for another message of the same size
 
 
 class _MessageOverLimit(Exception):  # noqa: N818 - internal signal between _take and _drain

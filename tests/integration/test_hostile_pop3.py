@@ -191,6 +191,21 @@ async def test_two_messages_sharing_a_uidl_are_both_published_and_never_merged(t
     assert server.messages == []
 
 
+async def test_a_uidl_reused_for_another_message_of_the_same_size_is_published_not_deleted(
+    tmp_path: Path,
+) -> None:
+    first, second = mail(1), mail(2)
+    assert len(first) == len(second)
+    server = HostilePop3Server([Message(first, uidl=b"same")])
+    async with server, stage(tmp_path) as s:
+        await s.fetcher.poll(mailbox(server))
+        server.add(Message(second, uidl=b"same"))  # RFC 1939 forbids it; servers do it after a deletion
+        result = await s.fetcher.poll(mailbox(server))
+        published = await s.published()
+    assert (result.published, result.deleted) == (1, 1)
+    assert {e.sha256 for e in published} == digests([Message(first).content, Message(second).content])
+
+
 @pytest.mark.parametrize(
     "uidls",
     [[b"abc def", b"abc"], [b"x" * 200_000, b"ok"], [b"caf\xc3\xa9", b"tab\tbed"], [b"", b"y" * 71]],
@@ -454,6 +469,7 @@ async def test_a_hung_mailbox_holds_up_no_one_elses_delivery_and_sigterm_ends_th
         child = Child.start(
             tmp_path, run_config(tmp_path / "run.toml", smtp_sink, boxes), until_idle=until_idle
         )
+        await hung.wait_for(lambda server: server.open_sessions == 1)  # `run` spreads its first polls
         delivered = await asyncio.to_thread(smtp_sink.wait_for, 2, 60.0)
         assert hung.open_sessions == 1  # still hung: the two were delivered while it held its session
         assert child.proc.poll() is None
@@ -481,6 +497,7 @@ async def test_a_signal_in_the_middle_of_a_message_abandons_it_and_loses_nothing
         first.proc.send_signal(signal.SIGINT)
         code, _ = await first.reap(limit=30.0)
         assert code == 130, first.text
+        assert "Traceback" not in first.text
         assert len(server.messages) == 2  # no QUIT: nothing deleted, the published one included
         slow.retr = None  # the server behaves again
         second = Child.start(tmp_path, config, "second")
