@@ -174,7 +174,7 @@ def fetcher(obj: object, config_path: Path, once: bool) -> None:
         state = f"error: {result.error}" if result.error else "ok"
         click.echo(
             f"{result.mailbox_id}: published={result.published} deleted={result.deleted} "
-            f"too_big={result.too_big} {state}"
+            f"too_big={result.too_big} skipped={result.skipped} {state}"
         )
     if any(r.error for r in results):
         raise SystemExit(1)
