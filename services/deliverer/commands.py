@@ -60,14 +60,8 @@ def smtp_token(target: SmtpTarget, environ: Mapping[str, str]) -> TokenSource | 
         return None
 
     async def token() -> str:
-        return await read_token(
-            env=target.token_env,
-            file=target.token_file,
-            command=target.token_command,
-            environ=environ,
-            what="delivery",
-            timeout=target.timeout,
-        )
+        return await read_token(env=target.token_env, file=target.token_file, command=target.token_command,
+                                environ=environ, what="delivery", timeout=target.timeout)
 
     return token
 
@@ -85,16 +79,10 @@ def _run(coroutine: Any) -> Any:
 
 
 @click.command()
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The mail configuration (TOML); its [delivery] table names the server.",
-)
-@click.option(
-    "--until-idle", is_flag=True, help="Exit once the routed topic is read to its end and no retry is due."
-)
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The mail configuration (TOML); its [delivery] table names the server.")
+@click.option("--until-idle", is_flag=True,
+              help="Exit once the routed topic is read to its end and no retry is due.")
 @click.pass_context
 def deliverer(ctx: click.Context, config_path: Path, until_idle: bool) -> None:
     """Deliver routed messages to the organisation's SMTP/LMTP server, one copy per recipient."""
@@ -106,10 +94,8 @@ def deliverer(ctx: click.Context, config_path: Path, until_idle: bool) -> None:
     setup_logging(settings.log_level)
     wiring = _Wiring(target, password, token, notice_address(config))
     counts: Counts = _run(_deliver(log, settings, wiring, until_idle))
-    click.echo(
-        f"deliverer: {counts.delivered} delivered, {counts.deferred} deferred, "
-        f"{counts.failed} failed, {counts.skipped} skipped as already delivered"
-    )
+    click.echo(f"deliverer: {counts.delivered} delivered, {counts.deferred} deferred, "
+               f"{counts.failed} failed, {counts.skipped} skipped as already delivered")
 
 
 @dataclass(frozen=True)
@@ -122,9 +108,8 @@ class _Wiring:
     postmaster: str | None
 
 
-async def _deliver(
-    log: KafkaLog | EmbeddedLog, settings: DeploymentSettings, wiring: _Wiring, until_idle: bool
-) -> Counts:
+async def _deliver(log: KafkaLog | EmbeddedLog, settings: DeploymentSettings, wiring: _Wiring,
+                   until_idle: bool) -> Counts:
     target = wiring.target
     stop = stop_on_signals()
     policy = RetryPolicy(delays=target.retry_delays, max_age=timedelta(days=target.max_age_days))
@@ -133,9 +118,8 @@ async def _deliver(
     port = None if until_idle else settings.http_port or None
     health = serve_health(port, tracker, metrics, watch=watch)
     async with health, SmtpTransport(target, wiring.password, token=wiring.token) as transport:
-        stage = Deliverer(
-            log, settings, transport, policy=policy, metrics=metrics, postmaster=wiring.postmaster
-        )
+        stage = Deliverer(log, settings, transport, policy=policy, metrics=metrics,
+                          postmaster=wiring.postmaster)
         tracker.mark_ready()
         return await stage.run(until_idle=until_idle, stop=stop)
 
@@ -163,9 +147,8 @@ async def _read(log: Log, settings: DeploymentSettings, topic: str) -> list[Any]
 
 async def dead_letters(log: Log, settings: DeploymentSettings) -> list[DeadLetter]:
     """Every dead letter on the topic, latest record per (fetch id, recipient), oldest first."""
-    letters, ledger = await asyncio.gather(
-        _read(log, settings, DEAD_LETTERS), _read(log, settings, DELIVERED)
-    )
+    letters, ledger = await asyncio.gather(_read(log, settings, DEAD_LETTERS),
+                                           _read(log, settings, DELIVERED))
     entries = [decode_record(record, RecipientDelivered) for record in ledger]
     done = {ledger_key(e.fetch_id, e.recipient) for e in entries if e is not None}
     latest: dict[bytes, DeliveryDeadLettered] = {}
@@ -177,12 +160,8 @@ async def dead_letters(log: Log, settings: DeploymentSettings) -> list[DeadLette
 
 
 def _matching(letters: list[DeadLetter], letter_id: str, recipient: str | None) -> list[DeadLetter]:
-    found = [
-        d
-        for d in letters
-        if d.event.routed.fetch_id.startswith(letter_id)
-        and (recipient is None or d.event.recipient == recipient)
-    ]
+    found = [d for d in letters if d.event.routed.fetch_id.startswith(letter_id)
+             and (recipient is None or d.event.recipient == recipient)]
     if not found:
         raise click.ClickException(f"no dead letter {letter_id}{f' for {recipient}' if recipient else ''}")
     return found
@@ -210,10 +189,8 @@ def summary(letter: DeadLetter) -> str:
     event = letter.event
     status = "delivered" if letter.delivered_since else "open"
     reply = event.smtp_text.splitlines()[0] if event.smtp_text else ""
-    return (
-        f"{letter.id}  {event.dead_lettered_at:%Y-%m-%d %H:%M}  {status:9}  {event.recipient}  "
-        f"{event.smtp_code or '-'} {reply}"
-    )
+    return (f"{letter.id}  {event.dead_lettered_at:%Y-%m-%d %H:%M}  {status:9}  {event.recipient}  "
+            f"{event.smtp_code or '-'} {reply}")
 
 
 @dlq.command("show")
@@ -244,11 +221,8 @@ def describe(letter: DeadLetter) -> str:
         f"envelope from: <{routed.envelope_sender or ''}>",
         f"size:          {len(routed.raw)} bytes",
     ]
-    lines += [
-        f"{name + ':':15}{headers[name]}"
-        for name in ("From", "Subject", "Date", "Message-ID")
-        if headers[name] is not None
-    ]
+    lines += [f"{name + ':':15}{headers[name]}" for name in ("From", "Subject", "Date", "Message-ID")
+              if headers[name] is not None]
     return "\n".join(lines) + "\n"
 
 
@@ -273,20 +247,10 @@ async def _requeue(log: Log, settings: DeploymentSettings, letters: list[DeadLet
     now = datetime.now(UTC)
     topic = settings.topic(RETRY_TOPICS[0])
     records = [
-        Outgoing(
-            topic,
-            encode(
-                RetryScheduled(
-                    routed=d.event.routed,
-                    recipients=(d.event.recipient,),
-                    attempts=d.event.attempts,
-                    due_at=now,
-                    age_from=now,
-                    last_reply=d.event.smtp_text,
-                )
-            ),
-            d.event.routed.fetch_id.encode(),
-        )
+        Outgoing(topic, encode(RetryScheduled(routed=d.event.routed, recipients=(d.event.recipient,),
+                                              attempts=d.event.attempts, due_at=now, age_from=now,
+                                              last_reply=d.event.smtp_text)),
+                 d.event.routed.fetch_id.encode())
         for d in letters
     ]
     async with log.producer() as producer:

@@ -85,63 +85,43 @@ def header_section(message: bytes) -> bytes:
 
 def plan(sender: str, recipients: Sequence[str], message: bytes, extensions: Extensions) -> Envelope:
     """The envelope for `message` (the bytes as they will be sent, before dot-stuffing)."""
-    unsafe = {
-        r: refused_here("5.1.3", "recipient address cannot be written in RCPT TO")
-        for r in recipients
-        if _UNSAFE_ADDRESS.search(r) or not r.isprintable()
-    }
+    unsafe = {r: refused_here("5.1.3", "recipient address cannot be written in RCPT TO")
+              for r in recipients if _UNSAFE_ADDRESS.search(r) or not r.isprintable()}
     refused: dict[str, Verdict] = dict(unsafe)
     utf8 = extensions.has("smtputf8")
     if not utf8:
         refused.update(_needs_smtputf8(sender, [r for r in recipients if r not in unsafe], message))
     size = len(with_crlf(message))
     if extensions.size_limit is not None and size > extensions.size_limit:
-        too_big = refused_here(
-            "5.3.4", f"message of {size} bytes exceeds the server's limit of {extensions.size_limit} bytes"
-        )
+        too_big = refused_here("5.3.4", f"message of {size} bytes exceeds the server's limit of "
+                                        f"{extensions.size_limit} bytes")
         refused.update({r: too_big for r in recipients if r not in refused})
     sending = tuple(r for r in recipients if r not in refused)
-    return Envelope(
-        sender,
-        _mail_params(sender, sending, message, size, extensions),
-        sending,
-        {r: _rcpt_params(r, extensions) for r in sending},
-        refused,
-    )
+    return Envelope(sender, _mail_params(sender, sending, message, size, extensions), sending,
+                    {r: _rcpt_params(r, extensions) for r in sending}, refused)
 
 
 def _needs_smtputf8(sender: str, recipients: Sequence[str], message: bytes) -> dict[str, Verdict]:
     if not sender.isascii():
-        return dict.fromkeys(
-            recipients,
-            refused_here("5.6.7", "the sender address needs SMTPUTF8, which the server does not offer"),
-        )
+        return dict.fromkeys(recipients, refused_here(
+            "5.6.7", "the sender address needs SMTPUTF8, which the server does not offer"))
     if not header_section(message).isascii():
-        return dict.fromkeys(
-            recipients,
-            refused_here(
-                "5.6.9",
-                "the message has non-ASCII header fields that need SMTPUTF8, which the server does not offer",
-            ),
-        )
-    return {
-        r: refused_here("5.6.7", "the recipient address needs SMTPUTF8, which the server does not offer")
-        for r in recipients
-        if not r.isascii()
-    }
+        return dict.fromkeys(recipients, refused_here(
+            "5.6.9", "the message has non-ASCII header fields that need SMTPUTF8, "
+                     "which the server does not offer"))
+    return {r: refused_here("5.6.7", "the recipient address needs SMTPUTF8, which the server does not offer")
+            for r in recipients if not r.isascii()}
 
 
-def _mail_params(
-    sender: str, recipients: Sequence[str], message: bytes, size: int, extensions: Extensions
-) -> tuple[str, ...]:
+def _mail_params(sender: str, recipients: Sequence[str], message: bytes, size: int,
+                 extensions: Extensions) -> tuple[str, ...]:
     params: list[str] = []
     if extensions.has("size"):
         params.append(f"SIZE={size}")
     if extensions.has("8bitmime") and not message.isascii():
         params.append("BODY=8BITMIME")
-    needs_utf8 = not (
-        sender.isascii() and all(r.isascii() for r in recipients) and header_section(message).isascii()
-    )
+    needs_utf8 = not (sender.isascii() and all(r.isascii() for r in recipients)
+                      and header_section(message).isascii())
     if extensions.has("smtputf8") and needs_utf8:
         params.append("SMTPUTF8")
     return tuple(params)

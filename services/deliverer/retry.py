@@ -62,9 +62,8 @@ class Job:
 
     @classmethod
     def again(cls, retry: RetryScheduled) -> Job:
-        return cls(
-            routed=retry.routed, recipients=retry.recipients, attempts=retry.attempts, age_from=retry.age_from
-        )
+        return cls(routed=retry.routed, recipients=retry.recipients, attempts=retry.attempts,
+                   age_from=retry.age_from)
 
 
 @dataclass(frozen=True)
@@ -78,9 +77,8 @@ class Followups:
     retry_tier: int = 0
 
 
-def followups(
-    job: Job, verdicts: Mapping[str, Verdict], *, now: datetime, policy: RetryPolicy, server: str
-) -> Followups:
+def followups(job: Job, verdicts: Mapping[str, Verdict], *, now: datetime, policy: RetryPolicy,
+              server: str) -> Followups:
     """The events that record an attempt at `job`'s recipients with these verdicts."""
     attempt = job.attempts + 1
     next_due = policy.due(attempt, now, job.age_from)
@@ -93,26 +91,18 @@ def followups(
             verdict = _expired(verdict, attempt, policy)
         result.attempted.append(_attempted(job, recipient, verdict, attempt=attempt, now=now, server=server))
         if verdict.outcome == "delivered":
-            result.delivered.append(
-                RecipientDelivered(fetch_id=job.routed.fetch_id, recipient=recipient, delivered_at=now)
-            )
+            result.delivered.append(RecipientDelivered(fetch_id=job.routed.fetch_id, recipient=recipient,
+                                                       delivered_at=now))
         elif verdict.outcome == "failed":
             reason = EXPIRED if expired else REJECTED if verdict.smtp_code is not None else UNSENDABLE
-            result.dead.append(
-                _dead(job, recipient, verdict, reason=reason, attempt=attempt, now=now, server=server)
-            )
+            result.dead.append(_dead(job, recipient, verdict, reason=reason, attempt=attempt, now=now,
+                                     server=server))
         else:
             waiting.append(recipient)
     if not waiting or next_due is None:
         return result
-    retry = RetryScheduled(
-        routed=job.routed,
-        recipients=tuple(waiting),
-        attempts=attempt,
-        due_at=next_due,
-        age_from=job.age_from,
-        last_reply=verdicts[waiting[0]].text,
-    )
+    retry = RetryScheduled(routed=job.routed, recipients=tuple(waiting), attempts=attempt, due_at=next_due,
+                           age_from=job.age_from, last_reply=verdicts[waiting[0]].text)
     return Followups(result.attempted, result.delivered, result.dead, retry, policy.tier(attempt))
 
 
@@ -122,33 +112,15 @@ def _expired(verdict: Verdict, attempts: int, policy: RetryPolicy) -> Verdict:
     return Verdict("failed", verdict.smtp_code, verdict.enhanced_code, text)
 
 
-def _attempted(
-    job: Job, recipient: str, verdict: Verdict, *, attempt: int, now: datetime, server: str
-) -> DeliveryAttempted:
-    return DeliveryAttempted(
-        fetch_id=job.routed.fetch_id,
-        recipient=recipient,
-        outcome=verdict.outcome,
-        smtp_code=verdict.smtp_code,
-        enhanced_code=verdict.enhanced_code,
-        smtp_text=verdict.text,
-        attempt=attempt,
-        attempted_at=now,
-        server=server,
-    )
+def _attempted(job: Job, recipient: str, verdict: Verdict, *, attempt: int, now: datetime,
+               server: str) -> DeliveryAttempted:
+    return DeliveryAttempted(fetch_id=job.routed.fetch_id, recipient=recipient, outcome=verdict.outcome,
+                             smtp_code=verdict.smtp_code, enhanced_code=verdict.enhanced_code,
+                             smtp_text=verdict.text, attempt=attempt, attempted_at=now, server=server)
 
 
-def _dead(
-    job: Job, recipient: str, verdict: Verdict, *, reason: str, attempt: int, now: datetime, server: str
-) -> DeliveryDeadLettered:
-    return DeliveryDeadLettered(
-        routed=job.routed,
-        recipient=recipient,
-        reason=reason,
-        smtp_code=verdict.smtp_code,
-        enhanced_code=verdict.enhanced_code,
-        smtp_text=verdict.text,
-        attempts=attempt,
-        dead_lettered_at=now,
-        server=server,
-    )
+def _dead(job: Job, recipient: str, verdict: Verdict, *, reason: str, attempt: int, now: datetime,
+          server: str) -> DeliveryDeadLettered:
+    return DeliveryDeadLettered(routed=job.routed, recipient=recipient, reason=reason,
+                                smtp_code=verdict.smtp_code, enhanced_code=verdict.enhanced_code,
+                                smtp_text=verdict.text, attempts=attempt, dead_lettered_at=now, server=server)

@@ -87,13 +87,8 @@ class Topics:
 
     @classmethod
     def of(cls, settings: DeploymentSettings) -> Topics:
-        return cls(
-            settings.topic(ROUTED),
-            settings.topic(DELIVERY_ATTEMPTS),
-            settings.topic(DEAD_LETTERS),
-            settings.topic(DELIVERED),
-            tuple(settings.topic(t) for t in RETRY_TOPICS),
-        )
+        return cls(settings.topic(ROUTED), settings.topic(DELIVERY_ATTEMPTS), settings.topic(DEAD_LETTERS),
+                   settings.topic(DELIVERED), tuple(settings.topic(t) for t in RETRY_TOPICS))
 
 
 @dataclass
@@ -135,10 +130,9 @@ class Deliverer:
         """Deliver until `stop` is set or, with `until_idle`, until nothing is left to do now."""
         stop = stop or asyncio.Event()
         ledger_group = self.settings.group(f"deliverer-ledger-{uuid.uuid4().hex[:12]}")
-        async with (
-            self.log.producer() as producer,
-            self.log.consumer(ledger_group, [self.topics.delivered]) as ledger_consumer,
-        ):
+        async with self.log.producer() as producer, self.log.consumer(
+            ledger_group, [self.topics.delivered]
+        ) as ledger_consumer:
             self._producer: LogProducer = producer
             self._ledger = Ledger(ledger_consumer)
             await self._ledger.catch_up()
@@ -229,15 +223,9 @@ class Deliverer:
         if verdict.outcome == "delivered":
             logger.info("fetch %s to %s: dead letter reported to %s", fetch_id, dead.recipient, postmaster)
         else:
-            logger.error(
-                "fetch %s to %s: the dead letter notice to %s was not delivered (%s): %s %s",
-                fetch_id,
-                dead.recipient,
-                postmaster,
-                verdict.outcome,
-                verdict.smtp_code or "",
-                verdict.text,
-            )
+            logger.error("fetch %s to %s: the dead letter notice to %s was not delivered (%s): %s %s",
+                         fetch_id, dead.recipient, postmaster, verdict.outcome, verdict.smtp_code or "",
+                         verdict.text)
 
     def _observe(self, result: Followups) -> None:
         if self.metrics is None:
@@ -249,18 +237,12 @@ class Deliverer:
     def _claim(self, job: Job) -> Job | None:
         """The job narrowed to the pairs neither delivered nor in flight, which it then holds."""
         fetch_id = job.routed.fetch_id
-        fresh = tuple(
-            r
-            for r in job.recipients
-            if not self._ledger.delivered(fetch_id, r) and (fetch_id, r) not in self._in_flight
-        )
+        fresh = tuple(r for r in job.recipients
+                      if not self._ledger.delivered(fetch_id, r) and (fetch_id, r) not in self._in_flight)
         if len(fresh) < len(job.recipients):
             self.counts.skipped += len(job.recipients) - len(fresh)
-            logger.info(
-                "fetch %s: skipped %d copies already delivered or in flight",
-                fetch_id,
-                len(job.recipients) - len(fresh),
-            )
+            logger.info("fetch %s: skipped %d copies already delivered or in flight",
+                        fetch_id, len(job.recipients) - len(fresh))
         self._in_flight.update((fetch_id, r) for r in fresh)
         if not fresh:
             return None
@@ -269,38 +251,24 @@ class Deliverer:
     async def _attempt(self, job: Job) -> Followups:
         routed = job.routed
         trace = received_field(
-            pop3_host=routed.pop3_host,
-            fetch_id=routed.fetch_id,
-            at=self.clock.now(),
-            recipient=job.recipients[0] if len(job.recipients) == 1 else None,
-            by=self.trace_by,
+            pop3_host=routed.pop3_host, fetch_id=routed.fetch_id, at=self.clock.now(),
+            recipient=job.recipients[0] if len(job.recipients) == 1 else None, by=self.trace_by,
             line_ending=line_ending_of(routed.raw),
         )
-        verdicts = await self.transport.deliver(
-            mail_from(routed.envelope_sender), job.recipients, with_trace(routed.raw, trace)
-        )
-        result = followups(
-            job, verdicts, now=self.clock.now(), policy=self.policy, server=self.transport.server
-        )
+        verdicts = await self.transport.deliver(mail_from(routed.envelope_sender), job.recipients,
+                                                with_trace(routed.raw, trace))
+        result = followups(job, verdicts, now=self.clock.now(), policy=self.policy,
+                           server=self.transport.server)
         for attempted in result.attempted:
-            logger.info(
-                "fetch %s to %s: %s (attempt %d) %s %s",
-                attempted.fetch_id,
-                attempted.recipient,
-                attempted.outcome,
-                attempted.attempt,
-                attempted.smtp_code or "",
-                attempted.smtp_text,
-            )
+            logger.info("fetch %s to %s: %s (attempt %d) %s %s", attempted.fetch_id, attempted.recipient,
+                        attempted.outcome, attempted.attempt, attempted.smtp_code or "", attempted.smtp_text)
         return result
 
     def _outgoing(self, result: Followups) -> list[Outgoing]:
         topics = self.topics
         out = [Outgoing(topics.attempts, encode(a), a.fetch_id.encode()) for a in result.attempted]
-        out += [
-            Outgoing(topics.delivered, encode(d), ledger_key(d.fetch_id, d.recipient))
-            for d in result.delivered
-        ]
+        out += [Outgoing(topics.delivered, encode(d), ledger_key(d.fetch_id, d.recipient))
+                for d in result.delivered]
         out += [Outgoing(topics.dead_letters, encode(d), d.routed.fetch_id.encode()) for d in result.dead]
         if result.retry is not None:
             retry, topic = result.retry, topics.retries[result.retry_tier]

@@ -188,15 +188,9 @@ class _Session:
         except _LostError as exc:
             self.close()
             broken = str(exc)
-        return Conversation(
-            recipients=envelope.recipients,
-            lmtp=self.lmtp,
-            mail=heard.mail,
-            rcpts=tuple(heard.rcpts),
-            data=heard.data,
-            finals=tuple(heard.finals),
-            broken=broken,
-        )
+        return Conversation(recipients=envelope.recipients, lmtp=self.lmtp, mail=heard.mail,
+                            rcpts=tuple(heard.rcpts), data=heard.data, finals=tuple(heard.finals),
+                            broken=broken)
 
     async def _transact(self, envelope: Envelope, data: bytes, heard: _Heard) -> None:
         mail = _command(b"MAIL FROM:", envelope.sender, envelope.mail_params)
@@ -246,14 +240,8 @@ class _Session:
 class SmtpTransport:
     """Delivers messages to one SMTP or LMTP server over a small pool of reused sessions."""
 
-    def __init__(
-        self,
-        target: SmtpTarget,
-        password: str | None = None,
-        *,
-        context: ssl.SSLContext | None = None,
-        token: TokenSource | None = None,
-    ) -> None:
+    def __init__(self, target: SmtpTarget, password: str | None = None, *,
+                 context: ssl.SSLContext | None = None, token: TokenSource | None = None) -> None:
         self.target = target
         self._password = password
         self._token = token
@@ -271,9 +259,8 @@ class SmtpTransport:
     async def __aenter__(self) -> SmtpTransport:
         return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -312,13 +299,8 @@ class SmtpTransport:
     async def _open(self) -> _Session:
         target = self.target
         client = aiosmtplib.SMTP(
-            hostname=target.host,
-            port=target.port,
-            local_hostname=target.helo_name,
-            timeout=target.timeout,
-            use_tls=target.tls == "implicit",
-            start_tls=False,
-            tls_context=self._context,
+            hostname=target.host, port=target.port, local_hostname=target.helo_name, timeout=target.timeout,
+            use_tls=target.tls == "implicit", start_tls=False, tls_context=self._context,
         )
         step = "connect"
         try:
@@ -385,7 +367,7 @@ class SmtpTransport:
         if "xoauth2" not in client.server_auth_methods:
             raise SessionError("AUTH: the server does not offer XOAUTH2")
         if self._token is None:
-            raise SessionError('AUTH: auth = "xoauth2" but no token source was configured')
+            raise SessionError("AUTH: auth = \"xoauth2\" but no token source was configured")
         try:
             token = await self._token()
         except (CredentialError, ConfigError) as exc:

@@ -22,14 +22,8 @@ async def session_secret(mailbox: Mailbox, environ: Mapping[str, str]) -> str:
         return read_secret(
             env=mailbox.password_env, file=mailbox.password_file, environ=environ, what=f"{what} password"
         )
-    return await read_token(
-        env=mailbox.token_env,
-        file=mailbox.token_file,
-        command=mailbox.token_command,
-        environ=environ,
-        what=what,
-        timeout=mailbox.timeout,
-    )
+    return await read_token(env=mailbox.token_env, file=mailbox.token_file, command=mailbox.token_command,
+                            environ=environ, what=what, timeout=mailbox.timeout)
 
 
 async def authenticate(client: Pop3Client, mailbox: Mailbox, secret: str) -> None:

@@ -167,10 +167,9 @@ class RouterLoop:
         stop = stop or asyncio.Event()
         table = await self._load_table()
         fetched = self.settings.topic(FETCHED)
-        async with (
-            self.log.producer() as producer,
-            self.log.consumer(self.settings.group("router"), [fetched]) as consumer,
-        ):
+        async with self.log.producer() as producer, self.log.consumer(
+            self.settings.group("router"), [fetched]
+        ) as consumer:
             while not stop.is_set():
                 records = await consumer.fetch(self.poll_seconds, self.batch_size)
                 if records:
@@ -204,10 +203,7 @@ class RouterLoop:
         self.counts.postmaster += routed.failed
         log.info(
             "routed fetch_id=%s reason=%s recipients=%d suppressed=%d rules=%s",
-            event.fetch_id,
-            event.reason,
-            len(event.recipients),
-            len(event.suppressed),
+            event.fetch_id, event.reason, len(event.recipients), len(event.suppressed),
             event.rules_version or "-",
         )
 

@@ -119,11 +119,8 @@ def compare(
     rerouted: Sequence[Rerouted], old: Mapping[str, Decision], topic: str, undecodable: int = 0
 ) -> ShadowReport:
     """Which re-routed messages changed recipients against their latest real decision."""
-    changes = tuple(
-        Change(m, old[m.fetch_id])
-        for m in rerouted
-        if m.fetch_id in old and old[m.fetch_id].addresses != m.new.addresses
-    )
+    changes = tuple(Change(m, old[m.fetch_id]) for m in rerouted
+                    if m.fetch_id in old and old[m.fetch_id].addresses != m.new.addresses)
     compared = sum(1 for m in rerouted if m.fetch_id in old)
     return ShadowReport(
         topic=topic,
@@ -139,25 +136,18 @@ def compare(
 def report_text(report: ShadowReport, since: datetime, until: datetime | None) -> list[str]:
     window = f"from {since.isoformat()}" + (f" to {until.isoformat()}" if until else "")
     versions = ", ".join(report.rules_versions) or "-"
-    lines = [
-        f"shadow replay of the router {window}: {report.rerouted} message(s) re-routed into "
-        f"{report.topic} (rules {versions})"
-    ]
-    lines.append(
-        f"{len(report.changes)} would go to different recipients:"
-        if report.changes
-        else "no message would go to different recipients"
-    )
+    lines = [f"shadow replay of the router {window}: {report.rerouted} message(s) re-routed into "
+             f"{report.topic} (rules {versions})"]
+    lines.append(f"{len(report.changes)} would go to different recipients:" if report.changes
+                 else "no message would go to different recipients")
     for change in report.changes:
         m = change.message
         named = f" Message-ID <{m.message_id}>" if m.message_id else ""
         lines.append(f"  {m.fetch_id} mailbox {m.mailbox_id}{named}")
         lines.append(f"    old: {_decision_text(change.old)}")
         lines.append(f"    new: {_decision_text(m.new)}")
-    lines.append(
-        f"{report.unchanged} unchanged; {len(report.never_routed)} not routed before (not compared)"
-        + (f"; {report.undecodable} unreadable record(s) skipped" if report.undecodable else "")
-    )
+    lines.append(f"{report.unchanged} unchanged; {len(report.never_routed)} not routed before (not compared)"
+                 + (f"; {report.undecodable} unreadable record(s) skipped" if report.undecodable else ""))
     return lines
 
 
@@ -195,20 +185,14 @@ class _Window:
             self.undecodable += 1
             return None
         resolved = reroute(fetched, self.config, self.now())
-        self.rerouted.append(
-            Rerouted(fetched.fetch_id, fetched.mailbox_id, resolved.message_id, Decision.of(resolved))
-        )
+        self.rerouted.append(Rerouted(fetched.fetch_id, fetched.mailbox_id, resolved.message_id,
+                                      Decision.of(resolved)))
         return resolved
 
 
 async def shadow_replay(
-    log_: ShadowLog,
-    settings: DeploymentSettings,
-    config: MailConfig,
-    *,
-    since: datetime,
-    until: datetime | None,
-    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    log_: ShadowLog, settings: DeploymentSettings, config: MailConfig, *, since: datetime,
+    until: datetime | None, now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> ShadowReport:
     """Re-route the fetched records of [since, until) into the shadow topic and compare (module docstring)."""
     target = shadow_spec(settings)

@@ -98,13 +98,8 @@ class ProgressTracker:
 
     def status(self) -> dict[str, Any]:
         since = round(self.seconds_since_progress(), 3)
-        return {
-            "live": self.live(),
-            "ready": self.ready,
-            "lag": self.lag,
-            "seconds_since_progress": since,
-            "stall_after": self.stall_after,
-        }
+        return {"live": self.live(), "ready": self.ready, "lag": self.lag, "seconds_since_progress": since,
+                "stall_after": self.stall_after}
 
 
 @dataclass
@@ -123,12 +118,7 @@ class LagWatch:
 
     @classmethod
     def of(
-        cls,
-        log: OpsLog,
-        settings: DeploymentSettings,
-        service: str,
-        *,
-        interval: float = 30.0,
+        cls, log: OpsLog, settings: DeploymentSettings, service: str, *, interval: float = 30.0,
         progress_from_commits: bool = True,
     ) -> LagWatch:
         """The watch of one service ("router", "deliverer") of this deployment."""

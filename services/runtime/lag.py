@@ -112,14 +112,8 @@ def lag_json(stages: Sequence[StageLag], limits: Thresholds, now: datetime) -> d
                 "missing_topics": list(s.missing_topics),
                 "alerting": not s.waits,
                 "partitions": [
-                    {
-                        "topic": p.topic,
-                        "partition": p.partition,
-                        "committed": p.committed,
-                        "end": p.end,
-                        "lag": p.lag,
-                        "oldest_age_seconds": p.oldest_age,
-                    }
+                    {"topic": p.topic, "partition": p.partition, "committed": p.committed, "end": p.end,
+                     "lag": p.lag, "oldest_age_seconds": p.oldest_age}
                     for p in s.partitions
                 ],
             }

@@ -118,9 +118,7 @@ async def _ends_or_none(log: OpsLog, topic: str) -> dict[int, int] | None:
 
 
 async def oldest_timestamps(
-    log: OpsLog,
-    ends: Mapping[TopicPartition, int],
-    committed: Mapping[TopicPartition, int],
+    log: OpsLog, ends: Mapping[TopicPartition, int], committed: Mapping[TopicPartition, int],
     starts: Mapping[TopicPartition, int],
 ) -> dict[TopicPartition, int]:
     """The timestamp (ms) of the record at the group's position, for every partition with lag."""

@@ -75,18 +75,10 @@ async def gather_lag(log: OpsLog, stages: Sequence[Stage], now: datetime) -> lis
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the table.")
-@click.option(
-    "--max-lag",
-    type=click.IntRange(min=0),
-    metavar="N",
-    help="Exit 1 when a stage's total lag exceeds N messages.",
-)
-@click.option(
-    "--max-age",
-    type=click.FloatRange(min=0),
-    metavar="SECONDS",
-    help="Exit 1 when a stage's oldest unprocessed message is older than SECONDS.",
-)
+@click.option("--max-lag", type=click.IntRange(min=0), metavar="N",
+              help="Exit 1 when a stage's total lag exceeds N messages.")
+@click.option("--max-age", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Exit 1 when a stage's oldest unprocessed message is older than SECONDS.")
 @click.option("--stage", "only", multiple=True, metavar="STAGE", help="Only this stage (repeatable).")
 @click.pass_context
 def lag(
@@ -127,46 +119,22 @@ def _select(stages: Sequence[Stage], only: Sequence[str]) -> list[Stage]:
 
 @click.command()
 @click.argument("stage_name", metavar="STAGE")
-@click.option(
-    "--from",
-    "since",
-    required=True,
-    metavar="TIME",
-    callback=time_option,
-    help="ISO 8601 time, UTC unless a zone is given (2026-11-27T08:00, ...+01:00).",
-)
-@click.option(
-    "--to",
-    "until",
-    metavar="TIME",
-    callback=time_option,
-    help="End of a window (excluded): copy the input records of [--from, --to) to the end of the "
-    "input topic, so the running stage processes them again; the group is not touched.",
-)
-@click.option(
-    "--execute",
-    is_flag=True,
-    help="Reset the group, or with --to copy the window (default: a dry run that changes nothing).",
-)
-@click.option(
-    "--shadow",
-    is_flag=True,
-    help="router only: re-route the window with the current rules into a shadow topic and list the "
-    "messages that would go to different recipients; changes nothing for users.",
-)
-@click.option(
-    "--config", "config_path", type=click.Path(path_type=Path), help="Mail config (TOML), for --shadow."
-)
+@click.option("--from", "since", required=True, metavar="TIME", callback=time_option,
+              help="ISO 8601 time, UTC unless a zone is given (2026-11-27T08:00, ...+01:00).")
+@click.option("--to", "until", metavar="TIME", callback=time_option,
+              help="End of a window (excluded): copy the input records of [--from, --to) to the end of the "
+                   "input topic, so the running stage processes them again; the group is not touched.")
+@click.option("--execute", is_flag=True,
+              help="Reset the group, or with --to copy the window (default: a dry run that changes nothing).")
+@click.option("--shadow", is_flag=True,
+              help="router only: re-route the window with the current rules into a shadow topic and list the "
+                   "messages that would go to different recipients; changes nothing for users.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="Mail config (TOML), for --shadow.")
 @click.pass_context
 def replay(
-    ctx: click.Context,
-    *,
-    stage_name: str,
-    since: datetime,
-    until: datetime | None,
-    execute: bool,
-    shadow: bool,
-    config_path: Path | None,
+    ctx: click.Context, *, stage_name: str, since: datetime, until: datetime | None, execute: bool,
+    shadow: bool, config_path: Path | None,
 ) -> None:
     """Have STAGE process its input again from --from.
 
@@ -200,10 +168,8 @@ def _replay_from(settings: DeploymentSettings, stage: Stage, since: datetime, *,
         click.echo(f"dry run: nothing changed; add --execute to apply{active if members else ''}")
         return
     if members:
-        fail(
-            f"refusing to replay: the group {stage.group!r} has {len(members)} active member(s) "
-            f"({', '.join(sorted(members))}); stop the {stage.name} and try again"
-        )
+        fail(f"refusing to replay: the group {stage.group!r} has {len(members)} active member(s) "
+             f"({', '.join(sorted(members))}); stop the {stage.name} and try again")
     try:
         applied = asyncio.run(execute_replay(ops_log(settings), plan))
     except LogError as exc:
@@ -247,12 +213,7 @@ def _replayable(settings: DeploymentSettings, name: str) -> Stage:
 
 
 def _shadow(
-    ctx: click.Context,
-    stage: Stage,
-    since: datetime,
-    until: datetime | None,
-    *,
-    execute: bool,
+    ctx: click.Context, stage: Stage, since: datetime, until: datetime | None, *, execute: bool,
     config: Path | None,
 ) -> None:
     """Hand over to the router's shadow replay through the command group (the runtime imports no service)."""

@@ -161,10 +161,8 @@ def window_plan(
 
 def window_text(plan: WindowPlan) -> list[str]:
     """The dry-run table of a window replay: per partition, the offsets copied and how many."""
-    lines = [
-        f"replay {plan.stage} from {plan.since.isoformat()} to {plan.until.isoformat()}: "
-        f"copy the window to the end of {plan.topic}"
-    ]
+    lines = [f"replay {plan.stage} from {plan.since.isoformat()} to {plan.until.isoformat()}: "
+             f"copy the window to the end of {plan.topic}"]
     width = max((len(p.topic) for p in plan.partitions), default=5)
     lines.append(f"  {'topic':<{width}}  part  {'from..to':>21}  records")  # `to` excluded
     for p in plan.partitions:

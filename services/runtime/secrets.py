@@ -37,15 +37,8 @@ def read_secret(*, env: str | None, file: str | None, environ: Mapping[str, str]
     raise ConfigError(f"{what}: no secret reference (set *_env or *_file)")
 
 
-async def read_token(
-    *,
-    env: str | None,
-    file: str | None,
-    command: tuple[str, ...],
-    environ: Mapping[str, str],
-    what: str,
-    timeout: float,
-) -> str:
+async def read_token(*, env: str | None, file: str | None, command: tuple[str, ...],
+                     environ: Mapping[str, str], what: str, timeout: float) -> str:
     """An OAuth2 bearer token, read afresh: `command`'s stdout when set, else the variable or file."""
     if command:
         return await run_token_command(command, what, timeout=timeout)

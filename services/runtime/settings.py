@@ -150,9 +150,9 @@ class Mailbox(_Config, frozen=True):
         if self.max_messages_per_session is not None and self.max_messages_per_session < 1:
             raise ValueError("max_messages_per_session: must be at least 1")
         if self.keep_days is not None and (self.mode != "keep" or self.keep_days < 0):
-            raise ValueError('keep_days: a number of days >= 0, only with mode = "keep"')
+            raise ValueError("keep_days: a number of days >= 0, only with mode = \"keep\"")
         if self.auth == "xoauth2" and not (self.token_env or self.token_file or self.token_command):
-            raise ValueError('auth = "xoauth2" needs token_env, token_file or token_command')
+            raise ValueError("auth = \"xoauth2\" needs token_env, token_file or token_command")
 
     @property
     def needs_password(self) -> bool:
@@ -208,9 +208,9 @@ class SmtpTarget(_Config, frozen=True):
         if not 1 <= len(self.retry_delays) <= 5 or min(self.retry_delays) <= 0:
             raise ValueError("retry_delays: one to five positive numbers of seconds")
         if self.auth == "xoauth2" and not self.username:
-            raise ValueError('auth = "xoauth2" needs username')
+            raise ValueError("auth = \"xoauth2\" needs username")
         if self.auth == "xoauth2" and not (self.token_env or self.token_file or self.token_command):
-            raise ValueError('auth = "xoauth2" needs token_env, token_file or token_command')
+            raise ValueError("auth = \"xoauth2\" needs token_env, token_file or token_command")
 
 
 class MailConfig(_Config, frozen=True):

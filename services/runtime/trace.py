@@ -147,12 +147,8 @@ def _step_json(step: Step) -> dict[str, Any]:
     if isinstance(step.event, DeliveryDeadLettered):
         routed = step.event.routed
         body["routed"] = {"fetch_id": routed.fetch_id, "rules_version": routed.rules_version}
-    where = {
-        "topic": step.record.topic,
-        "partition": step.record.partition,
-        "offset": step.record.offset,
-        "appended_at_ms": step.record.timestamp_ms,
-    }
+    where = {"topic": step.record.topic, "partition": step.record.partition, "offset": step.record.offset,
+             "appended_at_ms": step.record.timestamp_ms}
     return {"kind": step.kind, "at": step.at.isoformat(), "stored": where, **body}
 
 

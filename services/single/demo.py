@@ -174,14 +174,8 @@ def healthy(result: DemoResult) -> bool:
 
 
 @click.command()
-@click.option(
-    "--pop3",
-    "kind",
-    type=click.Choice(["auto", "dovecot", "builtin"]),
-    default="auto",
-    show_default=True,
-    help="The throwaway POP3 server: Dovecot if installed (auto), or built in.",
-)
+@click.option("--pop3", "kind", type=click.Choice(["auto", "dovecot", "builtin"]), default="auto",
+              show_default=True, help="The throwaway POP3 server: Dovecot if installed (auto), or built in.")
 @click.option("--verbose", is_flag=True, help="Show the stages' log lines on stderr.")
 def demo(kind: str, verbose: bool) -> None:
     """Run the pipeline against throwaway local POP3 and SMTP servers with sample mail; print who got what.

@@ -202,10 +202,7 @@ class DemoDovecot:
         me = pwd.getpwuid(os.geteuid()).pw_name
         login_user = ("dovenull" if _user_exists("dovenull") else "nobody") if self._as_root else me
         return _CONFIG.substitute(
-            root=self._root,
-            port=port,
-            mail_uid=self._uid,
-            mail_gid=self._gid,
+            root=self._root, port=port, mail_uid=self._uid, mail_gid=self._gid,
             login_user=login_user,
             internal_user="root" if self._as_root else me,
             internal_group="root" if self._as_root else grp.getgrgid(os.getegid()).gr_name,
@@ -221,10 +218,7 @@ class DemoDovecot:
             with (self._root / "stderr.log").open("ab") as output:
                 self._process = subprocess.Popen(  # noqa: S603 -- our own binary path and arguments
                     [self._binary, "-F", "-c", str(config)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=output,
-                    stderr=output,
-                    start_new_session=True,
+                    stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
                 )
             if self._wait_until_answering(self._process):
                 return

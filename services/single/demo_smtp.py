@@ -17,11 +17,7 @@ MAX_SIZE = 64 * 1024 * 1024
 _PATH = re.compile(r"^(?:FROM|TO):\s*<([^>]*)>", re.IGNORECASE)
 _EHLO = f"250-demo-smtp.localhost\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE {MAX_SIZE}"
 _SIMPLE = {
-    "EHLO": _EHLO,
-    "LHLO": _EHLO,
-    "HELO": "250 demo-smtp.localhost",
-    "NOOP": "250 OK",
-    "RSET": "250 OK",
+    "EHLO": _EHLO, "LHLO": _EHLO, "HELO": "250 demo-smtp.localhost", "NOOP": "250 OK", "RSET": "250 OK",
     "QUIT": "221 bye",
 }
 

@@ -107,13 +107,8 @@ class Pipeline:
             # in the ledger before the next batch starts, so a kill can catch at most this many copies
             # between the server's 250 and the ledger (RFC 1047's window), which a restart sends again.
             deliverer = Deliverer(
-                self.log,
-                self.settings,
-                transport,
-                policy=policy,
-                poll_seconds=self.poll_seconds,
-                batch_size=target.connections,
-                postmaster=notice_address(self.config),
+                self.log, self.settings, transport, policy=policy, poll_seconds=self.poll_seconds,
+                batch_size=target.connections, postmaster=notice_address(self.config),
             )
             if until_idle:
                 await self._until_idle(router, deliverer, stop)

@@ -70,71 +70,35 @@ def _isp_copy(rcpt: str, headers: str, body: str, *, forged: str = "") -> bytes:
 
 def samples() -> list[Sample]:
     """The catch-all mailbox's content, in delivery order."""
-    party = (
-        "From: Olga <olga@partner.example>\nTo: alice@example.com\nSubject: Party on Friday\n"
-        "Message-ID: <party-1@partner.example>\n"
-    )
+    party = "From: Olga <olga@partner.example>\nTo: alice@example.com\nSubject: Party on Friday\n" \
+            "Message-ID: <party-1@partner.example>\n"
     return [
-        Sample(
-            "Bcc: dave is named only in Delivered-To",
-            _isp_copy(
-                "dave",
-                "From: Ivan <ivan@partner.example>\nTo: ivan@partner.example\n"
-                "Subject: Quarterly figures (Bcc)\nMessage-ID: <q3@partner.example>\n",
-                "Dave, see attachment.",
-            ),
-        ),
-        Sample(
-            "mailing list: List-Id rule",
-            _isp_copy(
-                "erin",
-                "From: Announce <announce@lists.example.net>\n"
-                "To: announce@lists.example.net\nSubject: [announce] New release\n"
-                "List-Id: Announcements <announce.lists.example.net>\n"
-                "Message-ID: <rel-7@lists.example.net>\n",
-                "Version 7 is out.",
-            ),
-        ),
-        Sample(
-            "forged Delivered-To: carol below the ISP's Received is ignored",
-            _isp_copy(
-                "bob",
-                "From: Mallory <mallory@evil.example>\nTo: bob@example.com\n"
-                "Subject: Invoice overdue\nMessage-ID: <inv-1@evil.example>\n",
-                "Please pay.",
-                forged="Delivered-To: carol@example.com\n",
-            ),
-        ),
-        Sample(
-            "plus address: alice+shop is alice",
-            _isp_copy(
-                "alice+shop",
-                "From: Shop <orders@shop.example>\nTo: alice+shop@example.com\n"
-                "Subject: Your order shipped\nMessage-ID: <order-55@shop.example>\n",
-                "Order 55 is on its way.",
-            ),
-        ),
-        Sample(
-            "alias: sales is alice and bob",
-            _isp_copy(
-                "sales",
-                "From: Customer <buyer@client.example>\nTo: sales@example.com\n"
-                "Subject: Request for quote\nMessage-ID: <rfq-3@client.example>\n",
-                "Please quote 100 units.",
-            ),
-        ),
-        Sample(
-            "unknown user: zoe goes to the postmaster",
-            _isp_copy(
-                "zoe",
-                "From: Someone <someone@far.example>\nTo: zoe@example.com\n"
-                "Subject: Hello Zoe\nMessage-ID: <hi-zoe@far.example>\n",
-                "Are you there?",
-            ),
-        ),
+        Sample("Bcc: dave is named only in Delivered-To",
+               _isp_copy("dave", "From: Ivan <ivan@partner.example>\nTo: ivan@partner.example\n"
+                         "Subject: Quarterly figures (Bcc)\nMessage-ID: <q3@partner.example>\n",
+                         "Dave, see attachment.")),
+        Sample("mailing list: List-Id rule",
+               _isp_copy("erin", "From: Announce <announce@lists.example.net>\n"
+                         "To: announce@lists.example.net\nSubject: [announce] New release\n"
+                         "List-Id: Announcements <announce.lists.example.net>\n"
+                         "Message-ID: <rel-7@lists.example.net>\n", "Version 7 is out.")),
+        Sample("forged Delivered-To: carol below the ISP's Received is ignored",
+               _isp_copy("bob", "From: Mallory <mallory@evil.example>\nTo: bob@example.com\n"
+                         "Subject: Invoice overdue\nMessage-ID: <inv-1@evil.example>\n",
+                         "Please pay.", forged="Delivered-To: carol@example.com\n")),
+        Sample("plus address: alice+shop is alice",
+               _isp_copy("alice+shop", "From: Shop <orders@shop.example>\nTo: alice+shop@example.com\n"
+                         "Subject: Your order shipped\nMessage-ID: <order-55@shop.example>\n",
+                         "Order 55 is on its way.")),
+        Sample("alias: sales is alice and bob",
+               _isp_copy("sales", "From: Customer <buyer@client.example>\nTo: sales@example.com\n"
+                         "Subject: Request for quote\nMessage-ID: <rfq-3@client.example>\n",
+                         "Please quote 100 units.")),
+        Sample("unknown user: zoe goes to the postmaster",
+               _isp_copy("zoe", "From: Someone <someone@far.example>\nTo: zoe@example.com\n"
+                         "Subject: Hello Zoe\nMessage-ID: <hi-zoe@far.example>\n", "Are you there?")),
         # Sent to alice and alice+party: the ISP stores two copies; whichever is routed first delivers.
         Sample("same message to alice and alice+party (copy 1)", _isp_copy("alice", party, "Bring snacks.")),
-        Sample(
-            "same message to alice and alice+party (copy 2)", _isp_copy("alice+party", party, "Bring snacks.")
-        ),
+        Sample("same message to alice and alice+party (copy 2)",
+               _isp_copy("alice+party", party, "Bring snacks.")),
     ]
