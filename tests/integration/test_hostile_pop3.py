@@ -112,9 +112,10 @@ def digests(contents: Sequence[bytes]) -> set[str]:
 # --- Bounded replies ----------------------------------------------------------------------------------
 
 
-async def test_an_endless_retr_body_costs_that_message_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
+async def test_an_endless_retr_body_costs_that_message_only(tmp_path: Path, pipelining: bool) -> None:
     good = [Message(mail(1)), Message(mail(2))]
-    server = HostilePop3Server([good[0], Message(mail(99), retr=endless()), good[1]])
+    server = HostilePop3Server([good[0], Message(mail(99), retr=endless()), good[1]], pipelining=pipelining)
     async with server, stage(tmp_path) as s:
         result = await s.fetcher.poll(mailbox(server))
         published = await s.published()
@@ -281,9 +282,10 @@ def test_a_size_limit_the_fetched_topic_cannot_carry_is_a_config_error(tmp_path:
 # --- Containment ------------------------------------------------------------------------------------
 
 
-async def test_an_err_to_one_retr_skips_that_message_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
+async def test_an_err_to_one_retr_skips_that_message_only(tmp_path: Path, pipelining: bool) -> None:
     refused = Message(mail(2), retr=reply(b"-ERR [SYS/PERM] cannot read this one"))
-    server = HostilePop3Server([Message(mail(1)), refused, Message(mail(3))])
+    server = HostilePop3Server([Message(mail(1)), refused, Message(mail(3))], pipelining=pipelining)
     metrics = Metrics(process=False)
     async with server, stage(tmp_path, metrics=metrics) as s:
         result = await s.fetcher.poll(mailbox(server))
@@ -519,17 +521,20 @@ ARRIVALS = st.lists(
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rounds=st.lists(ARRIVALS, min_size=1, max_size=3), mode=st.sampled_from(["delete", "keep"]))
+@given(
+    rounds=st.lists(ARRIVALS, min_size=1, max_size=3), mode=st.sampled_from(["delete", "keep"]),
+    pipelining=st.booleans(),
+)  # fmt: skip
 def test_every_message_ends_durable_or_still_on_the_server(
-    tmp_path_factory: pytest.TempPathFactory, rounds: list[list[Arrival]], mode: str
+    tmp_path_factory: pytest.TempPathFactory, rounds: list[list[Arrival]], mode: str, pipelining: bool
 ) -> None:
     """Mail arrives in rounds (shared, malformed, reused UIDLs, LIST lies, -ERR to RETR), a pass each."""
-    asyncio.run(_passes(tmp_path_factory.mktemp("log"), rounds, mode))
+    asyncio.run(_passes(tmp_path_factory.mktemp("log"), rounds, mode, pipelining))
 
 
-async def _passes(data_dir: Path, rounds: list[list[Arrival]], mode: str) -> None:
+async def _passes(data_dir: Path, rounds: list[list[Arrival]], mode: str, pipelining: bool) -> None:
     ever: list[Message] = []
-    server = HostilePop3Server([])
+    server = HostilePop3Server([], pipelining=pipelining)
     async with server, stage(data_dir) as s:
         box = mailbox(server, mode=mode, max_message_size=5_000)
         for arrivals in rounds:

@@ -9,8 +9,9 @@ or a 1 KB claim for a 60 MB message.
     async with HostilePop3Server([Message(b"..."), Message(b"...", retr=endless())]) as server:
         ...  # connect to server.host, server.port with LOGIN / PASSWORD
 
-Replies to a connection go out in order, one command at a time (no PIPELINING in CAPA). Every session
-task is cancelled when the server stops, so an endless script never outlives its test.
+Replies to a connection go out in order, one command at a time; with `pipelining` CAPA offers
+PIPELINING, so the client sends several commands ahead. Every session task is cancelled when the server
+stops, so an endless script never outlives its test.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class HostilePop3Server:
     greeting: Script | None = None
     uidl_reply: Script | None = None  # replaces the whole UIDL listing
     list_reply: Script | None = None  # replaces the whole LIST listing
+    pipelining: bool = False
     host: str = HOST
     port: int = 0
     commands: list[bytes] = field(default_factory=list)
@@ -228,7 +230,8 @@ class _Session:
             await self.writer.drain()
             return False
         if verb == b"CAPA":
-            self.writer.write(b"+OK\r\nUSER\r\nUIDL\r\n.\r\n")
+            offer = b"PIPELINING\r\n" if self.server.pipelining else b""
+            self.writer.write(b"+OK\r\nUSER\r\nUIDL\r\n" + offer + b".\r\n")
         elif verb == b"USER":
             self.user = argument
             self.writer.write(b"+OK\r\n")
