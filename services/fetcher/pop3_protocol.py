@@ -477,7 +477,7 @@ def _listing(line: str, keyword: str) -> tuple[int, str]:
 
 
 def _number(text: str, keyword: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # str.isdigit alone takes "²", which int() refuses
         raise RemoteProtocolError(f"malformed number in a {keyword} reply: {text[:20]!r}")
     return int(text)
 

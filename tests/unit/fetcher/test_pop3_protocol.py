@@ -447,10 +447,15 @@ def test_stat() -> None:
     assert parse_stat("2 320") == (2, 320)
 
 
-@pytest.mark.parametrize("body", [b"1\r\n", b"one 120\r\n", b"1 big\r\n"])
+@pytest.mark.parametrize("body", [b"1\r\n", b"one 120\r\n", b"1 big\r\n", "1 \u00b2".encode()])
 def test_malformed_list_lines_are_protocol_errors(body: bytes) -> None:
     with pytest.raises(RemoteProtocolError, match="malformed"):
         parse_list(body)
+
+
+def test_a_uidl_line_without_a_number_is_a_protocol_error() -> None:
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        parse_uidl("\u00b2 abc\r\n".encode())
 
 
 # --- RESP-CODES -----------------------------------------------------------------------------------------
