@@ -69,7 +69,7 @@ async def run_fetcher(
     async with log_.producer() as producer:
         fetcher = Fetcher(
             settings=settings, producer=producer, memory=memory, environ=environ, metrics=metrics,
-            tracker=tracker,
+            tracker=tracker, max_parallel_mailboxes=config.max_parallel_mailboxes,
         )  # fmt: skip
         fetcher.limit_hosts(config.mailboxes)
         if once:
@@ -174,7 +174,7 @@ def fetcher(obj: object, config_path: Path, once: bool) -> None:
         state = f"error: {result.error}" if result.error else "ok"
         click.echo(
             f"{result.mailbox_id}: published={result.published} deleted={result.deleted} "
-            f"too_big={result.too_big} {state}"
+            f"too_big={result.too_big} skipped={result.skipped} {state}"
         )
     if any(r.error for r in results):
         raise SystemExit(1)

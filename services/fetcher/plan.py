@@ -3,16 +3,25 @@
 Pure: it sees the server's listing and the fetcher's durable memory (`FetchRecorded` per UIDL), and
 decides. Deletion of a retrieved message is never planned here: the service deletes only after the
 broker acknowledged the publish.
+
+Identity: the memory is keyed by UIDL, so a UIDL must name one message. An id the server lists that
+is not RFC 1939's 1 to 70 characters in 0x21..0x7E, or that two messages share, or a message LIST shows
+and UIDL does not, names nothing: such a message is identified by its content instead (`content_key`,
+72 characters, so it can never equal a valid UIDL). It is retrieved on every pass, published once per
+content, and deleted (delete mode) only in the session that retrieved it, after the broker acknowledged
+it: a fetch id never stands for two different messages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
 from schemas.events import FetchRecorded, fetch_id_for
+from services.fetcher.pop3_protocol import valid_unique_id
 
 
 @dataclass(frozen=True)
@@ -20,13 +29,32 @@ class Listed:
     """One message as the server lists it in this session."""
 
     number: int
-    uidl: str
-    size: int
+    uidl: str  # "" until retrieved when `by_content`, then its content_key
+    size: int  # as LIST claims it; only the bytes received count against the size limit
+    by_content: bool = False
+
+
+def identify(uidls: Mapping[int, str], sizes: Mapping[int, int]) -> list[Listed]:
+    """The listing of one session: each message by UIDL when its id can identify it, else by content."""
+    shared = Counter(uidls.values())
+    listing = []
+    for number in sorted(set(uidls) | set(sizes)):
+        uidl = uidls.get(number, "")
+        usable = valid_unique_id(uidl) and shared[uidl] == 1
+        listing.append(Listed(number, uidl if usable else "", sizes.get(number, 0), by_content=not usable))
+    return listing
+
+
+def content_key(sha256: str) -> str:
+    """The identity of a message without a usable UIDL: longer than any valid UIDL, so never one."""
+    return f"~sha256:{sha256}"
 
 
 @dataclass(frozen=True)
 class Plan:
-    """`delete_only`: published before, to delete now (delete mode, or keep mode past `keep_days`).
+    """`delete_only`: published before by UIDL and size, to delete now (delete mode, or keep mode past
+    `keep_days`) without publishing again, once the service checked the digest (the same UIDL and size
+    do not prove the same message: a server may reuse a UIDL after a deletion).
     `reused`: the UIDLs in `retrieve` that this mailbox published before for another message."""
 
     retrieve: list[Listed] = field(default_factory=list)
@@ -40,6 +68,15 @@ def already_published(message: Listed, known: FetchRecorded | None) -> bool:
     return known is not None and known.size == message.size
 
 
+def deletable(
+    record: FetchRecorded, *, mode: Literal["delete", "keep"], keep_days: float | None, now: datetime | None
+) -> bool:
+    """A published message may go: delete mode, or keep mode once `keep_days` have passed."""
+    if mode == "delete":
+        return True
+    return keep_days is not None and now is not None and record.published_at < now - timedelta(days=keep_days)
+
+
 def plan_pass(
     listing: list[Listed],
     known: Mapping[str, FetchRecorded],
@@ -48,23 +85,30 @@ def plan_pass(
     max_message_size: int,
     keep_days: float | None = None,
     now: datetime | None = None,
+    too_big_uidls: Collection[str] = (),
+    leave: Collection[str] = (),
+    leave_numbers: Collection[int] = (),
 ) -> Plan:
     """Decide one pass over a mailbox; `known` maps UIDL to what this mailbox published earlier.
 
     In keep mode with `keep_days`, a message published before `now - keep_days` is deleted.
+    `too_big_uidls` were found too big by the bytes received (whatever LIST says now); `leave` (UIDLs)
+    and `leave_numbers` are not to be retrieved again in this pass (refused, too slow): in no list.
     """
     retrieve: list[Listed] = []
     delete_only: list[Listed] = []
     too_big: list[Listed] = []
     reused: set[str] = set()
-    expired_before = None if keep_days is None or now is None else now - timedelta(days=keep_days)
     for message in listing:
-        record = known.get(message.uidl)
+        uidl = None if message.by_content else message.uidl
+        record = known.get(uidl) if uidl is not None else None
         if already_published(message, record):
             assert record is not None
-            if mode == "delete" or (expired_before is not None and record.published_at < expired_before):
+            if deletable(record, mode=mode, keep_days=keep_days, now=now):
                 delete_only.append(message)  # delete mode: the session that published it dropped before QUIT
-        elif message.size > max_message_size:
+        elif uidl in leave or message.number in leave_numbers:
+            continue
+        elif message.size > max_message_size or uidl in too_big_uidls:
             too_big.append(message)
         else:
             retrieve.append(message)

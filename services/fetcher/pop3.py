@@ -11,8 +11,11 @@ Leaving the block without `quit()` only drops the connection, so the server keep
 (RFC 1939 section 6: deletions happen in the UPDATE state, after QUIT). That is deliberate: a crash
 between DELE and QUIT must never lose mail. A `Pop3Client` is used by one task at a time.
 
-Every await has a timeout: connecting, the TLS handshake, each write that has to wait, and each reply;
-the reply timeout restarts whenever bytes arrive, so a large message only fails if the server stalls.
+Every await is bounded twice. `timeout` is the idle limit: connecting, the TLS handshake, each write
+that has to wait, and each reply fail when the server makes no progress for that long. `command_deadline`
+bounds each reply in all, however the bytes trickle: a server sending one byte a second cannot hold a
+session longer than that. Every reply also has a byte cap (`pop3_protocol.reply_cap`): RETR and TOP
+`max_message_bytes`, fixed caps for the listings. Both limits end the session (Pop3LimitError).
 
 Errors; `retriable` (as on aiokafka's errors) says whether the same call may succeed later:
 
@@ -27,6 +30,8 @@ Errors; `retriable` (as on aiokafka's errors) says whether the same call may suc
      +-- Pop3TlsError            no       certificate, hostname or handshake failure; or STLS
      |                                    requested but not offered (never continued in clear)
      +-- Pop3ProtocolError       no       the server's bytes are not POP3; the connection is closed
+     |    +-- Pop3LimitError     no       a reply outgrew its byte cap or its command deadline; the
+     |                                    connection is closed (`keyword` names the command)
      +-- Pop3CommandError        no       any other -ERR, e.g. RETR of a message that is gone
 
 `pop3_protocol.LocalProtocolError` (a ValueError) is not wrapped: it means an argument POP3 cannot carry
@@ -53,6 +58,7 @@ from types import TracebackType
 from typing import Final, Literal, Self, TypeVar, cast
 
 from services.fetcher.pop3_protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
     Capabilities,
     Challenge,
     Command,
@@ -61,6 +67,7 @@ from services.fetcher.pop3_protocol import (
     Recovery,
     RemoteProtocolError,
     Reply,
+    ReplyTooLargeError,
     apop_digest,
     classify_response_code,
     command,
@@ -79,6 +86,7 @@ log = logging.getLogger(__name__)
 
 TlsMode = Literal["implicit", "starttls", "none"]
 DEFAULT_TIMEOUT: Final = 30.0
+DEFAULT_COMMAND_DEADLINE: Final = 300.0  # seconds one reply may take in all
 DEFAULT_WINDOW: Final = 16  # RETR/DELE commands in flight when the server offers PIPELINING
 IN_USE_RETRY_AFTER: Final = 60.0  # killed sessions can keep the maildrop lock for minutes
 LOGIN_DELAY_RETRY_AFTER: Final = 300.0  # when the server did not advertise LOGIN-DELAY seconds
@@ -146,6 +154,16 @@ class Pop3TlsError(Pop3Error):
 
 class Pop3ProtocolError(Pop3Error):
     """The server sent something that is not POP3."""
+
+
+class Pop3LimitError(Pop3ProtocolError):
+    """The reply to `keyword` outgrew its byte cap (`exceeded` "bytes") or its overall deadline ("time");
+    the session is over."""
+
+    def __init__(self, message: str, *, keyword: str, exceeded: Literal["bytes", "time"]) -> None:
+        super().__init__(message)
+        self.keyword = keyword
+        self.exceeded = exceeded
 
 
 class Pop3CommandError(Pop3Error):
@@ -227,9 +245,11 @@ def tls_context(ca_file: str | None = None, verify: bool = True) -> ssl.SSLConte
 class _Channel(asyncio.Protocol):
     """One connection: feeds received bytes to the core, queues its replies, does flow control."""
 
-    def __init__(self, core: Pop3Connection, timeout: float) -> None:
+    def __init__(self, core: Pop3Connection, timeout: float, command_deadline: float) -> None:
         self._core = core
         self._timeout = timeout
+        self._command_deadline = command_deadline
+        self._hard_deadline = 0.0  # loop time at which the reply waited for now is over, however it trickles
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._events: deque[Event] = deque()
@@ -257,12 +277,16 @@ class _Channel(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             events = self._core.receive_data(data)
+        except ReplyTooLargeError as exc:
+            self._fail(Pop3LimitError(f"pop3: {exc}", keyword=exc.keyword, exceeded="bytes"))
+            self.transport.abort()
+            return
         except RemoteProtocolError as exc:
             self._fail(Pop3ProtocolError(f"pop3: {exc}"))
             self.transport.abort()
             return
         if self._deadline is not None and not self._deadline.expired():
-            self._deadline.reschedule(self._loop.time() + self._timeout)  # the server is not stalled
+            self._deadline.reschedule(self._next_timeout())  # the server is not stalled
         if events:
             self._events.extend(events)
             self._queued_bytes += sum(len(e.body or b"") for e in events if isinstance(e, Reply))
@@ -288,6 +312,7 @@ class _Channel(asyncio.Protocol):
     # used by the client
 
     async def next_event(self) -> Event:
+        self._hard_deadline = self._loop.time() + self._command_deadline
         while not self._events:
             if self._failure is not None:
                 raise self._failure
@@ -303,6 +328,7 @@ class _Channel(asyncio.Protocol):
         if self._failure is not None:
             raise self._failure
         self.transport.write(data)
+        self._hard_deadline = self._loop.time() + self._command_deadline
         while self._write_paused and self._failure is None:
             await self._wait("the server to read our commands")
 
@@ -347,16 +373,28 @@ class _Channel(asyncio.Protocol):
             raise RuntimeError("a Pop3Client is used by one task at a time")
         self._waiter = self._loop.create_future()
         try:
-            async with asyncio.timeout(self._timeout) as deadline:
+            async with asyncio.timeout_at(self._next_timeout()) as deadline:
                 self._deadline = deadline
                 await self._waiter
         except TimeoutError:
-            self._fail(Pop3TemporaryError(f"pop3: no progress within {self._timeout:g} s waiting for {what}"))
+            self._fail(self._timed_out(what))
             self.abort()  # the session is out of step now; it cannot be reused
             raise cast(Pop3Error, self._failure) from None
         finally:
             self._waiter = None
             self._deadline = None
+
+    def _next_timeout(self) -> float:
+        return min(self._loop.time() + self._timeout, self._hard_deadline)
+
+    def _timed_out(self, what: str) -> Pop3Error:
+        if self._loop.time() >= self._hard_deadline:
+            keyword = self._core.awaiting or "a command"
+            return Pop3LimitError(
+                f"pop3: the reply to {keyword} took longer than command_deadline "
+                f"({self._command_deadline:g} s) in all", keyword=keyword, exceeded="time",
+            )  # fmt: skip
+        return Pop3TemporaryError(f"pop3: no progress within {self._timeout:g} s waiting for {what}")
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -380,13 +418,13 @@ class _Channel(asyncio.Protocol):
 
 async def _open_channel(
     core: Pop3Connection, host: str, port: int, *, context: ssl.SSLContext | None, server_hostname: str,
-    timeout: float,
+    timeout: float, command_deadline: float,
 ) -> _Channel:  # fmt: skip
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
             _, channel = await loop.create_connection(
-                lambda: _Channel(core, timeout), host, port, ssl=context,
+                lambda: _Channel(core, timeout, command_deadline), host, port, ssl=context,
                 server_hostname=server_hostname if context else None,
                 ssl_handshake_timeout=timeout if context else None,
             )  # fmt: skip
@@ -427,22 +465,25 @@ class Pop3Client:
         timeout: float = DEFAULT_TIMEOUT,
         pipelining: bool = True,
         window: int = DEFAULT_WINDOW,
-        max_reply_bytes: int | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        command_deadline: float = DEFAULT_COMMAND_DEADLINE,
     ) -> Pop3Client:
         """Connect, read the greeting and, for `tls="starttls"`, upgrade with STLS (fail closed).
 
         `server_hostname` is the name the certificate must carry (default: `host`). `pipelining=False`
-        sends one command at a time even when the server offers PIPELINING.
+        sends one command at a time even when the server offers PIPELINING. `max_message_bytes` caps
+        a RETR or TOP reply, `command_deadline` the time any reply may take (see the module docstring).
         """
         if tls not in ("implicit", "starttls", "none"):
             raise ValueError(f"tls must be 'implicit', 'starttls' or 'none', not {tls!r}")  # never fall open
         context = (ssl_context or tls_context()) if tls != "none" else None
         hostname = server_hostname or host
         implicit = context if tls == "implicit" else None
-        core = Pop3Connection(max_reply_bytes=max_reply_bytes)
+        core = Pop3Connection(max_message_bytes=max_message_bytes)
         channel = await _open_channel(
-            core, host, port, context=implicit, server_hostname=hostname, timeout=timeout
-        )
+            core, host, port, context=implicit, server_hostname=hostname, timeout=timeout,
+            command_deadline=command_deadline,
+        )  # fmt: skip
         client = cls(channel, core, pipelining=pipelining, window=window)
         try:
             await client._greet()
@@ -534,10 +575,16 @@ class Pop3Client:
         Other commands may be sent between iterations (e.g. a DELE after each message is safely
         stored), and stopping early is safe: the replies already requested are read first.
         """
+        async for number, message in self.retr_each(numbers):
+            if isinstance(message, Pop3Error):
+                raise message
+            yield number, message
+
+    async def retr_each(self, numbers: Iterable[int]) -> AsyncIterator[tuple[int, bytes | Pop3Error]]:
+        """As `retr_many`, but a message the server refuses (-ERR) comes as its error and the rest
+        follows; a failure of the session itself (a dropped line, a limit) still raises."""
         async for number, reply in self._pipeline("RETR", numbers, await self._pipeline_window()):
-            if not reply.ok:
-                raise error_for_reply(reply)
-            yield number, _body_of(reply)
+            yield number, _body_of(reply) if reply.ok else error_for_reply(reply)
 
     async def dele(self, number: int) -> None:
         """Mark a message deleted; the server removes it only after `quit()`."""
@@ -702,4 +749,3 @@ def _challenge_text(challenge: Challenge) -> str:
         return base64.b64decode(challenge.data, validate=True).decode("utf-8", "replace")[:200]
     except binascii.Error:
         return challenge.data.decode("ascii", "replace")[:200]
-

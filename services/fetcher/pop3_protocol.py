@@ -18,7 +18,13 @@ Errors raised by this module:
      +-- LocalProtocolError (also ValueError)   we were asked to send something POP3 cannot carry:
      |                                          a bug or a configuration error; never retried
      +-- RemoteProtocolError                    the server sent something that is not POP3; the
-                                                connection is unusable (the state machine stops)
+          |                                     connection is unusable (the state machine stops)
+          +-- ReplyTooLargeError                     a reply outgrew its byte cap (see `reply_cap`)
+
+Every reply has a byte cap, so an endless or huge reply costs its session, never the memory of the
+process: a status line MAX_STATUS_LINE_OCTETS, CAPA MAX_CAPA_BYTES, the UIDL and LIST listings
+MAX_UIDL_BYTES and MAX_LIST_BYTES (sized for 100,000 messages), RETR and TOP the connection's
+`max_message_bytes` (the caller's size limit plus a margin).
 
 No message produced here contains a command argument, so a password cannot leak through them.
 """
@@ -36,6 +42,14 @@ from typing import Final, Literal
 
 MAX_COMMAND_OCTETS: Final = 255  # RFC 2449 section 4, including the terminating CRLF
 MAX_STATUS_LINE_OCTETS: Final = 2048  # RFC 1939 allows 512; poplib's _MAXLINE tolerates up to 2048
+MAX_CAPA_BYTES: Final = 64 * 1024
+# 100,000 messages: "100000 " + a 70-octet unique-id + CRLF is 79 octets a line, "100000 " + octets + CRLF
+# at most 21; the caps leave room for longer (invalid) lines and numbering gaps.
+MAX_UIDL_BYTES: Final = 16 * 1024 * 1024
+MAX_LIST_BYTES: Final = 4 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+MAX_UNIQUE_ID_OCTETS: Final = 70  # RFC 1939 section 7: 1 to 70 characters in 0x21..0x7E
+_UNIQUE_ID: Final = re.compile(rf"[\x21-\x7e]{{1,{MAX_UNIQUE_ID_OCTETS}}}")
 _CRLF: Final = b"\r\n"
 _TERMINATOR: Final = b"\r\n.\r\n"
 
@@ -50,6 +64,15 @@ class LocalProtocolError(ProtocolError, ValueError):
 
 class RemoteProtocolError(ProtocolError):
     """The server's bytes are not a POP3 reply (or arrived when no reply was expected)."""
+
+
+class ReplyTooLargeError(RemoteProtocolError):
+    """The reply to `keyword` grew past `limit` bytes; nothing of it is kept."""
+
+    def __init__(self, keyword: str, limit: int) -> None:
+        super().__init__(f"reply to {keyword} larger than {limit} bytes")
+        self.keyword = keyword
+        self.limit = limit
 
 
 class Shape(Enum):
@@ -153,29 +176,43 @@ class _Expected:
     keyword: str
     shape: Shape
     ends_plaintext: bool = False  # STLS: nothing may follow its reply before the TLS handshake
+    cap: int = MAX_STATUS_LINE_OCTETS  # bytes of a multi-line body
+
+
+def reply_cap(keyword: str, max_message_bytes: int) -> int:
+    """The byte cap of a multi-line reply to `keyword`: a message for RETR and TOP, fixed otherwise."""
+    fixed = {"CAPA": MAX_CAPA_BYTES, "UIDL": MAX_UIDL_BYTES, "LIST": MAX_LIST_BYTES}
+    return fixed.get(keyword, max_message_bytes)
 
 
 class Pop3Connection:
     """Client side of one POP3 session, without I/O. Starts out expecting the server greeting.
 
-    `max_reply_bytes` bounds one multi-line reply (None: unbounded; a caller that cares uses LIST).
+    `max_message_bytes` caps the reply to RETR and TOP (the other caps are fixed, see `reply_cap`);
+    a reply over its cap raises ReplyTooLargeError as soon as the bytes received show it.
     """
 
-    def __init__(self, *, max_reply_bytes: int | None = None) -> None:
+    def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self._expected: deque[_Expected] = deque([_Expected("GREETING", Shape.SINGLE)])
-        self._buffer = bytearray()
+        self._buffer = bytearray()  # received, not yet scanned into a reply
         self._scan = 0  # where the next search for CRLF or the terminator resumes
-        self._body_start: int | None = None  # set while inside a multi-line body
-        self._stuffed_dots: list[int] = []  # buffer offsets of dots to drop from that body
+        self._in_body = False
+        self._body = bytearray()  # the multi-line body so far, dot-stuffing removed
+        self._skip = 0  # octets at the buffer's front that precede the body (its status line's CRLF)
         self._status = ""
         self._awaiting_tls = False
         self._broken = False
-        self._max_reply_bytes = max_reply_bytes
+        self._max_message_bytes = max_message_bytes
 
     @property
     def pending(self) -> int:
         """How many replies are still expected."""
         return len(self._expected)
+
+    @property
+    def awaiting(self) -> str | None:
+        """The command whose reply comes next ("GREETING" for the banner), if any."""
+        return self._expected[0].keyword if self._expected else None
 
     @property
     def buffered(self) -> int:
@@ -185,7 +222,8 @@ class Pop3Connection:
     def send(self, cmd: Command) -> bytes:
         """Record that `cmd` is being sent; return its bytes."""
         self._check_can_send()
-        self._expected.append(_Expected(cmd.keyword, cmd.shape, ends_plaintext=cmd.keyword == "STLS"))
+        cap = reply_cap(cmd.keyword, self._max_message_bytes)
+        self._expected.append(_Expected(cmd.keyword, cmd.shape, cmd.keyword == "STLS", cap))
         return cmd.line
 
     def send_many(self, cmds: Iterable[Command]) -> bytes:
@@ -246,7 +284,7 @@ class Pop3Connection:
             self._awaiting_tls = True
 
     def _next_event(self) -> Event | None:
-        if self._body_start is None:
+        if not self._in_body:
             return self._status_event()
         return self._body_event()
 
@@ -254,15 +292,17 @@ class Pop3Connection:
         end = self._buffer.find(_CRLF, self._scan)
         if end < 0:
             if len(self._buffer) > MAX_STATUS_LINE_OCTETS:
-                raise RemoteProtocolError(f"status line longer than {MAX_STATUS_LINE_OCTETS} octets")
+                self._buffer = bytearray()
+                raise ReplyTooLargeError(self._expected[0].keyword, MAX_STATUS_LINE_OCTETS)
             self._scan = max(0, len(self._buffer) - 1)
             return None
         line = bytes(self._buffer[:end])
         expected = self._expected[0]
         if expected.shape is Shape.MULTI and line.startswith(b"+OK"):
             self._status = _status_text(line, 3)
-            self._body_start = end + 2
-            self._scan = end  # an empty body's terminator begins with the status line's CRLF
+            self._in_body = True
+            self._consume(end)  # keep the CRLF: an empty body's terminator or a first dot line starts there
+            self._skip = 2
             return self._body_event()
         self._consume(end + 2)
         return _single_line_event(line, expected)
@@ -270,32 +310,44 @@ class Pop3Connection:
     def _body_event(self) -> Reply | None:
         """Scan for line starts with a dot: each is either the terminator or a stuffed dot to drop.
 
-        One bytes.find pass over the body (C speed); Python runs once per dot line, not per byte.
+        One bytes.find pass over the body (C speed); Python runs once per dot line, not per byte. What
+        is scanned moves into `_body` without its stuffing dot, so memory is the body once, whatever
+        the number of dot lines.
         """
-        assert self._body_start is not None  # only called inside a multi-line reply
         while (hit := self._buffer.find(b"\r\n.", self._scan)) >= 0:
             if len(self._buffer) < hit + len(_TERMINATOR):
                 self._scan = hit  # the two octets after the dot decide; wait for them
                 return None
             if self._buffer[hit + 3 : hit + 5] == _CRLF:
                 return self._finish_body(hit)
-            self._stuffed_dots.append(hit + 2)
-            self._scan = hit + 3
-        self._check_reply_size()
-        self._scan = max(self._body_start - 2, len(self._buffer) - 2)
+            self._take_body(hit + 2, drop=1)  # the line keeps its CRLF and loses the stuffed dot
+            self._check_reply_size(0)
+        self._check_reply_size(len(self._buffer) - self._skip)  # no terminator in it: all body
+        self._scan = max(0, len(self._buffer) - 2)
         return None
 
+    def _take_body(self, end: int, *, drop: int) -> None:
+        """Move buffer[skip:end] to the body and forget `drop` more octets."""
+        with memoryview(self._buffer) as view:
+            self._body += view[self._skip : end]
+        del self._buffer[: end + drop]  # O(1) at the front of a bytearray in CPython
+        self._skip = 0
+        self._scan = 0
+
     def _finish_body(self, terminator: int) -> Reply:
-        assert self._body_start is not None
-        body = _unstuff(self._buffer, self._body_start, terminator + 2, self._stuffed_dots)
-        self._body_start = None
-        self._stuffed_dots = []
-        self._consume(terminator + len(_TERMINATOR))
+        self._take_body(terminator + 2, drop=len(_TERMINATOR) - 2)
+        body = bytes(self._body)
+        self._body = bytearray()
+        self._in_body = False
         return Reply(self._expected[0].keyword, True, self._status, body)
 
-    def _check_reply_size(self) -> None:
-        if self._max_reply_bytes is not None and len(self._buffer) > self._max_reply_bytes:
-            raise RemoteProtocolError(f"multi-line reply larger than {self._max_reply_bytes} bytes")
+    def _check_reply_size(self, pending: int) -> None:
+        """The body so far, with `pending` octets of it still in the buffer (stuffed), against its cap."""
+        cap = self._expected[0].cap
+        if len(self._body) + pending > cap + len(_TERMINATOR):
+            self._body = bytearray()
+            self._buffer = bytearray()  # the connection is unusable now: keep nothing of the reply
+            raise ReplyTooLargeError(self._expected[0].keyword, cap)
 
     def _consume(self, n: int) -> None:
         del self._buffer[:n]  # O(1) at the front of a bytearray in CPython
@@ -314,18 +366,6 @@ def _single_line_event(line: bytes, expected: _Expected) -> Event:
     if expected.shape is Shape.SASL and (line == b"+" or line.startswith(b"+ ")):
         return Challenge(expected.keyword, line[2:].strip())
     raise RemoteProtocolError(f"reply to {expected.keyword} is not +OK or -ERR: {line[:60]!r}")
-
-
-def _unstuff(buffer: bytearray, start: int, end: int, dots: list[int]) -> bytes:
-    """Copy buffer[start:end] once, leaving out the stuffing dots at the given positions."""
-    view = memoryview(buffer)
-    try:
-        if not dots:
-            return view[start:end].tobytes()
-        bounds = zip([start, *(d + 1 for d in dots)], [*dots, end], strict=True)
-        return b"".join([view[a:b] for a, b in bounds])
-    finally:
-        view.release()  # the slices above are gone already, so the buffer can be resized again
 
 
 # --- Reading replies -----------------------------------------------------------------------------
@@ -375,7 +415,7 @@ def parse_capabilities(body: bytes) -> Capabilities:
 
 
 def _lines(body: bytes) -> list[str]:
-    text = body.decode("utf-8", "replace")
+    text = body.decode("utf-8", "replace")  # bytes that are not UTF-8 only ever make an id invalid
     return [line for line in text.split("\r\n") if line.strip()]
 
 
@@ -398,8 +438,23 @@ def _implementation(lines: tuple[str, ...]) -> str | None:
 
 
 def parse_uidl(body: bytes) -> dict[int, str]:
-    """The multi-line UIDL reply: `msg-number unique-id` per line (RFC 1939 section 7)."""
-    return dict(_listing(line, "UIDL") for line in _lines(body))
+    """The multi-line UIDL reply: `msg-number unique-id` per line (RFC 1939 section 7).
+
+    The unique-id is everything after the number and its space, as sent (so an id with a space is
+    not cut short into another message's id); a number listed twice, or without an id, maps to "".
+    Whether an id can identify its message is `valid_unique_id`'s call, not this parser's.
+    """
+    uidls: dict[int, str] = {}
+    for line in _lines(body):
+        number_text, _, unique_id = line.strip(" ").partition(" ")
+        number = _number(number_text, "UIDL")
+        uidls[number] = "" if number in uidls else unique_id.lstrip(" ")
+    return uidls
+
+
+def valid_unique_id(unique_id: str) -> bool:
+    """RFC 1939 section 7: 1 to 70 characters, each in 0x21..0x7E."""
+    return _UNIQUE_ID.fullmatch(unique_id) is not None
 
 
 def parse_list(body: bytes) -> dict[int, int]:
@@ -422,7 +477,7 @@ def _listing(line: str, keyword: str) -> tuple[int, str]:
 
 
 def _number(text: str, keyword: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # str.isdigit alone takes "²", which int() refuses
         raise RemoteProtocolError(f"malformed number in a {keyword} reply: {text[:20]!r}")
     return int(text)
 

@@ -21,9 +21,11 @@ State = Literal[
     "in-use",  # [IN-USE]: another session (often another replica during a handover) holds the maildrop
     "login-delay",  # [LOGIN-DELAY]: logged in too recently
     "protocol-error",  # the server's bytes are not POP3
+    "limit-exceeded",  # a reply outgrew its byte cap or its command_deadline; nothing was deleted
     "server-refused",  # [SYS/PERM] or another -ERR we cannot act on
     "config-error",  # the configuration cannot work (e.g. a user name POP3 cannot carry)
     "publish-failed",  # the log (Kafka) did not take the messages; nothing was deleted
+    "internal-error",  # a bug in popbridge, contained to this mailbox's pass
 ]
 
 MAX_BACKOFF: Final = 30 * 60.0

@@ -54,6 +54,12 @@ class Metrics:
             registry=r)
         self.dead_letters = Counter(
             "popbridge_dead_letters", "Recipient copies given up and sent to the dead letters.", registry=r)
+        self.pop3_failures = Counter(
+            "popbridge_pop3_failures", "Mailbox passes that failed, by mailbox and state (e.g. "
+            "limit-exceeded, unreachable).", ["mailbox", "state"], registry=r)
+        self.messages_skipped = Counter(
+            "popbridge_messages_skipped", "Messages left on the POP3 server for now, by reason (too-big, "
+            "refused, unpublishable).", ["mailbox", "reason"], registry=r)
         self.pop3_command_seconds = Histogram(
             "popbridge_pop3_command_seconds", "Duration of POP3 commands, by verb.", ["command"],
             buckets=_COMMAND_BUCKETS, registry=r)

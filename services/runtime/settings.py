@@ -15,6 +15,11 @@ from typing import Any, Literal
 
 import msgspec
 
+from schemas.topics import MAX_MESSAGE_BYTES
+
+# The largest max_message_size: a fetched event carries the message plus its fields (ids, host, UIDL),
+# and must fit the fetched topic's max.message.bytes.
+MAX_MESSAGE_SIZE_LIMIT = MAX_MESSAGE_BYTES - 64 * 1024
 DEFAULT_ENVELOPE_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "X-RCPT-TO")
 
 
@@ -111,7 +116,9 @@ class Mailbox(_Config, frozen=True):
     routing: RoutingRules | None = None
     poll_interval: float = 60.0
     max_message_size: int = 50 * 1024 * 1024
-    timeout: float = 60.0
+    timeout: float = 60.0  # seconds without progress (connect, TLS, any reply) before a session fails
+    command_deadline: float = 300.0  # seconds one reply may take in all, however slowly its bytes come
+    pass_deadline: float = 3600.0  # seconds one pass may take in all; what is left waits for the next pass
     # How to log in: USER/PASS, APOP, SASL PLAIN (all with the password) or XOAUTH2 with a bearer token
     # from token_env, token_file or token_command (an argv run before each session; its stdout is the
     # token, so an external refresher can supply it).
@@ -129,6 +136,13 @@ class Mailbox(_Config, frozen=True):
     keep_days: float | None = None
 
     def __post_init__(self) -> None:
+        if self.max_message_size > MAX_MESSAGE_SIZE_LIMIT:
+            raise ValueError(
+                f"max_message_size: at most {MAX_MESSAGE_SIZE_LIMIT} bytes (the fetched topic's "
+                f"max.message.bytes, {MAX_MESSAGE_BYTES}, less room for the event's other fields)"
+            )
+        if self.command_deadline <= 0 or self.pass_deadline <= 0:
+            raise ValueError("command_deadline, pass_deadline: must be positive numbers of seconds")
         if self.quit_every < 1:
             raise ValueError("quit_every: must be at least 1")
         if self.max_connections_per_host < 1:
@@ -205,6 +219,12 @@ class MailConfig(_Config, frozen=True):
     delivery: SmtpTarget
     mailboxes: tuple[Mailbox, ...]
     routing: dict[str, Any] = {}
+    # POP3 sessions of different mailboxes at a time (a hung one holds its slot only until its deadlines).
+    max_parallel_mailboxes: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_parallel_mailboxes < 1:
+            raise ValueError("max_parallel_mailboxes: must be at least 1")
 
     def mailbox(self, mailbox_id: str) -> Mailbox | None:
         return next((m for m in self.mailboxes if m.id == mailbox_id), None)

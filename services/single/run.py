@@ -6,8 +6,14 @@ a kill -9 at any moment loses nothing, and a restart delivers nothing twice that
 already holds. The one window no SMTP client can close is a kill after the server accepted a message
 and before the ledger recorded it (RFC 1047): that copy is sent again.
 
-`--until-idle`: one fetch pass, then the router until every fetched message is routed, then the
-deliverer until every routed copy is handed over and no retry is due now (later retries stay queued).
+`--until-idle`: one fetch pass, with the router and the deliverer already working on what it publishes
+(so a hung mailbox holds up no other mailbox's mail); then the router until every fetched message is
+routed, then the deliverer until every routed copy is handed over and no retry is due now (later retries
+stay queued).
+
+SIGTERM and SIGINT stop either mode at a safe point: a POP3 pass is abandoned (a session without QUIT
+deletes nothing, and what was already published is deleted on the next run), the router and the
+deliverer finish the batch in hand and commit it. Exit code 0 after SIGTERM, 130 after SIGINT.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from services.runtime.embedded import EmbeddedLog
 from services.runtime.idle import is_idle
 from services.runtime.log import Log, LogError
 from services.runtime.settings import DeploymentSettings, MailConfig, load_config
+from services.runtime.signals import STOP_SIGNALS, until_stopped
 
 log = logging.getLogger("popbridge.run")
 
@@ -55,13 +62,17 @@ class RunSummary:
     fetched: list[PassResult] = field(default_factory=list)
     routed: RouterCounts = field(default_factory=RouterCounts)
     delivered: Counts = field(default_factory=Counts)
+    stopped_by: signal.Signals | None = None  # the signal that ended the run early
 
     def lines(self) -> list[str]:
         lines = [
             f"fetch {r.mailbox_id}: published={r.published} deleted={r.deleted} too_big={r.too_big} "
-            + (f"error: {r.error}" if r.error else "ok")
+            f"skipped={r.skipped} " + (f"error: {r.error}" if r.error else "ok")
             for r in self.fetched
         ]
+        if self.stopped_by is not None:
+            lines.insert(0, f"stopped by {self.stopped_by.name}: the fetch pass was abandoned, nothing "
+                            "unpublished was deleted")  # fmt: skip
         routed, counts = self.routed, self.delivered
         lines.append(
             f"route: {routed.routed} routed, {routed.suppressed} duplicate copies suppressed, "
@@ -107,11 +118,22 @@ class Pipeline:
         return self.summary
 
     async def _until_idle(self, router: RouterLoop, deliverer: Deliverer, stop: asyncio.Event) -> None:
-        environ = dict(self.environ)
-        self.summary.fetched = await run_fetcher(self.log, self.settings, self.config, environ, once=True)
+        passed = asyncio.Event()  # the fetch pass ended (or was abandoned on a signal)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._fetch_pass(stop, passed))
+            tasks.create_task(router.run(stop=passed))
+            tasks.create_task(deliverer.run(stop=passed))
         await self._drain(lambda: router.run(until_idle=True, stop=stop), "router", FETCHED, stop)
         await self._drain(lambda: deliverer.run(until_idle=True, stop=stop), "deliverer", ROUTED, stop)
-        await self._clean_up()
+        if not stop.is_set():
+            await self._clean_up()
+
+    async def _fetch_pass(self, stop: asyncio.Event, passed: asyncio.Event) -> None:
+        try:
+            fetching = run_fetcher(self.log, self.settings, self.config, dict(self.environ), once=True)
+            self.summary.fetched = await until_stopped(fetching, stop) or []
+        finally:
+            passed.set()
 
     async def _drain(
         self, run_stage: Callable[[], Awaitable[object]], stage: str, topic: str, stop: asyncio.Event
@@ -151,7 +173,6 @@ class Pipeline:
             await stop.wait()
             fetcher.cancel()
 
-
     async def _clean_up_until(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self._clean_up()
@@ -176,12 +197,19 @@ async def run_until_signal(pipeline: Pipeline, *, until_idle: bool) -> RunSummar
     """Run the pipeline; SIGTERM or SIGINT stops it after the batches in hand are committed."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+
+    def stopping(signum: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("%s received: stopping at the next safe point", signum.name)
+            pipeline.summary.stopped_by = signum
+            stop.set()
+
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stopping, signum)
     try:
         return await pipeline.run(until_idle=until_idle, stop=stop)
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(signum)
 
@@ -196,10 +224,18 @@ def log_error_in(exc: BaseException) -> LogError | None:
 
 
 @click.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="The mail configuration (TOML): mailboxes, routing and the delivery server.")
-@click.option("--until-idle", is_flag=True,
-              help="One fetch pass, then route and deliver until nothing is left to do now; then exit.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The mail configuration (TOML): mailboxes, routing and the delivery server.",
+)
+@click.option(
+    "--until-idle",
+    is_flag=True,
+    help="One fetch pass, then route and deliver until nothing is left to do now; then exit.",
+)
 @click.pass_obj
 def run(obj: object, config_path: Path, until_idle: bool) -> None:
     """Fetch, route and deliver in one process.
@@ -222,5 +258,7 @@ def run(obj: object, config_path: Path, until_idle: bool) -> None:
         raise click.ClickException(f"log: {problem}") from None
     for line in summary.lines():
         click.echo(line)
+    if summary.stopped_by is not None:
+        raise SystemExit(130 if summary.stopped_by == signal.SIGINT else 0)
     if any(r.error for r in summary.fetched):
         raise SystemExit(1)

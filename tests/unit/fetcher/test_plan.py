@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from schemas.events import FetchRecorded, fetch_id_for
-from services.fetcher.plan import Listed, Plan, fetch_id_of, plan_pass, session_part
+from services.fetcher.plan import Listed, Plan, content_key, fetch_id_of, identify, plan_pass, session_part
+from services.fetcher.pop3_protocol import valid_unique_id
 
 T = datetime(2026, 11, 27, tzinfo=UTC)
 MB = 1024 * 1024
@@ -95,3 +96,44 @@ def test_keep_mode_retrieves_everything_in_one_session_and_max_retrieve_waits_fo
         Plan(retrieve=listed(20)), quit_every=50, max_retrieve=7, deletes_retrieved=True
     )
     assert (len(part.retrieve), more) == (7, False)
+
+
+def test_only_rfc_1939_ids_listed_once_identify_a_message() -> None:
+    uidls = {1: "ok", 2: "dup", 3: "dup", 4: "a b", 5: "x" * 71, 6: "", 7: "caf\u00e9"}
+    sizes = dict.fromkeys([*uidls, 8], 10)  # 8: listed by LIST only
+    listing = identify(uidls, sizes)
+    assert [(m.number, m.uidl, m.by_content) for m in listing] == [
+        (1, "ok", False),
+        *((n, "", True) for n in range(2, 9)),
+    ]
+
+
+def test_a_message_identified_by_content_is_retrieved_even_if_its_listed_id_was_published() -> None:
+    known = {"dup": recorded("dup", 100)}
+    listing = [Listed(1, "", 100, by_content=True), Listed(2, "", 100, by_content=True)]
+    plan = plan_pass(listing, known, mode="delete", max_message_size=50 * MB)
+    assert plan.retrieve == listing
+    assert plan.delete_only == []
+
+
+def test_a_content_key_can_never_be_a_valid_uidl() -> None:
+    key = content_key("ab" * 32)
+    assert key == "~sha256:" + "ab" * 32
+    assert not valid_unique_id(key)
+
+
+def test_messages_found_too_big_by_their_bytes_are_too_big_whatever_list_claims() -> None:
+    listing = [Listed(1, "a", 10), Listed(2, "b", 10)]
+    plan = plan_pass(listing, {}, mode="delete", max_message_size=MB, too_big_uidls={"a"})
+    assert (plan.too_big, plan.retrieve) == ([listing[0]], [listing[1]])
+
+
+def test_messages_left_for_the_pass_are_in_no_list() -> None:
+    listing = [
+        Listed(1, "a", 10),
+        Listed(2, "", 10, by_content=True),
+        Listed(3, "c", 10),
+        Listed(4, "", 9, True),
+    ]
+    plan = plan_pass(listing, {}, mode="delete", max_message_size=MB, leave={"a", ""}, leave_numbers={2})
+    assert (plan.too_big, plan.retrieve) == ([], listing[2:])

@@ -11,6 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.fetcher.pop3_protocol import (
+    MAX_CAPA_BYTES,
+    MAX_LIST_BYTES,
+    MAX_UIDL_BYTES,
     Capabilities,
     Challenge,
     Event,
@@ -19,6 +22,7 @@ from services.fetcher.pop3_protocol import (
     Recovery,
     RemoteProtocolError,
     Reply,
+    ReplyTooLargeError,
     apop_digest,
     classify_response_code,
     command,
@@ -31,6 +35,7 @@ from services.fetcher.pop3_protocol import (
     sasl_plain,
     sasl_start,
     sasl_xoauth2,
+    valid_unique_id,
 )
 
 GREETING = b"+OK POP3 server ready <1896.697170952@dbc.mtview.ca.us>\r\n"
@@ -221,11 +226,54 @@ def test_a_multi_megabyte_message_in_small_reads_parses_in_linear_time() -> None
 
 
 def test_a_reply_over_the_size_limit_fails() -> None:
-    conn = Pop3Connection(max_reply_bytes=1000)
+    conn = Pop3Connection(max_message_bytes=1000)
     conn.receive_data(GREETING)
     conn.send(command("RETR", 1))
-    with pytest.raises(RemoteProtocolError, match="larger than 1000"):
+    with pytest.raises(ReplyTooLargeError, match="RETR larger than 1000") as failure:
         conn.receive_data(b"+OK\r\n" + b"x" * 1100 + b"\r\n")
+    assert (failure.value.keyword, failure.value.limit) == ("RETR", 1000)
+
+
+def test_a_message_of_exactly_the_limit_passes_even_with_every_line_stuffed() -> None:
+    message = b"..\r\n" * 250  # 1000 octets once unstuffed, 1250 on the wire
+    conn = Pop3Connection(max_message_bytes=len(message))
+    conn.receive_data(GREETING)
+    conn.send(command("RETR", 1))
+    events = feed(conn, [retr_reply(message)[i : i + 7] for i in range(0, len(retr_reply(message)), 7)])
+    assert [e.body for e in events if isinstance(e, Reply)] == [message]
+
+
+@pytest.mark.parametrize(
+    ("keyword", "cap"), [("CAPA", MAX_CAPA_BYTES), ("UIDL", MAX_UIDL_BYTES), ("LIST", MAX_LIST_BYTES)]
+)
+def test_an_endless_listing_fails_at_its_fixed_cap_whatever_the_message_limit(keyword: str, cap: int) -> None:
+    conn = Pop3Connection(max_message_bytes=10 * cap)
+    conn.receive_data(GREETING)
+    conn.send(command(keyword))
+    conn.receive_data(b"+OK\r\n")
+    line = b"1 " + b"u" * 60 + b"\r\n"
+    chunk = line * (65536 // len(line))
+    fed = 0
+    with pytest.raises(ReplyTooLargeError, match=keyword):  # noqa: PT012 - the cap ends the loop
+        while fed <= cap + len(chunk):
+            conn.receive_data(chunk)
+            fed += len(chunk)
+    assert fed <= cap + 5 < fed + len(chunk)  # failed with the chunk that crossed the cap
+    assert conn.buffered == 0
+
+
+def test_the_uidl_listing_keeps_ids_whole_and_flags_numbers_listed_twice() -> None:
+    body = b"1 abc def\r\n2 ok-id\r\n3 x\r\n3 y\r\n4\r\n5 \xff\xfe\r\n"
+    assert parse_uidl(body) == {1: "abc def", 2: "ok-id", 3: "", 4: "", 5: "\ufffd\ufffd"}
+
+
+@pytest.mark.parametrize(
+    ("unique_id", "valid"),
+    [("a", True), ("~" * 70, True), ("!x", True), ("", False), ("a" * 71, False), ("a b", False),
+     ("a\tb", False), ("caf\u00e9", False), ("\x7f", False)],
+)  # fmt: skip
+def test_a_unique_id_is_1_to_70_printable_ascii_characters(unique_id: str, valid: bool) -> None:
+    assert valid_unique_id(unique_id) is valid
 
 
 # --- Protocol errors from the server ---------------------------------------------------------------
@@ -249,7 +297,7 @@ def test_data_nobody_asked_for_is_a_protocol_error() -> None:
 def test_an_endless_status_line_fails() -> None:
     conn = connected()
     conn.send(command("STAT"))
-    with pytest.raises(RemoteProtocolError, match="status line longer"):
+    with pytest.raises(ReplyTooLargeError, match="reply to STAT larger than 2048"):
         conn.receive_data(b"+OK " + b"9" * 5000)
 
 
@@ -399,10 +447,15 @@ def test_stat() -> None:
     assert parse_stat("2 320") == (2, 320)
 
 
-@pytest.mark.parametrize("body", [b"1\r\n", b"one 120\r\n", b"1 big\r\n"])
+@pytest.mark.parametrize("body", [b"1\r\n", b"one 120\r\n", b"1 big\r\n", "1 \u00b2".encode()])
 def test_malformed_list_lines_are_protocol_errors(body: bytes) -> None:
     with pytest.raises(RemoteProtocolError, match="malformed"):
         parse_list(body)
+
+
+def test_a_uidl_line_without_a_number_is_a_protocol_error() -> None:
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        parse_uidl("\u00b2 abc\r\n".encode())
 
 
 # --- RESP-CODES -----------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import pytest
 
 from services.cli import main
+from services.fetcher.service import PassResult
 from services.runtime.embedded import EmbeddedLogError
 from services.single.run import RunSummary, log_error_in
 
@@ -37,3 +39,10 @@ def test_the_summary_names_each_stage() -> None:
     lines = RunSummary().lines()
     assert lines[0].startswith("route: 0 routed")
     assert lines[1].startswith("deliver: 0 delivered")
+
+
+def test_the_summary_says_what_each_mailbox_left_and_that_a_signal_stopped_the_run() -> None:
+    summary = RunSummary(fetched=[PassResult("box", published=2, deleted=2, too_big=1, skipped=1)])
+    assert summary.lines()[0] == "fetch box: published=2 deleted=2 too_big=1 skipped=1 ok"
+    summary.stopped_by = signal.SIGTERM
+    assert summary.lines()[0].startswith("stopped by SIGTERM: the fetch pass was abandoned")
