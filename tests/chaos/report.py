@@ -58,8 +58,9 @@ def build_report(
         "not_final": {outcome: _details(accounting.pairs(outcome), kafka)
                       for outcome in ("lost", "stuck", "retrying", "on-pop3")},
         "self_crashes": _self_crashes(processes),
+        "unclean_sigterm_exits": _unclean_sigterm_exits(processes),
         "signals": [{"at": k.at, "role": k.role, "pid": k.pid, "signal": k.signal} for k in timeline.kills],
-        "broker": _broker(timeline, copies, processes),
+        "broker": _broker(timeline, copies),
         "latency_seconds": percentiles(accounting.latencies),
         "events": [{"at": at, "what": what} for at, what in timeline.events],
     }  # fmt: skip
@@ -84,21 +85,40 @@ def _self_crashes(processes: Sequence[Managed]) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def _broker(timeline: Timeline, copies: Sequence[Copy], processes: Sequence[Managed]) -> dict[str, Any]:
+def _lines_during(before: dict[str, int], after: dict[str, int]) -> Counter[str]:
+    """Lines written per replica (all its incarnations' logs, `router-2.3.log`) between two snapshots."""
+    written: Counter[str] = Counter()
+    for name in {*before, *after}:
+        replica = name.split(".")[0]
+        if replica != "smtp":
+            written[replica] += after.get(name, 0) - before.get(name, 0)
+    return written
+
+
+def _unclean_sigterm_exits(processes: Sequence[Managed]) -> list[dict[str, Any]]:
+    """Processes that exited with an error status when asked to stop (SIGTERM): a stop is not an error."""
+    return [
+        {"process": p.name, "pid": i.pid, "exit_code": i.exit_code, "log_tail": tail(i.log, 10)}
+        for p in processes
+        for i in p.incarnations
+        if i.signal == "SIGTERM" and i.exit_code not in (None, 0, -15)
+    ]
+
+
+def _broker(timeline: Timeline, copies: Sequence[Copy]) -> dict[str, Any]:
     stopped, ready = timeline.broker_stopped_at, timeline.broker_ready_at
     if stopped is None or ready is None:
         return {}
     delivered_after = sorted(c.at for c in copies if c.at > ready)
     outage_minutes = max((ready - stopped) / 60, 1e-9)
-    before, after_ready = timeline.lines_at_stop, timeline.lines_at_ready
     rates = {
-        name.removesuffix(".log"): round((after_ready.get(name, 0) - before.get(name, 0)) / outage_minutes, 1)
-        for name in sorted({*before, *after_ready})
-        if not name.startswith("smtp")
+        replica: round(lines / outage_minutes, 1)
+        for replica, lines in sorted(_lines_during(timeline.lines_at_stop, timeline.lines_at_ready).items())
     }
     return {
         "stopped_at": stopped, "ready_at": ready, "outage_seconds": round(ready - stopped, 1),
         "recovery_seconds": round(delivered_after[0] - ready, 1) if delivered_after else None,
+        "copies_after_ready": len(delivered_after),
         "log_lines_per_minute_during_outage": rates,
         "max_log_lines_per_minute": max(rates.values(), default=0.0),
     }  # fmt: skip
@@ -123,6 +143,11 @@ def table(report: Report) -> str:
         + "".join(
             f"\n      {c['process']} pid {c['pid']} exit {c['exit_code']}: {_last_line(c['log_tail'])}"
             for c in report["self_crashes"]
+        ),
+        f"  {'non-zero exits on SIGTERM':32} {len(report['unclean_sigterm_exits'])}"
+        + "".join(
+            f"\n      {c['process']} pid {c['pid']} exit {c['exit_code']}: {_last_line(c['log_tail'])}"
+            for c in report["unclean_sigterm_exits"]
         ),
         f"  {'dead letters by reason':32} {report['dead_letter_reasons']}",
         f"  {'latency fetch->delivery (s)':32} {report['latency_seconds']}",
