@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,12 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from schemas import codec
+from schemas.events import DeliveryDeadLettered
+from schemas.topics import DEAD_LETTERS
+from services.runtime.kafka import KafkaLog
 from services.runtime.settings import DeploymentSettings
 from services.single.demo_dovecot import dovecot_binary
 from tests.chaos import mail
 from tests.chaos.accounting import Kill, Observations, account
-from tests.chaos.observe import KafkaState, journal_copies, read_kafka, tokens_in_maildirs
-from tests.chaos.processes import Broker, Managed, free_port, line_count, tail
+from tests.chaos.observe import KafkaState, journal_copies, read_kafka, token_of, tokens_in_maildirs
+from tests.chaos.processes import STOP_GRACE, Broker, Managed, free_port, line_count, tail
 from tests.chaos.report import Report, build_report
 from tests.chaos.schedule import STAGES, Fault, plan_faults
 from tests.support.dovecot import DovecotServer
@@ -232,8 +238,6 @@ trusted_received_hosts = ["{mail.TRUSTED_HOST}"]
 
     def _create_topics(self) -> None:
         command = [sys.executable, "-m", "services.cli", "topics", "create"]
-        import subprocess  # noqa: PLC0415 - only here; the harness otherwise goes through Managed
-
         result = subprocess.run(
             command,
             env=self._environment("topics"),
@@ -347,7 +351,7 @@ trusted_received_hosts = ["{mail.TRUSTED_HOST}"]
                     self.timeline.note(f"{name}: its health port was taken; next start on another")
                 self.restart_at[name] = time.monotonic() + CRASH_RESTART_DELAY
         if process.overdue():
-            self.timeline.note(f"{name} pid {process.pid} still running {15:g}s after SIGTERM: SIGKILL")
+            self.timeline.note(f"{name} pid {process.pid} ignored SIGTERM for {STOP_GRACE:g}s: SIGKILL")
             self._signal(name, "SIGKILL")
         due = self.restart_at.get(name)
         if due is not None and time.monotonic() >= due and not process.alive and not self.stopping:
@@ -371,8 +375,6 @@ trusted_received_hosts = ["{mail.TRUSTED_HOST}"]
             return
         complete = chunk.rfind(b"\n") + 1
         self._journal_offset += complete
-        import json  # noqa: PLC0415
-
         for line in chunk[:complete].splitlines():
             with contextlib.suppress(ValueError):
                 self._journal_entry(json.loads(line))
@@ -534,12 +536,6 @@ trusted_received_hosts = ["{mail.TRUSTED_HOST}"]
         return rejected <= set(state)
 
     async def _dead_letters_only(self) -> set[tuple[str, str]]:
-        from schemas import codec  # noqa: PLC0415
-        from schemas.events import DeliveryDeadLettered  # noqa: PLC0415
-        from schemas.topics import DEAD_LETTERS  # noqa: PLC0415
-        from services.runtime.kafka import KafkaLog  # noqa: PLC0415
-        from tests.chaos.observe import token_of  # noqa: PLC0415
-
         found = set()
         async for record in KafkaLog(self.broker.bootstrap).scan(self.settings.topic(DEAD_LETTERS)):
             letter = codec.decode(record.value, DeliveryDeadLettered)

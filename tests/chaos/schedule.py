@@ -37,10 +37,10 @@ class Fault:
 
     def describe(self) -> str:
         parts = [f"t+{self.at:6.1f}s", self.kind]
-        if self.target:
-            parts.append(self.target + (f" then {self.second}" if self.second else ""))
-        if self.kind.startswith("kill"):
-            parts.append(self.signal)
+        if self.second:
+            parts.append(f"SIGTERM {self.target}, then {self.signal} {self.second}")
+        elif self.target:
+            parts.append(f"{self.signal} {self.target}")
         if self.delay:
             parts.append(f"after {self.delay:.1f}s")
         if self.down:
