@@ -77,6 +77,7 @@ class Observations:
     stuck: frozenset[str] = frozenset()  # tokens waiting in Kafka
     on_pop3: frozenset[str] = frozenset()
     fetched_at: Mapping[str, float] = field(default_factory=dict)  # token -> first fetch (epoch seconds)
+    endings: Mapping[int, str] = field(default_factory=dict)  # pid -> how that process ended, for causes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,9 +172,10 @@ def _cause(seen: Observations, before: Copy, after: Copy) -> str:
     if session is None:
         return f"unexplained: no session record for {before.session}"
     if before.acked:
+        ended = seen.endings.get(session.client_pid or 0, "")
         return (
             f"unexplained: client pid {session.client_pid} answered the 250 for the copy at "
-            f"{before.at:.1f} (session {before.session}), then sent it again"
+            f"{before.at:.1f} (session {before.session}){', then ' + ended if ended else ''}; sent again"
         )
     if session.quit:
         return f"unexplained: session {before.session} ended with QUIT"

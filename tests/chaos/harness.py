@@ -74,6 +74,7 @@ class Timeline:
     kills: list[Kill] = field(default_factory=list)
     broker_stopped_at: float | None = None
     broker_ready_at: float | None = None
+    broker_steps: dict[str, float] = field(default_factory=dict)  # when the stop ended, the start began
     lines_at_stop: dict[str, int] = field(default_factory=dict)
     lines_at_ready: dict[str, int] = field(default_factory=dict)
     origin: float = field(default_factory=time.time)
@@ -459,8 +460,10 @@ trusted_received_hosts = ["{mail.TRUSTED_HOST}"]
         self.timeline.lines_at_stop = self._log_lines()
         self.broker.begin("stop")
         yield self._broker_done("stop")
+        self.timeline.broker_steps["stop_finished_at"] = time.time()
         yield self._after(max(0.0, fault.down - (time.time() - self.timeline.broker_stopped_at)))
         self.timeline.note("broker: starting again")
+        self.timeline.broker_steps["start_began_at"] = time.time()
         self.broker.begin("start")
         yield self._broker_done("start")
         self.timeline.broker_ready_at = time.time()
@@ -564,6 +567,7 @@ trusted_received_hosts = ["{mail.TRUSTED_HOST}"]
             dead_letters=kafka.dead_letters, retrying=frozenset(kafka.retrying), stuck=frozenset(kafka.stuck),
             on_pop3=frozenset(tokens_in_maildirs(self.root / "dovecot" / "mail")),
             fetched_at=kafka.fetched_at,
+            endings=self._endings(),
         )  # fmt: skip
         processes = [*self.stages.values(), *([self.smtp] if self.smtp else [])]
         return build_report(
@@ -578,6 +582,18 @@ trusted_received_hosts = ["{mail.TRUSTED_HOST}"]
             settled,
             self.root,
         )
+
+    def _endings(self) -> dict[int, str]:
+        """How each stage process ended, relative to its start: what a duplicate's cause refers to."""
+        endings = {}
+        for process in self.stages.values():
+            for run in process.incarnations:
+                if run.ended_at is not None:
+                    how = (
+                        f"{run.signal} by the harness" if run.signal else f"self-crash (exit {run.exit_code})"
+                    )
+                    endings[run.pid] = f"{how} {run.ended_at - run.started_at:.1f}s after its start"
+        return endings
 
     def _destroy_everything(self) -> None:
         self.stopping = True

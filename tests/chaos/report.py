@@ -116,7 +116,8 @@ def _broker(timeline: Timeline, copies: Sequence[Copy]) -> dict[str, Any]:
         for replica, lines in sorted(_lines_during(timeline.lines_at_stop, timeline.lines_at_ready).items())
     }
     return {
-        "stopped_at": stopped, "ready_at": ready, "outage_seconds": round(ready - stopped, 1),
+        "stop_began_at": stopped,
+        **timeline.broker_steps, "ready_at": ready, "outage_seconds": round(ready - stopped, 1),
         "recovery_seconds": round(delivered_after[0] - ready, 1) if delivered_after else None,
         "copies_after_ready": len(delivered_after),
         "log_lines_per_minute_during_outage": rates,

@@ -156,6 +156,21 @@ def test_other_duplicates_are_unexplained(first: dict[str, Any], session: SmtpSe
     assert why in duplicate.causes[0]
 
 
+def test_an_unexplained_duplicate_says_how_the_client_that_sent_the_copy_ended() -> None:
+    sessions = {
+        "s1": SmtpSession(client_pid=CLIENT, ended_at=None),
+        "s2": SmtpSession(client_pid=7, ended_at=None),
+    }
+    copies = (copy(at=100.0, acked=True), copy(at=110.0, session="s2"))
+
+    (duplicate,) = account(
+        observe(*copies, sessions=sessions, endings={CLIENT: "self-crash (exit 1)"})
+    ).duplicates
+
+    assert "pid 4242 answered the 250" in duplicate.causes[0]
+    assert "then self-crash (exit 1)" in duplicate.causes[0]
+
+
 def test_every_extra_copy_needs_its_own_explanation() -> None:
     sessions = {name: SmtpSession(client_pid=CLIENT, ended_at=None) for name in ("s1", "s2", "s3")}
     copies = (
