@@ -49,6 +49,7 @@ STAGGER = 5.0  # seconds between the first replica of each stage and the others 
 MID_SMTP_WAIT = 20.0  # how long kill-mid-smtp waits for a DATA in flight before killing at random
 QUIET = 5.0  # after everything is accounted for, wait this long for late duplicates
 STEP_TIMEOUT = 120.0  # any single wait inside a fault
+SMTP_START_TIMEOUT = 30.0
 Wait = Callable[[], bool]
 
 
@@ -159,27 +160,22 @@ class ChaosRun:
         return f"chaos-{box}"
 
     def _start_smtp(self, port: int) -> None:
+        """Start the scripted SMTP server (port 0: it picks one) or restart it on its port and journal."""
         directory = self.root / "smtp"
         directory.mkdir(exist_ok=True)
         port_file = directory / "port"
         port_file.unlink(missing_ok=True)
+        journal = directory / "journal.jsonl"
+        command = [sys.executable, "-m", "tests.support.scripted_smtp", "--journal", str(journal),
+                   "--port-file", str(port_file), "--port", str(port)]  # fmt: skip
         if self.smtp is None:
-            command = [
-                sys.executable,
-                "-m",
-                "tests.support.scripted_smtp",
-                "--journal",
-                str(directory / "journal.jsonl"),
-                "--port-file",
-                str(port_file),
-            ]
             self.smtp = Managed("smtp", "smtp", command, dict(os.environ), self.root / "logs")
-        self.smtp.command = [*self.smtp.command[:7], "--port", str(port)]
-        self.smtp.start()
-        deadline = time.monotonic() + 30
+        self.smtp.command = command
+        started = self.smtp.start()
+        deadline = time.monotonic() + SMTP_START_TIMEOUT
         while not port_file.exists():
             if not self.smtp.alive or time.monotonic() > deadline:
-                raise RuntimeError(f"the SMTP server did not start:\n{tail(self.smtp.current.log)}")  # type: ignore[union-attr]
+                raise RuntimeError(f"the SMTP server did not start:\n{tail(started.log)}")
             time.sleep(0.05)
         self.smtp_port = int(port_file.read_text())
 
