@@ -186,7 +186,9 @@ def _cause(seen: Observations, before: Copy, after: Copy) -> str:
     smtp = next((k for k in seen.kills if k.role == "smtp" and before.at <= k.at <= after.at), None)
     if smtp is not None and (session.ended_at is None or session.ended_at >= smtp.at - CLIENT_KILL_SLACK):
         return f"smtp-killed: {smtp.at - before.at:.1f}s after DATA"
-    return f"unexplained: session {before.session} broke without a kill"
+    ended = seen.endings.get(session.client_pid or 0, "")
+    client = f" (its client: {ended})" if ended else ""
+    return f"unexplained: session {before.session} broke without a kill{client}"
 
 
 def _client_kill(kills: Iterable[Kill], session: SmtpSession, data_at: float) -> Kill | None:
