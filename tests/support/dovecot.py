@@ -400,6 +400,22 @@ class DovecotServer:
             process.wait()
         _wait_for_group_to_exit(process.pid)
 
+    def kill(self) -> None:
+        """SIGKILL every Dovecot process at once, as a crash would; `restart()` brings it back."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        _wait_for_group_to_exit(process.pid)
+
+    def restart(self) -> None:
+        """Start again on the ports of the last start, so clients keep their configuration."""
+        if self._process is not None:
+            raise DovecotError("Dovecot is already running")
+        if not self._launch(self._root / "dovecot.conf"):
+            raise DovecotError(f"Dovecot did not restart:\n{self.log_tail()}")
+
     def log_tail(self, lines: int = 40) -> str:
         files = (self._root / "stderr.log", self.log_file)
         texts = [path.read_text(errors="replace") for path in files if path.exists()]
