@@ -6,7 +6,9 @@ default, TLS 1.2 or newer), EHLO (LHLO for LMTP) and AUTH: PLAIN or LOGIN with t
 The mail transactions then run on a small reply reader of our own on the same transport, because
 aiosmtplib reads exactly one reply per command, and both PIPELINING (MAIL and every RCPT in one write)
 and LMTP (one reply per accepted recipient after the data) have several replies in flight. Sessions are
-reused, with RSET between messages, up to `SmtpTarget.connections` in parallel.
+reused, with RSET between messages, up to `SmtpTarget.connections` in parallel. A message for more than
+`SmtpTarget.max_recipients_per_transaction` recipients goes out in several transactions on its session
+(RSET between them; a session lost on the way is reopened once for the rest).
 
 Errors: `SmtpTransport.deliver` raises nothing for what the server or the network does; each such event
 becomes a verdict (see outcome.py). A session that cannot be opened defers every recipient:
@@ -34,7 +36,7 @@ from typing import cast
 
 import aiosmtplib
 
-from services.deliverer.envelope import Envelope, Extensions, plan, wire_data
+from services.deliverer.envelope import Envelope, Extensions, plan, transactions, wire_data
 from services.deliverer.outcome import Conversation, Reply, Verdict, outcomes, unreachable
 from services.runtime.secrets import CredentialError
 from services.runtime.settings import ConfigError, SmtpTarget
@@ -276,17 +278,39 @@ class SmtpTransport:
                 return dict.fromkeys(recipients, unreachable(exc.reason, exc.reply))
             envelope = plan(sender, recipients, message, session.extensions)
             verdicts = dict(envelope.refused)
-            if envelope.recipients:
-                try:
-                    verdicts.update(outcomes(await session.transact(envelope, wire_data(message))))
-                except BaseException:  # cancelled mid-transaction: the session is in an unknown state
-                    session.close()
-                    raise
-            if session.usable:
-                self._idle.append(session)
-            else:
-                session.close()
+            kept = await self._transactions(session, envelope, wire_data(message), verdicts)
+            if kept is not None and kept.usable:
+                self._idle.append(kept)
+            elif kept is not None:
+                kept.close()
             return {recipient: verdicts[recipient] for recipient in recipients}
+
+    async def _transactions(self, session: _Session, envelope: Envelope, data: bytes,
+                            verdicts: dict[str, Verdict]) -> _Session | None:
+        """Each transaction of at most max_recipients_per_transaction RCPTs; verdicts go into `verdicts`.
+
+        Returns the session to keep, or None when it could not be reopened (the rest is deferred).
+        """
+        current: _Session | None = session
+        parts = transactions(envelope, self.target.max_recipients_per_transaction)
+        try:
+            for index, part in enumerate(parts):
+                if index and current is not None and not await current.reset():
+                    current.close()
+                    current = None
+                if current is None:
+                    try:
+                        current = await self._open()
+                    except SessionError as exc:
+                        rest = [r for later in parts[index:] for r in later.recipients]
+                        verdicts.update(dict.fromkeys(rest, unreachable(exc.reason, exc.reply)))
+                        return None
+                verdicts.update(outcomes(await current.transact(part, data)))
+        except BaseException:  # cancelled mid-transaction: the session is in an unknown state
+            if current is not None:
+                current.close()
+            raise
+        return current
 
     async def _session(self) -> _Session:
         while self._idle:

@@ -15,13 +15,17 @@ import re
 UNSAFE_LOCAL_PART = "unsafe-local-part"
 """The routing reason of a recipient sent to the postmaster because its local part could route elsewhere."""
 
-# RFC 5322 atext without the route characters `%`, `!` and `/`, in dot-separated words.
-_SAFE = re.compile(r"[A-Za-z0-9#$&'*+=?^_`{|}~-]+(?:\.[A-Za-z0-9#$&'*+=?^_`{|}~-]+)*")
+# RFC 5322 atext without the route characters `%`, `!` and `/`, in dot-separated words; with SMTPUTF8
+# (RFC 6532) any non-ASCII character is atext too.
+_ATEXT = r"A-Za-z0-9#$&'*+=?^_`{|}~\-"
+_SAFE = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
+_SAFE_UTF8 = re.compile(rf"[{_ATEXT}\x80-\U0010ffff]+(?:\.[{_ATEXT}\x80-\U0010ffff]+)*")
 
 
-def is_safe_local_part(local: str) -> bool:
-    """True when no mail server can read `local` (unquoted) as a route to another domain."""
-    return _SAFE.fullmatch(local) is not None
+def is_safe_local_part(local: str, *, utf8: bool = False) -> bool:
+    """True when no mail server can read `local` (unquoted) as a route to another domain; `utf8` also
+    admits non-ASCII characters (whether the server takes them is SMTPUTF8's question, not a route's)."""
+    return (_SAFE_UTF8 if utf8 else _SAFE).fullmatch(local) is not None
 
 
 def unsafe_address_problem(address: str) -> str | None:

@@ -229,3 +229,27 @@ async def test_dovecot_lmtp_over_starttls_delivers_per_recipient(dovecot: Doveco
         p for p in dovecot.maildir(alice).glob("*/*") if p.is_file() and p.parent.name in ("new", "cur")
     ]
     assert saved.read_bytes().endswith(MESSAGE.replace(b"\r\n", b"\n"))
+
+
+class TransactionCounter:
+    """Records the RCPTs of each transaction; answers DATA with `data_reply`."""
+
+    def __init__(self, data_reply: str = "250 2.0.0 queued") -> None:
+        self.data_reply = data_reply
+        self.transactions: list[list[str]] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.transactions.append(list(envelope.rcpt_tos))
+        return self.data_reply
+
+
+@pytest.mark.parametrize("data_reply", ["250 2.0.0 queued", "554 5.7.1 no thanks"])
+async def test_a_recipient_storm_goes_out_in_transactions_of_at_most_the_cap(data_reply: str) -> None:
+    handler = TransactionCounter(data_reply)
+    recipients = tuple(f"user{n}@example.com" for n in range(250))
+    with serve(handler) as port:
+        verdicts = await deliver(port, recipients, max_recipients_per_transaction=100)
+    assert [len(t) for t in handler.transactions] == [100, 100, 50]
+    assert [r for t in handler.transactions for r in t] == list(recipients)
+    expected = ("delivered", 250, "2.0.0") if data_reply.startswith("250") else ("failed", 554, "5.7.1")
+    assert set(verdicts.values()) == {expected}
