@@ -38,7 +38,7 @@ import aiosmtplib
 
 from services.deliverer.envelope import Envelope, Extensions, plan, transactions, wire_data
 from services.deliverer.outcome import Conversation, Reply, Verdict, outcomes, unreachable
-from services.runtime.secrets import CredentialError
+from services.runtime.secrets import CredentialError, redact
 from services.runtime.settings import ConfigError, SmtpTarget
 
 logger = logging.getLogger(__name__)
@@ -247,6 +247,7 @@ class SmtpTransport:
         self.target = target
         self._password = password
         self._token = token
+        self._last_token = ""  # blanked out of server replies along with the password
         self._context = context if context is not None else tls_context(target)
         self._idle: list[_Session] = []
         self._slots = asyncio.Semaphore(target.connections)
@@ -344,14 +345,19 @@ class SmtpTransport:
             raise
         except aiosmtplib.SMTPResponseException as exc:
             client.close()
-            raise SessionError(f"{step} refused", Reply(exc.code, exc.message)) from None
+            raise SessionError(f"{step} refused", Reply(exc.code, self._blank(exc.message))) from None
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
             client.close()
-            raise SessionError(f"{step}: {type(exc).__name__}: {exc}") from None
+            raise SessionError(self._blank(f"{step}: {type(exc).__name__}: {exc}")) from None
         except BaseException:  # a failing token command, a cancellation: never leave the socket open
             client.close()
             raise
         return self._take_over(client)
+
+    def _blank(self, text: str) -> str:
+        """A server's words with the password and the token blanked out, plain or base64 (a server may
+        echo what it was sent)."""
+        return redact(text, (self._password or "", self._last_token))
 
     async def _hello(self, client: aiosmtplib.SMTP) -> None:
         name = client.local_hostname or "localhost"
@@ -393,7 +399,7 @@ class SmtpTransport:
         if self._token is None:
             raise SessionError("AUTH: auth = \"xoauth2\" but no token source was configured")
         try:
-            token = await self._token()
+            token = self._last_token = await self._token()
         except (CredentialError, ConfigError) as exc:
             raise SessionError(f"AUTH: {exc}") from None
         response = await client.execute_command(b"AUTH", b"XOAUTH2", xoauth2_response(username, token))
