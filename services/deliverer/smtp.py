@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 _MAX_REPLY_BYTES = 64 * 1024
 _RSET_TIMEOUT = 10.0
+# How long QUIT waits for the connection to be gone (a TLS close_notify exchange) before aborting it.
+_CLOSE_TIMEOUT = 5.0
 
 TokenSource = Callable[[], Awaitable[str]]
 """Returns a current OAuth2 bearer token; raises CredentialError (or ConfigError) naming the source only."""
@@ -89,6 +91,7 @@ class _ReplyReader(asyncio.Protocol):
         self._arrived = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
+        self._gone = asyncio.Event()
         self.lost: str | None = None
 
     def data_received(self, data: bytes) -> None:
@@ -124,6 +127,17 @@ class _ReplyReader(asyncio.Protocol):
         self.lost = self.lost or f"the connection was lost{f': {exc}' if exc else ''}"
         self._arrived.set()
         self._writable.set()
+        self._gone.set()
+
+    async def closed(self, seconds: float) -> None:
+        """Close and wait until the connection is gone. Over TLS, close() only starts the close_notify
+        exchange and the socket goes when it ends: a caller that stops its event loop before that leaks
+        the socket. A peer that does not answer in time is cut off."""
+        self.transport.close()
+        try:
+            await asyncio.wait_for(self._gone.wait(), seconds)
+        except TimeoutError:
+            self.transport.abort()
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -233,7 +247,7 @@ class _Session:
         except (_LostError, TimeoutError):
             pass  # closing anyway
         finally:
-            self.close()
+            await self.reader.closed(min(self.timeout, _CLOSE_TIMEOUT))
 
     def close(self) -> None:
         self.reader.transport.close()
