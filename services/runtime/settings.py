@@ -379,6 +379,22 @@ def _check_fixed_recipients(config: MailConfig, path: Path) -> None:
             if recipient.rpartition("@")[2].lower() not in domains:
                 raise ConfigError(f"{path}: mailboxes[{index}].recipients: {recipient!r} is outside "
                                   f"routing.local_domains {sorted(domains)}; popbridge never relays outside")
+    _check_shared_postmaster(config, path, domains)
+
+
+def _check_shared_postmaster(config: MailConfig, path: Path, domains: frozenset[str]) -> None:
+    """[routing] postmaster gets the dead-letter notices even with no catch-all mailbox to check it."""
+    postmaster = config.routing.get("postmaster")
+    if postmaster is None:
+        return
+    if not isinstance(postmaster, str):
+        problem: str | None = "expected an address"
+    elif postmaster.rpartition("@")[2].lower() not in domains:
+        problem = f"{postmaster!r} is outside routing.local_domains {sorted(domains)}"
+    else:
+        problem = unsafe_address_problem(postmaster)
+    if problem is not None:
+        raise ConfigError(f"{path}: routing.postmaster: {problem}")
 
 
 def load_config(path: str | Path) -> MailConfig:

@@ -206,6 +206,10 @@ def test_single_user_mailboxes_need_the_local_domains_their_recipients_must_be_i
         load_config(write(tmp_path, SINGLE_ONLY.format(routing="")))
     fixed = SINGLE_ONLY.format(routing='[routing]\nlocal_domains = ["example.com"]\n')
     assert load_config(write(tmp_path, fixed)).mailboxes[0].recipients == ("alice@example.com",)
+    notices = '[routing]\nlocal_domains = ["example.com"]\npostmaster = "pm@gmail.example"\n'
+    outside = SINGLE_ONLY.format(routing=notices)
+    with pytest.raises(ConfigError, match=r"routing\.postmaster: 'pm@gmail\.example' is outside"):
+        load_config(write(tmp_path, outside))
 
 
 def test_the_edges_of_each_range_are_accepted(tmp_path: Path) -> None:
