@@ -141,7 +141,10 @@ class DeliveryDeadLettered(
 ):
     """One recipient's copy could not be delivered; it waits for an operator (`popbridge dlq`).
 
-    `routed` carries the message (its raw bytes included) so `popbridge dlq retry` can try it again.
+    `routed` carries the message (its raw bytes included) so `popbridge dlq retry` can try it again, with
+    only this copy's recipient in `routed.recipients` (and no `suppressed`): a message for N recipients
+    gives at most N dead letters of one message each, never N copies of all N recipients (ROUTING.md
+    section 6). `routed_recipients` says how many recipients the routed message had (0: written before).
     No bounce ever goes to the outside sender.
     """
 
@@ -154,6 +157,7 @@ class DeliveryDeadLettered(
     attempts: int
     dead_lettered_at: datetime
     server: str = ""
+    routed_recipients: int = 0
 
 
 Event = (

@@ -7,7 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-pytest_plugins = ["tests.support.kafka", "tests.support.dovecot", "tests.support.smtp"]
+pytest_plugins = [
+    "tests.support.kafka", "tests.support.dovecot", "tests.support.smtp", "tests.support.postfix",
+]
 
 _LOGGERS_SET_UP = ("", "faust", "mode", "aiokafka", "aiosmtplib", "popbridge")
 

@@ -14,6 +14,25 @@ if ! command -v dovecot >/dev/null 2>&1 || [ ! -e /usr/lib/dovecot/lmtp ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q dovecot-pop3d dovecot-lmtpd
 fi
 
+if ! command -v postfix >/dev/null 2>&1 || ! command -v postqueue >/dev/null 2>&1; then
+    # The relay test (tests/integration/test_postfix_relay.py) starts its own Postfix from a config
+    # directory under tmp. The package must neither configure nor start the system one: debconf gets
+    # "No configuration" (no /etc/postfix/main.cf is written), and a policy-rc.d denies every service start
+    # while the package installs (an existing one, as in Docker images, is kept).
+    step "installing Postfix from Debian (unconfigured, never started as a system service)"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+    own_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+        $SUDO chmod 0755 /usr/sbin/policy-rc.d
+        own_policy=1
+    fi
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends postfix
+    if [ -n "$own_policy" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
+fi
+
 step "installing popbridge into .venv"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'

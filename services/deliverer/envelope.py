@@ -11,15 +11,20 @@
   `ORCPT=rfc822;<address>`. Towards the null sender no DSN is ever sent.
 - A sender that cannot be written in MAIL FROM (spaces, brackets, control characters) becomes the null
   sender `<>`: the copy still arrives, and nobody outside is ever sent a bounce.
+- A recipient whose local part the server could read as a route elsewhere (`%`, `!`, quotes, ...; see
+  services.runtime.local_parts) is never written in RCPT TO: it fails here (5.1.3) and becomes a dead
+  letter. The router never produces one; this holds for events written before it learned that.
+- At most `max_recipients` RCPTs per transaction: `transactions` splits the envelope.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.deliverer.outcome import Verdict, refused_here
+from services.runtime.local_parts import is_safe_local_part
 
 DSN_NOTIFY = "NOTIFY=FAILURE,DELAY"
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r")
@@ -87,6 +92,9 @@ def plan(sender: str, recipients: Sequence[str], message: bytes, extensions: Ext
     """The envelope for `message` (the bytes as they will be sent, before dot-stuffing)."""
     unsafe = {r: refused_here("5.1.3", "recipient address cannot be written in RCPT TO")
               for r in recipients if _UNSAFE_ADDRESS.search(r) or not r.isprintable()}
+    unsafe.update({r: refused_here("5.1.3", "recipient local part could be read as a route to another "
+                                            "domain; not sent (ROUTING.md section 6)")
+                   for r in recipients if r not in unsafe and not _safe_local(r)})
     refused: dict[str, Verdict] = dict(unsafe)
     utf8 = extensions.has("smtputf8")
     if not utf8:
@@ -99,6 +107,21 @@ def plan(sender: str, recipients: Sequence[str], message: bytes, extensions: Ext
     sending = tuple(r for r in recipients if r not in refused)
     return Envelope(sender, _mail_params(sender, sending, message, size, extensions), sending,
                     {r: _rcpt_params(r, extensions) for r in sending}, refused)
+
+
+def _safe_local(recipient: str) -> bool:
+    return is_safe_local_part(recipient.rpartition("@")[0], utf8=True)
+
+
+def transactions(envelope: Envelope, max_recipients: int) -> list[Envelope]:
+    """The envelope as consecutive transactions of at most `max_recipients` RCPTs each, in order."""
+    recipients = envelope.recipients
+    return [
+        replace(envelope, recipients=recipients[start : start + max_recipients],
+                rcpt_params={r: envelope.rcpt_params[r] for r in recipients[start : start + max_recipients]},
+                refused={})
+        for start in range(0, len(recipients), max_recipients)
+    ]
 
 
 def _needs_smtputf8(sender: str, recipients: Sequence[str], message: bytes) -> dict[str, Verdict]:

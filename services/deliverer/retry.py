@@ -11,9 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import msgspec
+
 from schemas.events import (
     DeliveryAttempted,
     DeliveryDeadLettered,
+    Recipient,
     RecipientDelivered,
     RecipientsResolved,
     RetryScheduled,
@@ -84,6 +87,7 @@ def followups(job: Job, verdicts: Mapping[str, Verdict], *, now: datetime, polic
     next_due = policy.due(attempt, now, job.age_from)
     result = Followups()
     waiting: list[str] = []
+    narrow = _Narrowing(job.routed)
     for recipient in job.recipients:
         verdict = verdicts[recipient]
         expired = verdict.outcome == "deferred" and next_due is None
@@ -96,7 +100,7 @@ def followups(job: Job, verdicts: Mapping[str, Verdict], *, now: datetime, polic
         elif verdict.outcome == "failed":
             reason = EXPIRED if expired else REJECTED if verdict.smtp_code is not None else UNSENDABLE
             result.dead.append(_dead(job, recipient, verdict, reason=reason, attempt=attempt, now=now,
-                                     server=server))
+                                     server=server, routed=narrow.to(recipient)))
         else:
             waiting.append(recipient)
     if not waiting or next_due is None:
@@ -104,6 +108,20 @@ def followups(job: Job, verdicts: Mapping[str, Verdict], *, now: datetime, polic
     retry = RetryScheduled(routed=job.routed, recipients=tuple(waiting), attempts=attempt, due_at=next_due,
                            age_from=job.age_from, last_reply=verdicts[waiting[0]].text)
     return Followups(result.attempted, result.delivered, result.dead, retry, policy.tier(attempt))
+
+
+class _Narrowing:
+    """The routed event cut down to one of its recipients, so that a dead letter holds that recipient only:
+    N dead letters carry N recipients in all, not N times N (ROUTING.md section 6). One retry event per
+    attempt keeps them all: that is linear already."""
+
+    def __init__(self, routed: RecipientsResolved) -> None:
+        self.routed = routed
+        self._by_address = {recipient.address: recipient for recipient in routed.recipients}
+
+    def to(self, address: str) -> RecipientsResolved:
+        kept: tuple[Recipient, ...] = (self._by_address[address],) if address in self._by_address else ()
+        return msgspec.structs.replace(self.routed, recipients=kept, suppressed=())
 
 
 def _expired(verdict: Verdict, attempts: int, policy: RetryPolicy) -> Verdict:
@@ -120,7 +138,8 @@ def _attempted(job: Job, recipient: str, verdict: Verdict, *, attempt: int, now:
 
 
 def _dead(job: Job, recipient: str, verdict: Verdict, *, reason: str, attempt: int, now: datetime,
-          server: str) -> DeliveryDeadLettered:
-    return DeliveryDeadLettered(routed=job.routed, recipient=recipient, reason=reason,
+          server: str, routed: RecipientsResolved) -> DeliveryDeadLettered:
+    return DeliveryDeadLettered(routed=routed, recipient=recipient, reason=reason,
                                 smtp_code=verdict.smtp_code, enhanced_code=verdict.enhanced_code,
-                                smtp_text=verdict.text, attempts=attempt, dead_lettered_at=now, server=server)
+                                smtp_text=verdict.text, attempts=attempt, dead_lettered_at=now, server=server,
+                                routed_recipients=len(job.routed.recipients))

@@ -6,7 +6,9 @@ default, TLS 1.2 or newer), EHLO (LHLO for LMTP) and AUTH: PLAIN or LOGIN with t
 The mail transactions then run on a small reply reader of our own on the same transport, because
 aiosmtplib reads exactly one reply per command, and both PIPELINING (MAIL and every RCPT in one write)
 and LMTP (one reply per accepted recipient after the data) have several replies in flight. Sessions are
-reused, with RSET between messages, up to `SmtpTarget.connections` in parallel.
+reused, with RSET between messages, up to `SmtpTarget.connections` in parallel. A message for more than
+`SmtpTarget.max_recipients_per_transaction` recipients goes out in several transactions on its session
+(RSET between them; a session lost on the way is reopened once for the rest).
 
 Errors: `SmtpTransport.deliver` raises nothing for what the server or the network does; each such event
 becomes a verdict (see outcome.py). A session that cannot be opened defers every recipient:
@@ -34,15 +36,17 @@ from typing import cast
 
 import aiosmtplib
 
-from services.deliverer.envelope import Envelope, Extensions, plan, wire_data
+from services.deliverer.envelope import Envelope, Extensions, plan, transactions, wire_data
 from services.deliverer.outcome import Conversation, Reply, Verdict, outcomes, unreachable
-from services.runtime.secrets import CredentialError
+from services.runtime.secrets import CredentialError, redact
 from services.runtime.settings import ConfigError, SmtpTarget
 
 logger = logging.getLogger(__name__)
 
 _MAX_REPLY_BYTES = 64 * 1024
 _RSET_TIMEOUT = 10.0
+# How long QUIT waits for the connection to be gone (a TLS close_notify exchange) before aborting it.
+_CLOSE_TIMEOUT = 5.0
 
 TokenSource = Callable[[], Awaitable[str]]
 """Returns a current OAuth2 bearer token; raises CredentialError (or ConfigError) naming the source only."""
@@ -87,6 +91,7 @@ class _ReplyReader(asyncio.Protocol):
         self._arrived = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
+        self._gone = asyncio.Event()
         self.lost: str | None = None
 
     def data_received(self, data: bytes) -> None:
@@ -122,6 +127,17 @@ class _ReplyReader(asyncio.Protocol):
         self.lost = self.lost or f"the connection was lost{f': {exc}' if exc else ''}"
         self._arrived.set()
         self._writable.set()
+        self._gone.set()
+
+    async def closed(self, seconds: float) -> None:
+        """Close and wait until the connection is gone. Over TLS, close() only starts the close_notify
+        exchange and the socket goes when it ends: a caller that stops its event loop before that leaks
+        the socket. A peer that does not answer in time is cut off."""
+        self.transport.close()
+        try:
+            await asyncio.wait_for(self._gone.wait(), seconds)
+        except TimeoutError:
+            self.transport.abort()
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -231,7 +247,7 @@ class _Session:
         except (_LostError, TimeoutError):
             pass  # closing anyway
         finally:
-            self.close()
+            await self.reader.closed(min(self.timeout, _CLOSE_TIMEOUT))
 
     def close(self) -> None:
         self.reader.transport.close()
@@ -245,6 +261,7 @@ class SmtpTransport:
         self.target = target
         self._password = password
         self._token = token
+        self._last_token = ""  # blanked out of server replies along with the password
         self._context = context if context is not None else tls_context(target)
         self._idle: list[_Session] = []
         self._slots = asyncio.Semaphore(target.connections)
@@ -276,17 +293,39 @@ class SmtpTransport:
                 return dict.fromkeys(recipients, unreachable(exc.reason, exc.reply))
             envelope = plan(sender, recipients, message, session.extensions)
             verdicts = dict(envelope.refused)
-            if envelope.recipients:
-                try:
-                    verdicts.update(outcomes(await session.transact(envelope, wire_data(message))))
-                except BaseException:  # cancelled mid-transaction: the session is in an unknown state
-                    session.close()
-                    raise
-            if session.usable:
-                self._idle.append(session)
-            else:
-                session.close()
+            kept = await self._transactions(session, envelope, wire_data(message), verdicts)
+            if kept is not None and kept.usable:
+                self._idle.append(kept)
+            elif kept is not None:
+                kept.close()
             return {recipient: verdicts[recipient] for recipient in recipients}
+
+    async def _transactions(self, session: _Session, envelope: Envelope, data: bytes,
+                            verdicts: dict[str, Verdict]) -> _Session | None:
+        """Each transaction of at most max_recipients_per_transaction RCPTs; verdicts go into `verdicts`.
+
+        Returns the session to keep, or None when it could not be reopened (the rest is deferred).
+        """
+        current: _Session | None = session
+        parts = transactions(envelope, self.target.max_recipients_per_transaction)
+        try:
+            for index, part in enumerate(parts):
+                if index and current is not None and not await current.reset():
+                    current.close()
+                    current = None
+                if current is None:
+                    try:
+                        current = await self._open()
+                    except SessionError as exc:
+                        rest = [r for later in parts[index:] for r in later.recipients]
+                        verdicts.update(dict.fromkeys(rest, unreachable(exc.reason, exc.reply)))
+                        return None
+                verdicts.update(outcomes(await current.transact(part, data)))
+        except BaseException:  # cancelled mid-transaction: the session is in an unknown state
+            if current is not None:
+                current.close()
+            raise
+        return current
 
     async def _session(self) -> _Session:
         while self._idle:
@@ -320,14 +359,19 @@ class SmtpTransport:
             raise
         except aiosmtplib.SMTPResponseException as exc:
             client.close()
-            raise SessionError(f"{step} refused", Reply(exc.code, exc.message)) from None
+            raise SessionError(f"{step} refused", Reply(exc.code, self._blank(exc.message))) from None
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
             client.close()
-            raise SessionError(f"{step}: {type(exc).__name__}: {exc}") from None
+            raise SessionError(self._blank(f"{step}: {type(exc).__name__}: {exc}")) from None
         except BaseException:  # a failing token command, a cancellation: never leave the socket open
             client.close()
             raise
         return self._take_over(client)
+
+    def _blank(self, text: str) -> str:
+        """A server's words with the password and the token blanked out, plain or base64 (a server may
+        echo what it was sent)."""
+        return redact(text, (self._password or "", self._last_token))
 
     async def _hello(self, client: aiosmtplib.SMTP) -> None:
         name = client.local_hostname or "localhost"
@@ -369,7 +413,7 @@ class SmtpTransport:
         if self._token is None:
             raise SessionError("AUTH: auth = \"xoauth2\" but no token source was configured")
         try:
-            token = await self._token()
+            token = self._last_token = await self._token()
         except (CredentialError, ConfigError) as exc:
             raise SessionError(f"AUTH: {exc}") from None
         response = await client.execute_command(b"AUTH", b"XOAUTH2", xoauth2_response(username, token))

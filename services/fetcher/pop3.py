@@ -81,6 +81,7 @@ from services.fetcher.pop3_protocol import (
     sasl_start,
     sasl_xoauth2,
 )
+from services.runtime.secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +172,7 @@ class Pop3CommandError(Pop3Error):
 
 
 def _blank(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "<redacted>")
-    return text
+    return redact(text, secrets)  # the plain secret and its base64 forms
 
 
 def error_for_reply(

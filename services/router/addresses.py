@@ -14,11 +14,20 @@ from typing import NamedTuple
 import idna
 
 from services.router.lexical import AddressTokens, address_tokens, ascii_lower, has_control_character, unquote
+from services.runtime.local_parts import is_safe_local_part
 from services.runtime.settings import RoutingRules
 
 _NOT_WORD = frozenset(",.:;<>@[")  # first characters of specials and domain literals
 _NOT_ATOM = _NOT_WORD | {'"'}
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+
+
+class Route(NamedTuple):
+    """One destination of a local address; `unsafe` when it is the postmaster because the local part could
+    have routed the copy elsewhere (ROUTING.md section 6, `unsafe-local-part`)."""
+
+    destination: str
+    unsafe: bool = False
 
 
 class Address(NamedTuple):
@@ -167,18 +176,28 @@ class LocalPolicy:
 
     def destinations(self, address: Address, *, delivered_to: bool = False) -> tuple[str, ...]:
         """The mailboxes a local address reaches (ROUTING.md section 3, Resolution), never empty."""
+        return tuple(route.destination for route in self.routes(address, delivered_to=delivered_to))
+
+    def routes(self, address: Address, *, delivered_to: bool = False) -> tuple[Route, ...]:
+        """`destinations`, each saying whether an unsafe local part sent it to the postmaster."""
         local = address.local.lower()
         if delivered_to and self._strip_prefix and local.startswith(self._strip_prefix):
             local = local[len(self._strip_prefix) :]
         local = self._without_extension(local)
         if local in self._aliases:
-            return self._aliases[local]
+            return tuple(Route(target) for target in self._aliases[local])
+        if local and not is_safe_local_part(local):
+            # Never handed to the MTA, which might read `%`, `!`, quotes or a route as a relay (section 6).
+            return (Route(self.postmaster, unsafe=True),)
+        return (Route(self._mailbox(local)),)
+
+    def _mailbox(self, local: str) -> str:
         if self._users is None and local:
             # No user list (ROUTING.md section 6): the destination server decides.
-            return (format_address(Address(local, self.primary_domain)),)
+            return f"{local}@{self.primary_domain}"
         if self._users is not None and local in self._users:
-            return (f"{local}@{self.primary_domain}",)
-        return (self._unknown,)
+            return f"{local}@{self.primary_domain}"
+        return self._unknown
 
     def _without_extension(self, local: str) -> str:
         """Cut at the first delimiter; like Postfix, each character of the setting is a delimiter."""
@@ -187,11 +206,15 @@ class LocalPolicy:
 
     def local_destinations(self, value: str, *, delivered_to: bool = False) -> list[str]:
         """Every destination of the local addresses in one field; empty when it names none."""
+        return [route.destination for route in self.local_routes(value, delivered_to=delivered_to)]
+
+    def local_routes(self, value: str, *, delivered_to: bool = False) -> list[Route]:
+        """`local_destinations` as routes, which say when an unsafe local part chose the postmaster."""
         return [
-            destination
+            route
             for address in parse_address_list(value)
             if self.is_local(address)
-            for destination in self.destinations(address, delivered_to=delivered_to)
+            for route in self.routes(address, delivered_to=delivered_to)
         ]
 
 

@@ -12,10 +12,11 @@ from typing import Any, NamedTuple
 import msgspec
 
 from schemas.events import Evidence, Recipient
-from services.router.addresses import LocalPolicy
+from services.router.addresses import LocalPolicy, Route
 from services.router.headers import Field, Header, read_header
 from services.router.lexical import ascii_lower, has_control_character, printable
 from services.router.received import TrustedHop, normalize_host, trusted_hop
+from services.runtime.local_parts import UNSAFE_LOCAL_PART
 from services.runtime.settings import RoutingRules
 
 REASONS = frozenset(
@@ -31,6 +32,7 @@ REASONS = frozenset(
         "postmaster-fallback",
         "loop",
         "malformed",
+        UNSAFE_LOCAL_PART,
     }
 )
 EVIDENCE_VALUE_LIMIT = 300
@@ -41,12 +43,15 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
 
     `recipient_evidence[i]` lists the indices in `evidence` of the fields that named `recipients[i]`;
     it is empty for the single-evidence decisions (list, loop, malformed, postmaster fallback).
+    `recipient_reasons[i]` is the reason of `recipients[i]` where it differs from `reason`: the postmaster
+    reached only through unsafe local parts has `unsafe-local-part` (empty: every recipient has `reason`).
     """
 
     recipients: tuple[str, ...]
     reason: str
     evidence: tuple[Evidence, ...] = ()
     recipient_evidence: tuple[tuple[int, ...], ...] = ()
+    recipient_reasons: tuple[str, ...] = ()
 
     def to_json_dict(self) -> dict[str, Any]:
         """The `popbridge route` output: `{"recipients": [...], "reason": "...", "evidence": [...]}`."""
@@ -59,8 +64,9 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
 
 def recipients_with_evidence(decision: Decision) -> tuple[Recipient, ...]:
     """One `Recipient` per address, carrying the reason and the evidence that led to that address."""
+    reasons = decision.recipient_reasons or (decision.reason,) * len(decision.recipients)
     return tuple(
-        Recipient(address=address, reason=decision.reason, evidence=_evidence_of(decision, position))
+        Recipient(address=address, reason=reasons[position], evidence=_evidence_of(decision, position))
         for position, address in enumerate(decision.recipients)
     )
 
@@ -198,21 +204,34 @@ def _from_source(
     """The decision of one source, or None when none of its fields holds a valid local address."""
     evidence: list[Evidence] = []
     named: dict[str, list[int]] = {}
+    routes: list[Route] = []
     for index, field in candidates:
-        destinations = plan.policy.local_destinations(field.value, delivered_to=delivered_to)
-        if destinations:
-            for destination in destinations:
-                named.setdefault(destination, []).append(len(evidence))
+        found = plan.policy.local_routes(field.value, delivered_to=delivered_to)
+        if found:
+            for route in found:
+                named.setdefault(route.destination, []).append(len(evidence))
+            routes += found
             evidence.append(_field_evidence(reason, index, field, hop))
     if not named:
         return None
     recipients = tuple(sorted(named))
     return Decision(
         recipients=recipients,
-        reason=reason,
         evidence=tuple(evidence),
         recipient_evidence=tuple(tuple(dict.fromkeys(named[r])) for r in recipients),
+        **_reasons(recipients, routes, reason),
     )
+
+
+def _reasons(recipients: tuple[str, ...], routes: list[Route], reason: str) -> dict[str, Any]:
+    """`reason` and `recipient_reasons`: a recipient named only by unsafe local parts is `unsafe-local-part`;
+    when every recipient is, that is the decision's reason too."""
+    safe = {route.destination for route in routes if not route.unsafe}
+    if len(safe) == len(recipients):
+        return {"reason": reason}
+    per_recipient = tuple(reason if r in safe else UNSAFE_LOCAL_PART for r in recipients)
+    overall = UNSAFE_LOCAL_PART if not safe else reason
+    return {"reason": overall, "recipient_reasons": per_recipient}
 
 
 def _from_envelope(block: tuple[Field, ...], hop: TrustedHop, plan: _Plan) -> Decision | None:
@@ -230,11 +249,13 @@ def _from_received_for(fields: tuple[Field, ...], hop: TrustedHop, plan: _Plan) 
     received = fields[hop.field_index]
     if hop.for_clause is None or has_control_character(received.value):
         return None
-    destinations = plan.policy.local_destinations(hop.for_clause)
-    if not destinations:
+    routes = plan.policy.local_routes(hop.for_clause)
+    if not routes:
         return None
     evidence = _field_evidence("received-for", hop.field_index, received, hop)
-    return Decision(recipients=tuple(sorted(set(destinations))), reason="received-for", evidence=(evidence,))
+    recipients = tuple(sorted({route.destination for route in routes}))
+    reasons = _reasons(recipients, routes, "received-for")
+    return Decision(recipients=recipients, evidence=(evidence,), **reasons)
 
 
 def _from_fallback(fields: tuple[Field, ...], plan: _Plan) -> Decision | None:

@@ -56,6 +56,11 @@ from schemas.topics import MAX_MESSAGE_BYTES, TopicSpec
 from services.runtime.log import LogError, OnRevoked, Outgoing, Record, TopicPartition, Written
 
 DB_NAME = "log.sqlite3"
+# The database holds raw mail: the directory is the owner's only, the files too. SQLite gives the -wal
+# and -shm files the database's mode.
+DATA_DIR_MODE = 0o700
+DB_FILE_MODE = 0o600
+_DB_FILES = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm")
 SCHEMA_VERSION = 1
 MEMBER_TIMEOUT = 10.0  # seconds without a heartbeat after which a consumer is dead
 MAX_POLL_INTERVAL = 300.0  # a live consumer that stopped fetching this long gives its partitions up (Kafka's)
@@ -135,8 +140,39 @@ def assign(members: Mapping[str, Sequence[str]], tps: Sequence[TopicPartition]) 
 # --- SQLite plumbing -----------------------------------------------------------------------------
 
 
+def _create_private(path: Path) -> None:
+    """The data directory (0700) and the database file (0600), when they do not exist yet."""
+    path.parent.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, DB_FILE_MODE))
+
+
+def readable_by_others(data_dir: Path) -> list[tuple[Path, int]]:
+    """The data directory and database files that users other than the owner may access, with their modes."""
+    found = []
+    for path in (data_dir, *(data_dir / name for name in _DB_FILES)):
+        with contextlib.suppress(FileNotFoundError):
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                found.append((path, mode))
+    return found
+
+
+_WARNED: set[Path] = set()
+
+
+def warn_if_readable_by_others(data_dir: Path) -> None:
+    """One warning per path and process for each file holding mail that is not private to its owner."""
+    for path, mode in readable_by_others(data_dir):
+        if path not in _WARNED:
+            _WARNED.add(path)
+            wanted = DATA_DIR_MODE if path == data_dir else DB_FILE_MODE
+            _logger.warning("%s is mode %04o: other local users may read the mail it holds; "
+                           "chmod %04o %s", path, mode, wanted, path)
+
+
 def _connect(path: Path, synchronous: Synchronous) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _create_private(path)
     conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
     try:
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes effect on a new, empty database
@@ -752,6 +788,7 @@ class EmbeddedLog:
         self._member_timeout = member_timeout
         self._poll_interval = poll_interval
         self._changes = _CHANGES.setdefault(self.path.absolute(), _Changes())
+        warn_if_readable_by_others(self.data_dir)
 
     def __repr__(self) -> str:
         return f"EmbeddedLog({str(self.data_dir)!r})"

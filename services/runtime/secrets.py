@@ -9,11 +9,42 @@ Values never enter a message or a log line. Errors:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from services.runtime.settings import ConfigError
+
+REDACTED = "<redacted>"
+# A base64 core shorter than this would blank ordinary text by chance; the plain secret is blanked anyway.
+_MIN_BASE64_CORE = 6
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every secret blanked out: as written, and as base64 wherever a server may echo it.
+
+    A secret inside a longer base64 blob (SASL PLAIN's `\\0user\\0password`, XOAUTH2's `auth=Bearer
+    token`) is encoded differently depending on its offset modulo 3, so each of the three alignments is
+    blanked: the run of base64 characters that depends on the secret's bytes only.
+    """
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        for form in (secret, *_base64_forms(secret)):
+            text = text.replace(form, REDACTED)
+    return text
+
+
+def _base64_forms(secret: str) -> list[str]:
+    raw = secret.encode("utf-8", "surrogateescape")
+    forms = []
+    for shift in range(3):
+        encoded = base64.b64encode(b"\0" * shift + raw + b"\0\0").decode("ascii")
+        start = -(-shift * 4 // 3)  # the first character no padding byte before the secret touches
+        end = (shift + len(raw)) * 4 // 3  # the last one no byte after it touches
+        if end - start >= _MIN_BASE64_CORE:
+            forms.append(encoded[start:end])
+    forms.append(base64.b64encode(raw).decode("ascii"))  # the secret alone, padding included
+    return forms
 
 
 class CredentialError(Exception):

@@ -9,22 +9,47 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
-from schemas.topics import MAX_MESSAGE_BYTES
+from schemas.topics import MAX_MESSAGE_BYTES, MIB
+from services.runtime.local_parts import is_safe_local_part, unsafe_address_problem
 
-# The largest max_message_size: a fetched event carries the message plus its fields (ids, host, UIDL),
-# and must fit the fetched topic's max.message.bytes.
-MAX_MESSAGE_SIZE_LIMIT = MAX_MESSAGE_BYTES - 64 * 1024
 DEFAULT_ENVELOPE_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "X-RCPT-TO")
+
+
+# A fetched message travels inside events (MailFetched, RecipientsResolved, retries, dead letters) whose
+# framing, recipients and evidence need room beside the raw bytes in a record of MAX_MESSAGE_BYTES.
+EVENT_OVERHEAD_BYTES = MIB
+LARGEST_MESSAGE_SIZE = MAX_MESSAGE_BYTES - EVENT_OVERHEAD_BYTES
+MIN_POLL_INTERVAL = 1.0
+# Inline secret keys people write, and where the secret belongs instead.
+_INLINE_SECRETS = {
+    "password": "password_env = \"VARIABLE\" or password_file = \"/run/secrets/...\"",
+    "pass": "password_env = \"VARIABLE\" or password_file = \"/run/secrets/...\"",
+    "token": "token_env = \"VARIABLE\", token_file = \"/run/secrets/...\" or token_command = [\"...\"]",
+}
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file and the key. Exit code 2."""
+
+
+def _port(key: str, value: int | None) -> None:
+    if value is not None and not 1 <= value <= 65535:
+        raise ValueError(f"{key}: {value} is not a TCP port (1-65535)")
+
+
+def _positive(key: str, value: float, *, at_least: float = 0.0) -> None:
+    """A finite number above zero (or at least `at_least`); NaN and infinity, which TOML allows, are not."""
+    if not math.isfinite(value) or value <= 0 or value < at_least:
+        floor = f"at least {at_least:g}" if at_least else "above 0"
+        raise ValueError(f"{key}: {value!r} must be a finite number {floor}")
 
 
 class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -72,17 +97,31 @@ class RoutingRules(_Config, frozen=True):
     pop3_mailbox: Pop3MailboxInfo | None = None
 
     def __post_init__(self) -> None:
+        if self.primary_domain.lower() not in {domain.lower() for domain in self.local_domains}:
+            raise ValueError(f"primary_domain: {self.primary_domain!r} is not one of local_domains")
         # The router only ever outputs these configured addresses; keeping them inside the primary
-        # domain is what makes "never relay outside" hold whatever a message claims.
+        # domain, with local parts no server reads as a route, is what makes "never relay outside" hold
+        # whatever a message claims.
         for key, address in self._destinations():
             if not address.lower().endswith("@" + self.primary_domain.lower()):
                 domain = self.primary_domain
                 raise ValueError(f"{key}: {address!r} is not an address at primary_domain {domain!r}")
+            if (problem := unsafe_address_problem(address)) is not None:
+                raise ValueError(f"{key}: {problem}")
+        for user in self.users or ():
+            if not is_safe_local_part(user):
+                raise ValueError(f"users: {user!r} is not a plain local part (no %, !, /, quotes or spaces)")
+        if self.max_received < 1:
+            raise ValueError("max_received: must be at least 1")
 
     def _destinations(self) -> list[tuple[str, str]]:
         found = [("postmaster", self.postmaster)]
         found += [(f"aliases.{name}", target) for name, targets in self.aliases.items() for target in targets]
         found += [(f"list_rules[{i}].deliver_to", rule.deliver_to) for i, rule in enumerate(self.list_rules)]
+        unknown = self.unknown_local_user
+        if unknown.lower() not in ("", "postmaster"):
+            address = unknown if "@" in unknown else f"{unknown}@{self.primary_domain}"
+            found.append(("unknown_local_user", address))
         return found
 
 
@@ -136,20 +175,24 @@ class Mailbox(_Config, frozen=True):
     keep_days: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_message_size > MAX_MESSAGE_SIZE_LIMIT:
-            raise ValueError(
-                f"max_message_size: at most {MAX_MESSAGE_SIZE_LIMIT} bytes (the fetched topic's "
-                f"max.message.bytes, {MAX_MESSAGE_BYTES}, less room for the event's other fields)"
-            )
-        if self.command_deadline <= 0 or self.pass_deadline <= 0:
-            raise ValueError("command_deadline, pass_deadline: must be positive numbers of seconds")
+        _port("port", self.port)
+        _positive("timeout", self.timeout)
+        _positive("poll_interval", self.poll_interval, at_least=MIN_POLL_INTERVAL)
+        if not 0 < self.max_message_size <= LARGEST_MESSAGE_SIZE:
+            raise ValueError(f"max_message_size: {self.max_message_size} must be above 0 and at most "
+                             f"{LARGEST_MESSAGE_SIZE} bytes (records hold at most {MAX_MESSAGE_BYTES})")
+        for recipient in self.recipients:
+            if (problem := unsafe_address_problem(recipient)) is not None:
+                raise ValueError(f"recipients: {problem}")
+        _positive("command_deadline", self.command_deadline)
+        _positive("pass_deadline", self.pass_deadline)
         if self.quit_every < 1:
             raise ValueError("quit_every: must be at least 1")
         if self.max_connections_per_host < 1:
             raise ValueError("max_connections_per_host: must be at least 1")
         if self.max_messages_per_session is not None and self.max_messages_per_session < 1:
             raise ValueError("max_messages_per_session: must be at least 1")
-        if self.keep_days is not None and (self.mode != "keep" or self.keep_days < 0):
+        if self.keep_days is not None and (self.mode != "keep" or not 0 <= self.keep_days < math.inf):
             raise ValueError("keep_days: a number of days >= 0, only with mode = \"keep\"")
         if self.auth == "xoauth2" and not (self.token_env or self.token_file or self.token_command):
             raise ValueError("auth = \"xoauth2\" needs token_env, token_file or token_command")
@@ -201,11 +244,19 @@ class SmtpTarget(_Config, frozen=True):
     connections: int = 2
     retry_delays: tuple[float, ...] = (60.0, 300.0, 1800.0, 7200.0, 21600.0)
     max_age_days: float = 5.0
+    # RCPTs per mail transaction: a message for more recipients goes out in several transactions, so one
+    # storm of recipients never meets a server's limit (Postfix: smtpd_recipient_limit) all at once.
+    max_recipients_per_transaction: int = 100
 
     def __post_init__(self) -> None:
+        _port("port", self.port)
+        _positive("timeout", self.timeout)
+        _positive("max_age_days", self.max_age_days)
         if self.connections < 1:
             raise ValueError("connections: must be at least 1")
-        if not 1 <= len(self.retry_delays) <= 5 or min(self.retry_delays) <= 0:
+        if self.max_recipients_per_transaction < 1:
+            raise ValueError("max_recipients_per_transaction: must be at least 1")
+        if not 1 <= len(self.retry_delays) <= 5 or not all(0 < d < math.inf for d in self.retry_delays):
             raise ValueError("retry_delays: one to five positive numbers of seconds")
         if self.auth == "xoauth2" and not self.username:
             raise ValueError("auth = \"xoauth2\" needs username")
@@ -302,10 +353,67 @@ def _with_shared_routing(document: Any) -> Any:
     return document
 
 
+def _inline_secrets(document: Any) -> Iterator[tuple[str, str]]:
+    """(key, where the secret belongs instead) for each secret written into the file itself."""
+    if not isinstance(document, dict):
+        return
+    tables = [("delivery", document.get("delivery"))]
+    mailboxes = document.get("mailboxes")
+    if isinstance(mailboxes, list):
+        tables += [(f"mailboxes[{index}]", mailbox) for index, mailbox in enumerate(mailboxes)]
+    for where, table in tables:
+        if isinstance(table, dict):
+            yield from ((f"{where}.{key}", _INLINE_SECRETS[key]) for key in table if key in _INLINE_SECRETS)
+
+
+def _shared_local_domains(config: MailConfig, path: Path) -> frozenset[str]:
+    """[routing] local_domains and alias_domains: where single-user mailboxes may deliver."""
+    local, aliases = config.routing.get("local_domains", ()), config.routing.get("alias_domains", {})
+    if not (isinstance(local, list | tuple) and all(isinstance(d, str) for d in local)
+            and isinstance(aliases, dict)):
+        raise ConfigError(f"{path}: routing.local_domains: expected a list of domain names")
+    return frozenset(domain.lower() for domain in [*local, *aliases])
+
+
+def _check_fixed_recipients(config: MailConfig, path: Path) -> None:
+    """A single-user mailbox delivers to its configured recipients: each must be inside a local domain."""
+    single = [(index, box) for index, box in enumerate(config.mailboxes) if not box.catch_all]
+    if not single:
+        return
+    domains = _shared_local_domains(config, path)
+    for index, mailbox in single:
+        if not domains:
+            raise ConfigError(f"{path}: routing.local_domains: set the domains popbridge delivers to "
+                              f"(mailboxes[{index}] has fixed recipients, which must be inside them)")
+        for recipient in mailbox.recipients:
+            if recipient.rpartition("@")[2].lower() not in domains:
+                raise ConfigError(f"{path}: mailboxes[{index}].recipients: {recipient!r} is outside "
+                                  f"routing.local_domains {sorted(domains)}; popbridge never relays outside")
+    _check_shared_postmaster(config, path, domains)
+
+
+def _check_shared_postmaster(config: MailConfig, path: Path, domains: frozenset[str]) -> None:
+    """[routing] postmaster gets the dead-letter notices even with no catch-all mailbox to check it."""
+    postmaster = config.routing.get("postmaster")
+    if postmaster is None:
+        return
+    if not isinstance(postmaster, str):
+        problem: str | None = "expected an address"
+    elif postmaster.rpartition("@")[2].lower() not in domains:
+        problem = f"{postmaster!r} is outside routing.local_domains {sorted(domains)}"
+    else:
+        problem = unsafe_address_problem(postmaster)
+    if problem is not None:
+        raise ConfigError(f"{path}: routing.postmaster: {problem}")
+
+
 def load_config(path: str | Path) -> MailConfig:
     """Read and check the mail configuration; ConfigError names the file and the key."""
     path = Path(path)
-    config: MailConfig = _convert(_with_shared_routing(_read_document(path)), MailConfig, path)
+    document = _read_document(path)
+    for key, instead in _inline_secrets(document):
+        raise ConfigError(f"{path}: {key}: secrets are never written in the file; use {instead}")
+    config: MailConfig = _convert(_with_shared_routing(document), MailConfig, path)
     if not config.mailboxes:
         raise ConfigError(f"{path}: mailboxes: configure at least one [[mailboxes]] entry")
     seen: set[str] = set()
@@ -322,6 +430,7 @@ def load_config(path: str | Path) -> MailConfig:
             )
         if mailbox.needs_password and not (mailbox.password_env or mailbox.password_file):
             raise ConfigError(f"{where}: set password_env or password_file (passwords are never inlined)")
+    _check_fixed_recipients(config, path)
     return config
 
 

@@ -26,6 +26,7 @@ def _environ(kafka_bootstrap: str, prefix: str) -> dict[str, str]:
 
 
 MAILBOX = (
+    '[routing]\nlocal_domains = ["example.com"]\n\n'
     '[[mailboxes]]\nid = "alice"\nhost = "127.0.0.1"\nusername = "alice"\npassword_env = "POP_PW"\n'
     'recipients = ["alice@example.com"]\n'
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import msgspec
 import pytest
 
 from schemas.events import DeliveryAttempted, DeliveryDeadLettered, RecipientDelivered
@@ -141,7 +142,9 @@ async def test_a_rejected_recipient_becomes_a_dead_letter_and_nobody_gets_a_boun
         "5.1.1",
         "5.1.1 no such user",
     )
-    assert dead.routed == event
+    # The dead letter keeps the message, narrowed to the recipient it concerns (ROUTING.md section 6).
+    assert dead.routed == msgspec.structs.replace(event, recipients=event.recipients[1:])
+    assert dead.routed_recipients == 2
     assert [m.rcpt_tos for m in smtp_sink.messages] == [("alice@example.com",)]  # no bounce to bob@remote
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -218,3 +219,54 @@ async def test_dovecot_lmtp_over_starttls_delivers_per_recipient(dovecot: Doveco
         p for p in dovecot.maildir(alice).glob("*/*") if p.is_file() and p.parent.name in ("new", "cur")
     ]
     assert saved.read_bytes().endswith(MESSAGE.replace(b"\r\n", b"\n"))
+
+
+class TransactionCounter:
+    """Records the RCPTs of each transaction; answers DATA with `data_reply`."""
+
+    def __init__(self, data_reply: str = "250 2.0.0 queued") -> None:
+        self.data_reply = data_reply
+        self.transactions: list[list[str]] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.transactions.append(list(envelope.rcpt_tos))
+        return self.data_reply
+
+
+@pytest.mark.parametrize("data_reply", ["250 2.0.0 queued", "554 5.7.1 no thanks"])
+async def test_a_recipient_storm_goes_out_in_transactions_of_at_most_the_cap(data_reply: str) -> None:
+    handler = TransactionCounter(data_reply)
+    recipients = tuple(f"user{n}@example.com" for n in range(250))
+    with serve(handler) as port:
+        verdicts = await deliver(port, recipients, max_recipients_per_transaction=100)
+    assert [len(t) for t in handler.transactions] == [100, 100, 50]
+    assert [r for t in handler.transactions for r in t] == list(recipients)
+    expected = ("delivered", 250, "2.0.0") if data_reply.startswith("250") else ("failed", 554, "5.7.1")
+    assert set(verdicts.values()) == {expected}
+
+
+class _EchoingRefusal:
+    """Refuses every login quoting what it was sent: the SASL PLAIN blob, the password in base64, plain."""
+
+    def __call__(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        assert isinstance(auth_data, LoginPassword)
+        blob = base64.b64encode(b"\0" + auth_data.login + b"\0" + auth_data.password).decode()
+        alone = base64.b64encode(auth_data.password).decode()
+        echo = f"535 5.7.8 refused {blob} ({alone}, {auth_data.password.decode()})"
+        return AuthResult(success=False, handled=False, message=echo)
+
+
+async def test_a_server_echoing_the_password_in_base64_gets_it_blanked_out() -> None:
+    password = "s3cret-pw-long-enough"
+    with serve(Recorder(), authenticator=_EchoingRefusal(), auth_require_tls=False) as port:
+        target = smtp_target(port, username="relay", password_env="X")
+        async with SmtpTransport(target, password) as transport:
+            verdicts = await transport.deliver(SENDER, ["alice@example.com"], MESSAGE)
+    verdict = verdicts["alice@example.com"]
+    assert verdict.outcome == "deferred"
+    assert verdict.text.count("<redacted>") == 3, verdict.text
+    for leaked in (password, base64.b64encode(password.encode()).decode()):
+        assert leaked not in verdict.text
+    assert base64.b64encode(b"\0relay\0" + password.encode()).decode()[12:] not in verdict.text

@@ -44,10 +44,11 @@ def write_config(path: Path, dovecot: DovecotMailboxes, users: Sequence[MailUser
     boxes = "".join(
         f'[[mailboxes]]\nid = "box{n}"\nhost = "{dovecot.server.host}"\nport = {dovecot.server.pop3_port}\n'
         f'tls = "none"\nusername = "{user.login}"\npassword_env = "PW_box{n}"\nmode = "keep"\n'
-        'recipients = ["alice@example.com"]\npoll_interval = 0.5\ntimeout = 10.0\n\n'
+        'recipients = ["alice@example.com"]\npoll_interval = 1.0\ntimeout = 10.0\n\n'
         for n, user in enumerate(users)
     )
-    path.write_text(f'[delivery]\nhost = "127.0.0.1"\ntls = "none"\n\n{boxes}')
+    routing = '[routing]\nlocal_domains = ["example.com"]\n'
+    path.write_text(f'[delivery]\nhost = "127.0.0.1"\ntls = "none"\n\n{routing}\n{boxes}')
     return path
 
 
@@ -188,7 +189,7 @@ async def test_a_joining_replica_never_polls_a_mailbox_while_the_old_owners_pass
     await stage.log.ensure_topics([TopicSpec(stage.settings.topic(spec.name), spec.partitions, spec.config)])
     users = [dovecot.new_user(f"hand{n}") for n in range(6)]
     mailboxes = [
-        dovecot_mailbox(dovecot, user, f"hand{n}", mode="keep", poll_interval=0.2)
+        dovecot_mailbox(dovecot, user, f"hand{n}", mode="keep", poll_interval=1.0)
         for n, user in enumerate(users)
     ]
     environ = {f"PW_hand{n}": user.password for n, user in enumerate(users)}

@@ -69,7 +69,7 @@ port = {pop3[1]}
 tls = "none"
 username = "{user.login}"
 password_env = "{PASSWORD_ENV}"
-poll_interval = 0.3
+poll_interval = 1.0
 """)
     return path
 

@@ -73,8 +73,13 @@ class Pipeline:
         return results
 
 
+# The [routing] table of a config with single-user mailboxes only: their recipients must be inside it.
+LOCAL_DOMAINS = '[routing]\nlocal_domains = ["example.com"]\n'
+
+
 def write_config(
-    path: Path, *, pop3_host: str, pop3_port: int, smtp_port: int, mailboxes: str, routing: str = ""
+    path: Path, *, pop3_host: str, pop3_port: int, smtp_port: int, mailboxes: str,
+    routing: str = LOCAL_DOMAINS,
 ) -> Path:
     """A mail config for the test servers on loopback: plain POP3 and SMTP without TLS."""
     path.write_text(

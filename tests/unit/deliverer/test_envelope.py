@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from services.deliverer.envelope import Extensions, mail_from, plan, wire_data, xtext
+import pytest
+
+from services.deliverer.envelope import Extensions, mail_from, plan, transactions, wire_data, xtext
 
 ALL = Extensions({"size": "1000", "8bitmime": "", "smtputf8": "", "dsn": "", "pipelining": ""})
 PLAIN = Extensions({})
@@ -68,3 +70,23 @@ def test_wire_data_stuffs_dots_and_ends_the_data() -> None:
 
 def test_xtext() -> None:
     assert xtext("a+b=c@x") == "a+2Bb+3Dc@x"
+
+
+def test_transactions_hold_at_most_the_cap_in_order() -> None:
+    recipients = [f"u{n}@x.example" for n in range(250)]
+    envelope = plan("bob@remote.example", recipients, ASCII, ALL)
+    parts = transactions(envelope, 100)
+    assert [len(p.recipients) for p in parts] == [100, 100, 50]
+    assert [r for p in parts for r in p.recipients] == recipients
+    assert all(set(p.rcpt_params) == set(p.recipients) for p in parts)
+    assert {p.mail_params for p in parts} == {envelope.mail_params}
+    assert transactions(plan("", ["a@x.example"], ASCII, ALL), 100)[0].recipients == ("a@x.example",)
+
+
+@pytest.mark.parametrize("recipient", ["evil%outside.test@example.com", '"evil@outside.test"@example.com',
+                                       "outside.test!evil@example.com", "a/b@example.com", ".a@example.com"])
+def test_a_recipient_whose_local_part_could_route_elsewhere_is_never_sent(recipient: str) -> None:
+    envelope = plan("", [recipient, "alice@example.com"], ASCII, ALL)
+    assert envelope.recipients == ("alice@example.com",)
+    assert envelope.refused[recipient].enhanced_code == "5.1.3"
+    assert "route" in envelope.refused[recipient].text

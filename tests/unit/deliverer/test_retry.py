@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from schemas.events import Recipient, RecipientsResolved
+import msgspec
+
+from schemas.codec import encode
+from schemas.events import DeliveryDeadLettered, Evidence, Recipient, RecipientsResolved
 from services.deliverer.outcome import Verdict
 from services.deliverer.retry import EXPIRED, REJECTED, Job, RetryPolicy, followups
 
@@ -73,3 +76,42 @@ def test_a_copy_still_deferred_at_the_maximum_age_fails() -> None:
     assert [a.outcome for a in result.attempted] == ["failed"]
     assert [(d.reason, d.smtp_code) for d in result.dead] == [(EXPIRED, 450)]
     assert "gave up after 31 attempts" in result.dead[0].smtp_text
+
+
+def storm(count: int) -> RecipientsResolved:
+    """A routed message for `count` recipients, each with the evidence the router writes."""
+    evidence = (Evidence(source="delivered-to", field="Delivered-To", field_index=0, value="x" * 60),)
+    people = tuple(Recipient(address=f"user{n}@example.com", reason="delivered-to", evidence=evidence)
+                   for n in range(count))
+    return msgspec.structs.replace(ROUTED, recipients=people, raw=b"Subject: storm\r\n\r\n" + b"x" * 2000)
+
+
+def dead_letter_bytes(count: int) -> tuple[int, list[DeliveryDeadLettered]]:
+    routed = storm(count)
+    job = Job.first(routed)
+    rejected = Verdict("failed", 554, "5.7.1", "rejected at DATA")
+    result = followups(job, dict.fromkeys(job.recipients, rejected), now=T0, policy=RetryPolicy(),
+                       server="mx")
+    return sum(len(encode(dead)) for dead in result.dead), result.dead
+
+
+def test_each_dead_letter_holds_only_its_own_recipient_so_their_size_grows_linearly() -> None:
+    small, _ = dead_letter_bytes(100)
+    large, dead = dead_letter_bytes(1000)
+    assert len(dead) == 1000
+    everyone = storm(1000).recipients
+    assert [d.routed.recipients for d in dead] == [(person,) for person in everyone]
+    assert all(d.routed.suppressed == () for d in dead)
+    assert {d.routed_recipients for d in dead} == {1000}
+    assert {d.routed.raw for d in dead} == {storm(1).raw}  # the message itself is kept for `dlq retry`
+    # Linear: ten times the recipients is ten times the bytes (the square would be a hundred times).
+    assert 9.9 < large / small < 10.1, (small, large)
+
+
+def test_a_retry_keeps_the_routed_message_once_with_every_waiting_recipient() -> None:
+    job = Job.first(storm(300))
+    result = followups(job, dict.fromkeys(job.recipients, DEFERRED), now=T0, policy=RetryPolicy(),
+                       server="mx")
+    assert result.retry is not None
+    assert result.retry.recipients == job.recipients
+    assert len(encode(result.retry)) < 2 * len(encode(job.routed))

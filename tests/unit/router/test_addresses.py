@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from msgspec.structs import replace
 
-from services.router.addresses import Address, LocalPolicy, format_address, parse_address_list
+from services.router.addresses import Address, LocalPolicy, Route, format_address, parse_address_list
 from services.runtime.settings import RoutingRules
 
 
@@ -276,8 +276,52 @@ def test_without_a_user_list_every_local_part_is_accepted(rules: RoutingRules) -
     open_rules = replace(rules, users=None)
     assert destinations(open_rules, "Zoe+x@example.org") == ("zoe@example.com",)
     assert destinations(open_rules, "sales@example.com") == ("alice@example.com", "bob@example.com")
-    assert destinations(open_rules, '"zoe smith"@example.com') == ('"zoe smith"@example.com',)
+    assert destinations(open_rules, "zoe.smith@example.com") == ("zoe.smith@example.com",)
     assert destinations(open_rules, "+x@example.com") == ("postmaster@example.com",)
+
+
+# Local parts an MTA that trusts popbridge may read as a route elsewhere (ROUTING.md section 6).
+HOSTILE_LOCAL_PARTS = [
+    "evil%outside.test@example.com",
+    "EVIL%Outside.Test@example.com",
+    "evil%outside.test%example.com@example.com",
+    '"evil@outside.test"@example.com',
+    '"evil%outside.test"@example.com',
+    "outside.test!evil@example.com",
+    '"@outside.test:evil"@example.com',
+    '"evil\\@outside.test"@example.com',
+    "evil/outside.test@example.com",
+    '"zoe smith"@example.com',
+    '".evil"@example.com',
+    '"evil."@example.com',
+    '"a..b"@example.com',
+    "mbox4711-evil%outside.test@example.com",
+    "evil%outside.test+tag@example.com",
+    "evil!outside.test@example.org",
+]
+
+
+@pytest.mark.parametrize("users", [None, ("alice", "bob")], ids=["no-users", "users"])
+@pytest.mark.parametrize("address", HOSTILE_LOCAL_PARTS)
+def test_a_local_part_that_could_route_elsewhere_reaches_only_the_postmaster(
+    rules: RoutingRules, address: str, users: tuple[str, ...] | None
+) -> None:
+    policy = LocalPolicy(replace(rules, users=users))
+    (parsed,) = parse_address_list(address)
+    for delivered_to in (False, True):
+        routes = policy.routes(parsed, delivered_to=delivered_to)
+        assert routes == (Route("postmaster@example.com", unsafe=True),)
+
+
+def test_an_obsolete_source_route_is_dropped_leaving_the_final_mailbox(rules: RoutingRules) -> None:
+    open_rules = replace(rules, users=None)
+    assert destinations(open_rules, "<@outside.test:zoe@example.com>") == ("zoe@example.com",)
+    assert destinations(open_rules, "<@outside.test,@b.test:zoe@example.com>") == ("zoe@example.com",)
+
+
+def test_a_route_character_after_the_extension_delimiter_is_cut_off_with_it(rules: RoutingRules) -> None:
+    open_rules = replace(rules, users=None)
+    assert destinations(open_rules, "zoe+evil%outside.test@example.com") == ("zoe@example.com",)
 
 
 def test_unknown_local_user_may_name_another_mailbox(rules: RoutingRules) -> None:

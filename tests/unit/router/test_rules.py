@@ -472,3 +472,46 @@ def test_a_decision_is_a_frozen_value(rules: RoutingRules) -> None:
     )
     with pytest.raises(AttributeError):
         decision.reason = "loop"  # type: ignore[misc]  # proving it is frozen
+
+
+# --- ROUTING.md section 6: local parts that could route elsewhere ---------------------------------------
+
+HOSTILE = (
+    "evil%outside.test@example.com", '"evil@outside.test"@example.com', "outside.test!evil@example.com",
+    '"@outside.test:evil"@example.com', "evil%outside.test@example.org",
+)
+
+
+@pytest.mark.parametrize("users", [None, ("alice", "bob", "postmaster")], ids=["no-users", "users"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [f"Delivered-To: {a}" for a in HOSTILE] + [ISP_HOP],
+        [f"X-Original-To: {a}" for a in HOSTILE] + [ISP_HOP],
+        [isp_hop(", ".join(HOSTILE))],
+        [f"To: {', '.join(HOSTILE)}", "Cc: <evil%outside.test@example.com>"],
+        [f"Resent-To: {HOSTILE[0]}", "To: alice@example.com"],
+    ],
+    ids=["delivered-to", "x-original-to", "received-for", "to-cc", "resent-to"],
+)
+def test_unsafe_local_parts_reach_only_the_postmaster_whatever_the_header(
+    rules: RoutingRules, users: tuple[str, ...] | None, fields: list[str]
+) -> None:
+    decision = route(with_rules(rules, users=users), *fields)
+    assert (decision.recipients, decision.reason) == (POSTMASTER, "unsafe-local-part")
+    assert [r.reason for r in recipients_with_evidence(decision)] == ["unsafe-local-part"]
+
+
+def test_an_unsafe_local_part_beside_a_user_gives_the_postmaster_its_own_reason(rules: RoutingRules) -> None:
+    decision = route(with_rules(rules, users=None), "Delivered-To: zoe@example.com",
+                     "Delivered-To: evil%outside.test@example.com", ISP_HOP)
+    expected = ("postmaster@example.com", "zoe@example.com")
+    assert (decision.recipients, decision.reason) == (expected, "delivered-to")
+    reasons = {r.address: r.reason for r in recipients_with_evidence(decision)}
+    assert reasons == {"postmaster@example.com": "unsafe-local-part", "zoe@example.com": "delivered-to"}
+
+
+def test_the_postmaster_named_safely_keeps_the_source_reason(rules: RoutingRules) -> None:
+    decision = route(rules, "Delivered-To: postmaster@example.com", "Delivered-To: x!y@example.com", ISP_HOP)
+    assert (decision.recipients, decision.reason) == (POSTMASTER, "delivered-to")
+    assert decision.recipient_reasons == ()
