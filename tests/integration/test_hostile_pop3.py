@@ -272,10 +272,11 @@ async def test_a_record_the_log_refuses_is_skipped_and_the_rest_of_the_batch_goe
 def test_a_size_limit_the_fetched_topic_cannot_carry_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "popbridge.toml"
     path.write_text(
-        '[delivery]\nhost = "127.0.0.1"\n[[mailboxes]]\nid = "a"\nhost = "127.0.0.1"\nusername = "u"\n'
+        '[delivery]\nhost = "127.0.0.1"\n[routing]\nlocal_domains = ["example.com"]\n[[mailboxes]]\nid = "a"\nhost = "127.0.0.1"\nusername = "u"\n'
         'password_env = "X"\nrecipients = ["a@example.com"]\nmax_message_size = 100_000_000\n'
     )
-    with pytest.raises(ConfigError, match=r"popbridge.toml: mailboxes\[0\]: max_message_size: at most"):
+    expected = r"popbridge.toml: mailboxes\[0\]: max_message_size: 100000000 must be above 0 and at most"
+    with pytest.raises(ConfigError, match=expected):
         load_config(path)
 
 
@@ -373,6 +374,7 @@ def _high_water_mark(pid: int, ended: threading.Event) -> int:
 def run_config(path: Path, smtp: SmtpSink, boxes: Sequence[Mailbox]) -> Path:
     """The mail configuration of a child run: the SMTP sink, and these single-user mailboxes."""
     text = f'[delivery]\nhost = "{smtp.host}"\nport = {smtp.port}\ntls = "none"\n'
+    text += '[routing]\nlocal_domains = ["example.com"]\n'
     for box in boxes:
         text += (
             f'\n[[mailboxes]]\nid = "{box.id}"\nhost = "{box.host}"\nport = {box.port}\ntls = "none"\n'
