@@ -20,6 +20,7 @@ from aiokafka.conn import create_conn
 from aiokafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
+    IllegalStateError,
     KafkaConnectionError,
     KafkaError,
     SaslAuthenticationFailed,
@@ -30,6 +31,7 @@ from aiokafka.errors import (
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from schemas.topics import MAX_MESSAGE_BYTES, TopicSpec
+from services.runtime.kafka_faults import recoverable
 from services.runtime.kafka_security import PLAINTEXT, KafkaSecurity, kafka_security
 from services.runtime.log import (
     REVOKE_TIMEOUT,
@@ -40,6 +42,7 @@ from services.runtime.log import (
     TopicPartition,
     Written,
 )
+from services.runtime.outage import BROKER
 from services.runtime.settings import ConfigError, DeploymentSettings
 
 # Room for the event framing and Kafka's record overhead on top of the largest message.
@@ -47,7 +50,7 @@ _REQUEST_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
 
 
 class KafkaLogError(LogError):
-    """A Kafka operation failed; `retriable` comes from aiokafka's own classification."""
+    """A Kafka operation failed; `retriable`: a stage waits it out (services.runtime.kafka_faults)."""
 
     def __init__(self, message: str, *, retriable: bool) -> None:
         super().__init__(message)
@@ -55,7 +58,7 @@ class KafkaLogError(LogError):
 
 
 def _wrap(exc: KafkaError, doing: str) -> KafkaLogError:
-    return KafkaLogError(f"kafka: {doing}: {type(exc).__name__}: {exc}", retriable=bool(exc.retriable))
+    return KafkaLogError(f"kafka: {doing}: {type(exc).__name__}: {exc}", retriable=recoverable(exc))
 
 
 @dataclass
@@ -73,6 +76,7 @@ class KafkaProducer:
             results = await asyncio.gather(*futures)
         except KafkaError as exc:
             raise _wrap(exc, "publish") from exc
+        BROKER.recovered()
         return [Written(m.topic, m.partition, m.offset) for m in results]
 
 
@@ -107,6 +111,8 @@ class KafkaConsumer:
             batches = await self.consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_records)
         except KafkaError as exc:
             raise _wrap(exc, "fetch") from exc
+        if batches:
+            BROKER.recovered()
         return [
             Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp)
             for messages in batches.values()
@@ -125,6 +131,7 @@ class KafkaConsumer:
             )
         except KafkaError as exc:
             raise _wrap(exc, "commit") from exc
+        BROKER.recovered()
 
     def assignment(self) -> set[TopicPartition]:
         if self.rebalance is not None and self.rebalance.revoking:
@@ -135,10 +142,15 @@ class KafkaConsumer:
         assigned = self.consumer.assignment()
         if not assigned:
             return False
-        ends = await self.consumer.end_offsets(list(assigned))
-        for tp in assigned:
-            if await self.consumer.position(tp) < ends[tp]:
-                return False
+        try:
+            ends = await self.consumer.end_offsets(list(assigned))
+            for tp in assigned:
+                if await self.consumer.position(tp) < ends[tp]:
+                    return False
+        except IllegalStateError:
+            return False  # a rebalance took a partition meanwhile: not caught up, fetch again
+        except KafkaError as exc:
+            raise _wrap(exc, "read to the end") from exc
         return True
 
 
@@ -208,6 +220,20 @@ class KafkaLog:
             missing = [s for s in specs if s.name not in existing]
             return [s.name for s in missing if await self._create(admin, spec=s, replication=min(3, brokers))]
 
+    async def check_ready(self, topics: Sequence[str]) -> None:
+        """Return once the cluster answers and every topic of `topics` exists.
+
+        Raises KafkaLogError: retriable while the broker is out of reach, not retriable for a refused
+        login or a missing topic (a deployment mistake: `popbridge topics create` was not run)."""
+        async with self._admin("connect") as admin:
+            existing = set(await admin.list_topics())
+        missing = sorted(set(topics) - existing)
+        if missing:
+            raise KafkaLogError(
+                f"kafka: topic {', '.join(missing)} does not exist: run `popbridge topics create`",
+                retriable=False,
+            )
+
     @asynccontextmanager
     async def _admin(self, doing: str) -> AsyncIterator[AIOKafkaAdminClient]:
         admin = AIOKafkaAdminClient(**self._client_options())
@@ -218,6 +244,7 @@ class KafkaLog:
             raise await self._failed(exc, doing) from exc
         finally:
             await admin.close()
+        BROKER.recovered()
 
     async def partitions(self, topic: str) -> list[int]:
         """The partition numbers of `topic` (empty when it does not exist)."""
@@ -235,8 +262,7 @@ class KafkaLog:
         except KafkaError as exc:
             raise await self._failed(exc, f"end offsets of {topic}") from exc
         finally:
-            await asyncio.sleep(0)  # aiokafka's stop() right after start() re-raises a CancelledError
-            await consumer.stop()
+            await _stop(consumer)
         return {tp.partition: offset for tp, offset in ends.items()}
 
     async def scan(self, topic: str) -> AsyncIterator[Record]:
@@ -250,8 +276,8 @@ class KafkaLog:
             max_partition_fetch_bytes=_REQUEST_BYTES,
             fetch_max_bytes=_REQUEST_BYTES,
         )
-        await consumer.start()
         try:
+            await consumer.start()
             consumer.assign([KafkaTopicPartition(topic, p) for p in ends])
             await consumer.seek_to_beginning()
             while ends:
@@ -266,7 +292,7 @@ class KafkaLog:
         except KafkaError as exc:
             raise await self._failed(exc, f"read {topic}") from exc
         finally:
-            await consumer.stop()
+            await _stop(consumer)
 
     async def committed(self, group: str, topic: str) -> dict[int, int]:
         """Per partition, the group's committed offset (partitions without a commit are absent)."""
@@ -312,6 +338,7 @@ class KafkaLog:
         try:
             await producer.start()
         except KafkaError as exc:
+            await producer.stop()  # a failed start leaves its client open
             raise await self._failed(exc, "connect producer") from exc
         try:
             yield KafkaProducer(producer)
@@ -342,6 +369,7 @@ class KafkaLog:
         try:
             await consumer.start()
         except KafkaError as exc:
+            await _stop(consumer)  # a failed start leaves its client open
             raise await self._failed(exc, "connect consumer") from exc
         try:
             yield KafkaConsumer(consumer, rebalance)
@@ -468,8 +496,7 @@ class KafkaLog:
         except KafkaError as exc:
             raise await self._failed(exc, doing) from exc
         finally:
-            await asyncio.sleep(0)  # aiokafka's stop() right after start() re-raises a CancelledError
-            await consumer.stop()
+            await _stop(consumer)
 
 
 _READ_BYTES = 1024 * 1024
@@ -489,6 +516,11 @@ def _live_group_message(group: str, members: Sequence[KafkaGroupMember]) -> str:
         f"group {group!r} has {len(members)} active member(s) ({clients}):"
         " stop them before moving its offsets"
     )
+
+
+async def _stop(consumer: AIOKafkaConsumer) -> None:
+    await asyncio.sleep(0)  # aiokafka's stop() right after start() re-raises a CancelledError
+    await consumer.stop()
 
 
 def _record(m: ConsumerRecord[bytes, bytes]) -> Record:
