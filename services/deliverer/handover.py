@@ -35,7 +35,7 @@ class Batch:
     """One batch being handled: its task and, per partition, the offset to commit not committed yet."""
 
     pending: dict[TopicPartition, int]
-    task: asyncio.Future[None]
+    task: asyncio.Future[object]
     abandoned: bool = False
 
 
@@ -57,7 +57,7 @@ class Handover:
         assigned = self.consumer.assignment()
         return [r for r in records if r.tp in assigned]
 
-    async def run(self, offsets: Mapping[TopicPartition, int], handle: Callable[[], Awaitable[None]]) -> None:
+    async def run(self, offsets: Mapping[TopicPartition, int], handle: Callable[[], Awaitable[object]]) -> None:
         """Handle one batch, then commit `offsets` for the partitions a revocation did not settle."""
         batch = Batch(dict(offsets), asyncio.ensure_future(handle()))
         self.current = batch
