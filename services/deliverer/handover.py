@@ -57,7 +57,9 @@ class Handover:
         assigned = self.consumer.assignment()
         return [r for r in records if r.tp in assigned]
 
-    async def run(self, offsets: Mapping[TopicPartition, int], handle: Callable[[], Awaitable[object]]) -> None:
+    async def run(
+        self, offsets: Mapping[TopicPartition, int], handle: Callable[[], Awaitable[object]]
+    ) -> None:
         """Handle one batch, then commit `offsets` for the partitions a revocation did not settle."""
         batch = Batch(dict(offsets), asyncio.ensure_future(handle()))
         self.current = batch

@@ -47,6 +47,12 @@ from services.runtime.settings import ConfigError, DeploymentSettings
 
 # Room for the event framing and Kafka's record overhead on top of the largest message.
 _REQUEST_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
+# aiokafka retries a failed connection, coordinator lookup or heartbeat every retry_backoff_ms (100 ms by
+# default): with seven clients a deliverer tried (and logged) ~70 times a second while the broker was
+# away. 500 ms keeps a returning broker noticed within half a second and makes a fifth of the attempts.
+# aiokafka has no separate reconnect backoff; metadata is refreshed on every failed connection anyway, so
+# metadata_max_age_ms (5 min) plays no part in recovering from a restart.
+_RETRY_PACING = {"retry_backoff_ms": 500}
 
 
 class KafkaLogError(LogError):
@@ -209,9 +215,10 @@ class KafkaLog:
         return None
 
     def _client_options(self, *, bootstrap: bool = True) -> dict[str, Any]:
-        """What every aiokafka client of this log gets: servers, client id, TLS and SASL."""
-        servers = {"bootstrap_servers": self.bootstrap_servers} if bootstrap else {}
-        return {**servers, "client_id": self.client_id, **self.security.client_options()}
+        """What every aiokafka client of this log gets: servers, client id, TLS and SASL, retry pacing
+        (`bootstrap=False`: the options of a single connection, for create_conn)."""
+        client = {"bootstrap_servers": self.bootstrap_servers, **_RETRY_PACING} if bootstrap else {}
+        return {**client, "client_id": self.client_id, **self.security.client_options()}
 
     async def ensure_topics(self, specs: Sequence[TopicSpec]) -> list[str]:
         async with self._admin("create topics") as admin:
@@ -230,7 +237,7 @@ class KafkaLog:
         missing = sorted(set(topics) - existing)
         if missing:
             raise KafkaLogError(
-                f"kafka: topic {', '.join(missing)} does not exist: run `popbridge topics create`",
+                f"kafka: missing topics {', '.join(missing)}: run `popbridge topics create`",
                 retriable=False,
             )
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-from services.runtime.outage import KafkaLogThrottle
+from services.runtime.outage import install as install_kafka_throttle
 
 
 class JsonLines(logging.Formatter):
@@ -32,7 +32,7 @@ def setup_logging(level: str, *, json_lines: bool | None = None) -> None:
     handler.setFormatter(
         JsonLines() if use_json else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     )
-    handler.addFilter(KafkaLogThrottle())  # a broker outage: a few lines a minute, not thousands a second
+    install_kafka_throttle(handler)  # a broker outage: a few lines a minute, not thousands a second
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper() if level.upper() in logging.getLevelNamesMapping() else "INFO")

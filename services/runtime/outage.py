@@ -8,7 +8,9 @@ turns that into:
 - the first failure, as aiokafka wrote it;
 - then at most one line per `every` seconds: "kafka: still unreachable for N s (M attempts): <last error>";
 - "kafka: reconnected after N s (M failed attempts)" once any Kafka call of the process succeeds again
-  (`BrokerOutage.recovered`, called by services.runtime.kafka on each success).
+  (`BrokerOutage.recovered`, called by services.runtime.kafka on each success) or a consumer finds its
+  group coordinator again (aiokafka's INFO line "Discovered coordinator", which `install` lets through to
+  the filter only as that signal: aiokafka's INFO lines are never written).
 
 Other aiokafka warnings (group rebalances) pass, at most `burst` per message template per `every` seconds.
 The stages' own "waiting for the broker" lines go through `BrokerOutage.failed` too, so they count as
@@ -117,6 +119,9 @@ class BrokerOutage:
             log.warning("%s", text)
 
 
+RECONNECTED = "Discovered coordinator"  # aiokafka, INFO: a consumer talks to its group's broker again
+COORDINATOR_LOGGER = "aiokafka.consumer.group_coordinator"
+
 BROKER = BrokerOutage()
 """The outage state of this process: one broker cluster per process."""
 
@@ -131,8 +136,12 @@ class KafkaLogThrottle(logging.Filter):
         self._seen: dict[str, tuple[float, int]] = {}  # template -> (window start, lines in it)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("aiokafka") or record.levelno < logging.WARNING:
+        if not record.name.startswith("aiokafka"):
             return True
+        if record.levelno < logging.WARNING:
+            if self.broker.down and str(record.msg).startswith(RECONNECTED):
+                self.broker.recovered()
+            return False  # aiokafka's INFO chatter stays out (services.runtime.logs)
         template = str(record.msg)
         if is_unreachable(template) or self.broker.down:
             return self._failure(record)
@@ -156,3 +165,10 @@ class KafkaLogThrottle(logging.Filter):
             self._seen.clear()
         self._seen[template] = (start, count + 1)
         return count < self.burst
+
+
+def install(handler: logging.Handler, broker: BrokerOutage = BROKER) -> None:
+    """Bound aiokafka's lines on `handler`, and let the coordinator's INFO lines reach the filter as the
+    signal that the broker is back (the filter writes none of them)."""
+    handler.addFilter(KafkaLogThrottle(broker))
+    logging.getLogger(COORDINATOR_LOGGER).setLevel(logging.INFO)

@@ -73,3 +73,23 @@ def test_readiness_is_what_the_stage_says() -> None:
     assert not tracker.ready
     tracker.mark_ready()
     assert tracker.status()["ready"]
+
+
+def test_a_stage_with_work_and_no_progress_fails_within_about_a_minute_by_default() -> None:
+    clock = Clock()
+    tracker = ProgressTracker(clock=clock)
+    tracker.observe_lag(4)
+    clock.now += 61
+    assert not tracker.live()
+
+
+def test_a_long_delivery_in_flight_is_not_a_stall_and_its_end_is_progress() -> None:
+    clock = Clock()
+    tracker = ProgressTracker(stall_after=60.0, clock=clock)
+    tracker.observe_lag(1)
+    with tracker.working():  # a 50 MB mail over a slow link
+        clock.now += 600
+        assert tracker.live()
+    assert tracker.live()  # it ended just now
+    clock.now += 60
+    assert not tracker.live()  # nothing since, with work waiting

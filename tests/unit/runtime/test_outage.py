@@ -75,10 +75,22 @@ def test_other_aiokafka_warnings_pass_within_a_burst_per_template() -> None:
     assert throttle.filter(aiokafka_record(rebalancing, "g", level=logging.WARNING))
 
 
-def test_our_own_lines_and_aiokafka_info_are_not_touched() -> None:
+def test_our_own_lines_are_not_touched_and_aiokafka_info_is_never_written() -> None:
     throttle = KafkaLogThrottle(BrokerOutage(clock=Clock()))
     assert throttle.filter(aiokafka_record("Unable connect to node", name="popbridge.deliverer"))
-    assert throttle.filter(aiokafka_record("Joined group", level=logging.INFO))
+    assert not throttle.filter(aiokafka_record("Joined group", level=logging.INFO))
+
+
+def test_a_consumer_finding_its_coordinator_again_ends_the_outage(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    broker = BrokerOutage(clock=clock)
+    throttle = KafkaLogThrottle(broker)
+    throttle.filter(aiokafka_record("Unable connect to node with id %s: %s", 1, "refused"))
+    clock.now += 30
+    found = aiokafka_record("Discovered coordinator %s for group %s", 1, "g", level=logging.INFO)
+    with caplog.at_level(logging.WARNING, "popbridge.kafka"):
+        assert not throttle.filter(found)
+    assert caplog.messages == ["kafka: reconnected after 30 s (1 failed attempts)"]
 
 
 def test_a_stage_failure_counts_as_an_attempt_of_the_same_outage(caplog: pytest.LogCaptureFixture) -> None:
