@@ -35,7 +35,7 @@ class Broker:
 
 
 def test_backoff_doubles_up_to_its_cap_and_starts_over_after_a_success() -> None:
-    backoff = Backoff(first=0.5, cap=4.0)
+    backoff = Backoff(first=0.5, cap=4.0)  # the default cap is MAX_DELAY
     assert [backoff.next() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
     backoff.reset()
     assert backoff.next() == 0.5
