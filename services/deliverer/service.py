@@ -146,17 +146,20 @@ class Deliverer:
 
     async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> Counts:
         """Deliver until `stop` is set or, with `until_idle`, until nothing is left to do now."""
-        stop = stop or asyncio.Event()
+        self._stop = stop = stop or asyncio.Event()
+        await self._keep_going("start", partial(self._run, until_idle, stop), stop)
+        return self.counts
+
+    async def _run(self, until_idle: bool, stop: asyncio.Event) -> None:
+        """Connect, read the ledger and run the loops; a failure to connect is retried by `run`."""
         ledger_group = self.settings.group(f"deliverer-ledger-{uuid.uuid4().hex[:12]}")
         async with self.log.producer() as producer, self.log.consumer(
             ledger_group, [self.topics.delivered]
         ) as ledger_consumer:
             self._producer: LogProducer = producer
             self._ledger = Ledger(ledger_consumer)
-            self._stop = stop
             await self._keep_going("ledger", self._ledger.catch_up, stop)
             await unwrapped(self._loops(until_idle, stop))
-        return self.counts
 
     async def _loops(self, until_idle: bool, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tasks:

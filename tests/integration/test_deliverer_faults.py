@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -29,6 +32,10 @@ from tests.support.smtp import ReceivedMessage, SmtpSink
 pytestmark = pytest.mark.integration
 
 COORDINATOR = "aiokafka.consumer.group_coordinator"
+MAILBOX = (
+    '[[mailboxes]]\nid = "alice"\nhost = "127.0.0.1"\nusername = "alice"\npassword_env = "POP_PW"\n'
+    'recipients = ["alice@example.com"]\n'
+)
 OUTAGE = 12.0  # seconds the broker is away in the restart test: longer than the retry delay (8 s)
 
 
@@ -196,3 +203,39 @@ def _wait_for_refusal(sink: SmtpSink) -> None:
     while not sink.refused_recipients:
         assert time.monotonic() < deadline, "the first attempt was never refused"
         time.sleep(0.05)
+
+
+async def test_a_deliverer_started_before_the_broker_waits_for_it_then_delivers(
+    own_broker: tuple[str, Path], kafka_topic_prefix: str, smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    # Seen in the chaos runs: started while the broker was down, the deliverer exited (one line, but gone);
+    # it also wrote JSON although POPBRIDGE_LOG_FORMAT=text asked for text.
+    bootstrap, directory = own_broker
+    settings, log = await deployment(bootstrap, kafka_topic_prefix)
+    await asyncio.to_thread(stop_local_broker, directory)
+    config = tmp_path / "mail.toml"
+    config.write_text(f'[delivery]\nhost = "127.0.0.1"\nport = {smtp_sink.port}\ntls = "none"\n\n{MAILBOX}')
+    environ = {
+        **os.environ, "POPBRIDGE_KAFKA_BOOTSTRAP": bootstrap, "POPBRIDGE_TOPIC_PREFIX": kafka_topic_prefix,
+        "POPBRIDGE_GROUP_PREFIX": settings.group_prefix, "POPBRIDGE_LOG_FORMAT": "text",
+    }  # fmt: skip
+    stage = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "deliverer", "--config", str(config),
+        env=environ, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert stage.stderr is not None
+        first = (await asyncio.wait_for(stage.stderr.readline(), 60)).decode()
+        assert "Unable connect to" in first  # the first failure, as a text line
+        assert not first.startswith("{")
+        restarted, problem = await asyncio.to_thread(start_local_broker, directory)
+        assert restarted == bootstrap, problem
+        await publish(log, settings, routed_event("u1", ["alice@example.com"], routed_at=datetime.now(UTC)))
+        await asyncio.to_thread(smtp_sink.wait_for, 1, 60)
+        assert stage.returncode is None
+    finally:
+        if stage.returncode is None:
+            stage.send_signal(signal.SIGTERM)
+        rest = (await asyncio.wait_for(stage.communicate(), 60))[1].decode()
+    assert stage.returncode == 0, rest
+    assert "Traceback" not in rest
