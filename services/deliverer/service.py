@@ -208,7 +208,8 @@ class Deliverer:
             await self._sleep_until(passed[0], stop)
 
     async def _tier_pass(self, tier: int, until_idle: bool, stop: asyncio.Event) -> tuple[datetime | None]:
-        """Process the due records of one tier; the due time of a head that is not due yet, else None."""
+        """Process the due records of one tier; the due time of a head that is not due yet, else None
+        (in a 1-tuple, so that `_keep_going`'s None for "stopped" stays apart)."""
         group = self.settings.group(f"deliverer-retry-{tier + 1}")
         handover = Handover(f"retry-{tier + 1}")
         topics = [self.topics.retries[tier]]

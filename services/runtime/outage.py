@@ -64,16 +64,22 @@ class Outage:
     since: float | None = None  # when the current outage began; None while the broker answers
     attempts: int = 0
     reported_at: float = 0.0
+    # Right after a reconnection each client meets the broker still loading its groups ("coordinator not
+    # available") for a moment: failures within `every` seconds of a recovery start a quiet outage, which
+    # says nothing unless it lasts a whole `every` (then it is reported as any other).
+    ended_at: float | None = None
+    quiet: bool = False
 
     def failure(self, now: float) -> str | None:
         """"first" for the first failure of an outage, a summary once per `every` seconds, else None."""
         if self.since is None:
             self.since, self.attempts, self.reported_at = now, 1, now
-            return "first"
+            self.quiet = self.ended_at is not None and now - self.ended_at < self.every
+            return None if self.quiet else "first"
         self.attempts += 1
         if now - self.reported_at < self.every:
             return None
-        self.reported_at = now
+        self.reported_at, self.quiet = now, False
         return f"kafka: still unreachable for {now - self.since:.0f} s ({self.attempts} attempts)"
 
     def recovery(self, now: float) -> str | None:
@@ -81,8 +87,9 @@ class Outage:
         if self.since is None:
             return None
         text = f"kafka: reconnected after {now - self.since:.0f} s ({self.attempts} failed attempts)"
-        self.since, self.attempts = None, 0
-        return text
+        quiet = self.quiet
+        self.since, self.attempts, self.ended_at, self.quiet = None, 0, now, False
+        return None if quiet else text
 
 
 @dataclass

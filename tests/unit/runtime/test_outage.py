@@ -31,7 +31,18 @@ def test_an_outage_says_first_failure_then_one_summary_a_minute_then_reconnected
     assert outage.failure(61.0) is None
     assert outage.recovery(75.4) == "kafka: reconnected after 75 s (6 failed attempts)"
     assert outage.recovery(76.0) is None  # no outage any more: nothing to say
-    assert outage.failure(80.0) == "first"  # a new outage starts afresh
+    assert outage.failure(200.0) == "first"  # a new outage starts afresh
+
+
+def test_the_hiccups_right_after_a_reconnection_say_nothing_unless_they_last() -> None:
+    outage = Outage(every=60)
+    outage.failure(0.0)
+    assert outage.recovery(30.0) == "kafka: reconnected after 30 s (1 failed attempts)"
+    assert outage.failure(30.5) is None  # "coordinator not available" while the broker loads its groups
+    assert outage.recovery(31.0) is None
+    assert outage.failure(32.0) is None
+    assert outage.failure(92.0) == "kafka: still unreachable for 60 s (2 attempts)"  # it lasted: said
+    assert outage.recovery(95.0) == "kafka: reconnected after 63 s (2 failed attempts)"
 
 
 def test_a_flood_of_connection_errors_becomes_a_few_lines_a_minute() -> None:
