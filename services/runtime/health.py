@@ -157,15 +157,23 @@ class LagWatch:
 
     async def run(self, tracker: ProgressTracker, metrics: Metrics) -> None:
         while True:
-            try:
-                await self.poll_once(tracker, metrics)
-            except LogError as exc:  # the broker is away: keep the last values, try again
-                what = f"lag watch of {', '.join(s.name for s in self.stages)} failed: {exc}"
-                if exc.retriable:
-                    BROKER.failed(what)  # within the outage's bound of lines
-                else:
-                    log.warning("%s", what)
+            await self.poll(tracker, metrics)
             await asyncio.sleep(self.interval)
+
+    async def poll(self, tracker: ProgressTracker, metrics: Metrics) -> None:
+        """One poll; when the log cannot be read, the gauges keep their last values and the failure is
+        logged (within the broker outage's bound of lines)."""
+        try:
+            await self.poll_once(tracker, metrics)
+        except LogError as exc:
+            # No known work while the log cannot be read: a stage waiting for the broker is not stalled,
+            # and a restart would not bring the broker back. The stall clock starts again when it answers.
+            tracker.observe_lag(0)
+            what = f"lag watch of {', '.join(s.name for s in self.stages)} failed: {exc}"
+            if exc.retriable:
+                BROKER.failed(what)
+            else:
+                log.warning("%s", what)
 
 
 @dataclass
