@@ -159,19 +159,6 @@ async def test_a_commit_for_partitions_lost_in_a_rebalance_is_a_retriable_log_er
     assert refused.value.retriable
 
 
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A broker of this test alone (it is stopped and started again), in a temp dir."""
-    directory = tmp_path / "kafka"
-    bootstrap, problem = start_local_broker(directory)
-    if bootstrap is None:
-        pytest.skip(f"no local Kafka broker: {problem}")
-    try:
-        yield bootstrap, directory
-    finally:
-        stop_local_broker(directory)
-
-
 async def test_a_running_deliverer_rides_out_a_broker_restart(
     own_broker: tuple[str, Path], kafka_topic_prefix: str, smtp_sink: SmtpSink
 ) -> None:

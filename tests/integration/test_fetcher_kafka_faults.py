@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,19 +22,6 @@ CONFIG = (
     '[[mailboxes]]\nid = "alice"\nhost = "127.0.0.1"\nport = 9\ntls = "none"\nusername = "alice"\n'
     'password_env = "POP_PW"\nrecipients = ["alice@example.com"]\n'
 )
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A broker of this test alone (it is stopped and started again), in a temp dir."""
-    directory = tmp_path / "kafka"
-    bootstrap, problem = start_local_broker(directory)
-    if bootstrap is None:
-        pytest.skip(f"no local Kafka broker: {problem}")
-    try:
-        yield bootstrap, directory
-    finally:
-        stop_local_broker(directory)
 
 
 async def test_a_fetcher_started_before_the_broker_waits_for_it_then_polls(
