@@ -45,7 +45,7 @@ from services.runtime.log import LogError, TopicPartition
 from services.runtime.metrics import Metrics
 from services.runtime.ops import OpsLog, stage_lag
 from services.runtime.outage import BROKER
-from services.runtime.settings import DeploymentSettings
+from services.runtime.settings import ConfigError, DeploymentSettings
 from services.runtime.stages import Stage, stages_run_by
 
 Clock = Callable[[], float]
@@ -218,15 +218,20 @@ async def serve_health(
 ) -> AsyncIterator[HealthServer]:
     """Serve /healthz, /readyz and /metrics on `port` (0: any free port; None: no server) and run the lag
     watch, for the duration of the block. `host` None listens on every interface, as probes need."""
-    watcher = asyncio.create_task(watch.run(tracker, metrics)) if watch else None
+    watcher: asyncio.Task[None] | None = None
     runner: web.AppRunner | None = None
     try:
         bound: int | None = None
         if port is not None:
             runner = web.AppRunner(health_app(tracker, metrics), access_log=None)
             await runner.setup()
-            await web.TCPSite(runner, host, port).start()
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:  # a deployment mistake (two stages on one port), not a crash
+                raise ConfigError(f"environment: POPBRIDGE_HTTP_PORT: cannot listen on {port}: "
+                                  f"{exc.strerror or exc}") from None
             bound = int(runner.addresses[0][1])
+        watcher = asyncio.create_task(watch.run(tracker, metrics)) if watch else None
         yield HealthServer(bound)
     finally:
         if watcher is not None:

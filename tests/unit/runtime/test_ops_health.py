@@ -3,16 +3,17 @@ tests/integration/test_operations.py)."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable, Callable
 from typing import cast
 
 import pytest
 
-from services.runtime.health import LagWatch, ProgressTracker, is_live
+from services.runtime.health import LagWatch, ProgressTracker, is_live, serve_health
 from services.runtime.log import LogError, TopicPartition
 from services.runtime.metrics import Metrics
 from services.runtime.ops import OpsLog
-from services.runtime.settings import DeploymentSettings
+from services.runtime.settings import ConfigError, DeploymentSettings
 from services.runtime.stages import stages_run_by
 
 
@@ -125,3 +126,13 @@ async def test_a_stage_waiting_for_the_broker_is_not_taken_for_stalled() -> None
     await watch.poll(tracker, Metrics())
     assert tracker.live()
     assert tracker.lag == 0  # unknown while the log cannot be read: no restart that cannot help
+
+
+async def test_a_busy_health_port_is_a_config_error_naming_the_variable() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match="POPBRIDGE_HTTP_PORT: cannot listen on"):
+            async with serve_health(port, ProgressTracker(), Metrics(), host="127.0.0.1"):
+                pass
