@@ -2,21 +2,23 @@
 
 Both read the deployment settings from `ctx.obj` (set by services.cli; used duck-typed, as services do
 not import the CLI) and open the log with services.runtime.connect.open_log. A config mistake raises
-ConfigError (one line, exit code 2); a log that cannot be reached is one line and exit code 1. The SMTP
-password is read here, from `password_env` or `password_file`, and goes nowhere but the AUTH command; an
-XOAUTH2 token is read by the source built here, afresh for every session.
+ConfigError (one line, exit code 2); a log that refuses is one line and exit code 1. The `dlq` commands
+give up after `--timeout` seconds without an answer (one line, exit code 3: services.runtime.oneshot);
+the `deliverer` waits for the broker instead. The SMTP password is read here, from `password_env` or
+`password_file`, and goes nowhere but the AUTH command; an XOAUTH2 token is read by the source built
+here, afresh for every session.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -27,13 +29,14 @@ from services.deliverer.ledger import decode_record, ledger_key, read_to_end
 from services.deliverer.retry import RetryPolicy
 from services.deliverer.service import Counts, Deliverer
 from services.deliverer.smtp import SmtpTransport, TokenSource
+from services.runtime.broker_wait import broker_ready
 from services.runtime.connect import open_log
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.health import LagWatch, ProgressTracker, serve_health
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import Log, LogError, Outgoing
-from services.runtime.logs import setup_logging
 from services.runtime.metrics import Metrics
+from services.runtime.oneshot import run_bounded, timeout_option
 from services.runtime.secrets import read_secret, read_token
 from services.runtime.settings import DeploymentSettings, MailConfig, SmtpTarget, load_config
 from services.runtime.signals import stop_on_signals
@@ -45,6 +48,9 @@ def _deployment(ctx: click.Context) -> tuple[DeploymentSettings, Mapping[str, st
         raise click.UsageError("run this command as `popbridge ...` (no deployment settings on the context)")
     environ: Mapping[str, str] = getattr(ctx.obj, "environ", {})
     return settings, environ
+
+
+T = TypeVar("T")
 
 
 def smtp_password(target: SmtpTarget, environ: Mapping[str, str]) -> str | None:
@@ -78,6 +84,14 @@ def _run(coroutine: Any) -> Any:
         raise click.ClickException(str(exc)) from None
 
 
+def _bounded(work: Callable[[], Awaitable[T]], timeout: float, *, retry: bool = True) -> T:
+    """A dlq command's talk to the log: at most `timeout` seconds (exit 3), a permanent error one line."""
+    try:
+        return run_bounded(work, timeout, retry=retry)
+    except LogError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @click.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The mail configuration (TOML); its [delivery] table names the server.")
@@ -90,8 +104,7 @@ def deliverer(ctx: click.Context, config_path: Path, until_idle: bool) -> None:
     config = load_config(config_path)
     target = config.delivery
     password, token = smtp_password(target, environ), smtp_token(target, environ)
-    log = open_log(settings)
-    setup_logging(settings.log_level)
+    log = open_log(settings)  # logging is set up by services.cli (POPBRIDGE_LOG_LEVEL, _FORMAT)
     wiring = _Wiring(target, password, token, notice_address(config))
     counts: Counts = _run(_deliver(log, settings, wiring, until_idle))
     click.echo(f"deliverer: {counts.delivered} delivered, {counts.deferred} deferred, "
@@ -119,7 +132,9 @@ async def _deliver(log: KafkaLog | EmbeddedLog, settings: DeploymentSettings, wi
     health = serve_health(port, tracker, metrics, watch=watch)
     async with health, SmtpTransport(target, wiring.password, token=wiring.token) as transport:
         stage = Deliverer(log, settings, transport, policy=policy, metrics=metrics,
-                          postmaster=wiring.postmaster)
+                          postmaster=wiring.postmaster, tracker=tracker)
+        if not await broker_ready(log, stage.topics.all(), "deliverer", stop):
+            return stage.counts
         tracker.mark_ready()
         return await stage.run(until_idle=until_idle, stop=stop)
 
@@ -174,11 +189,12 @@ def dlq() -> None:
 
 @dlq.command("list")
 @click.option("--all", "show_all", is_flag=True, help="Also those delivered since by a retry.")
+@timeout_option
 @click.pass_context
-def dlq_list(ctx: click.Context, show_all: bool) -> None:
+def dlq_list(ctx: click.Context, show_all: bool, timeout: float) -> None:
     """One line per dead letter: id, when, recipient, server reply."""
     settings, _ = _deployment(ctx)
-    letters: list[DeadLetter] = _run(dead_letters(open_log(settings), settings))
+    letters = _bounded(lambda: dead_letters(open_log(settings), settings), timeout)
     for letter in letters:
         if show_all or not letter.delivered_since:
             click.echo(summary(letter))
@@ -196,11 +212,12 @@ def summary(letter: DeadLetter) -> str:
 @dlq.command("show")
 @click.argument("letter_id")
 @click.option("--recipient", help="Only the copy for this recipient.")
+@timeout_option
 @click.pass_context
-def dlq_show(ctx: click.Context, letter_id: str, recipient: str | None) -> None:
+def dlq_show(ctx: click.Context, letter_id: str, recipient: str | None, timeout: float) -> None:
     """The details of a dead letter: why it failed, what the server said, which message it is."""
     settings, _ = _deployment(ctx)
-    letters: list[DeadLetter] = _run(dead_letters(open_log(settings), settings))
+    letters = _bounded(lambda: dead_letters(open_log(settings), settings), timeout)
     for letter in _matching(letters, letter_id, recipient):
         click.echo(describe(letter))
 
@@ -230,16 +247,20 @@ def describe(letter: DeadLetter) -> str:
 @click.argument("letter_id", required=False)
 @click.option("--recipient", help="Only the copy for this recipient.")
 @click.option("--all", "retry_all", is_flag=True, help="Every open dead letter.")
+@timeout_option
 @click.pass_context
-def dlq_retry(ctx: click.Context, letter_id: str | None, recipient: str | None, retry_all: bool) -> None:
+def dlq_retry(
+    ctx: click.Context, letter_id: str | None, recipient: str | None, retry_all: bool, timeout: float
+) -> None:
     """Try dead letters again: they go back to the first retry tier, with a fresh maximum age."""
     if not retry_all and not letter_id:
         raise click.UsageError("name a dead letter id, or use --all")
     settings, _ = _deployment(ctx)
     log = open_log(settings)
-    letters: list[DeadLetter] = _run(dead_letters(log, settings))
+    letters = _bounded(lambda: dead_letters(log, settings), timeout)
     chosen = letters if retry_all else _matching(letters, letter_id or "", recipient)
-    count: int = _run(_requeue(log, settings, [d for d in chosen if not d.delivered_since]))
+    open_letters = [d for d in chosen if not d.delivered_since]
+    count = _bounded(lambda: _requeue(log, settings, open_letters), timeout, retry=False)
     click.echo(f"dlq: {count} copies queued for retry")
 
 

@@ -7,6 +7,11 @@ Loops, each with its own consumer group, all stopping on `stop` or, with `until_
   until then (reopening re-reads from the head). Nothing waits behind a deferred message but later
   retries of the same tier, which are not due either.
 
+Kafka trouble never ends the stage (services.runtime.kafka_faults): a loop whose consumer fails reopens it
+with backoff (`_keep_going`), a publish that fails is sent again until durable, and a rebalance finishes
+or abandons the batch in hand and commits it before the partitions move (services.deliverer.handover).
+Only a permanent log error (a refused login, a missing topic) ends `run`, as that LogError.
+
 For each batch: catch up with the delivered ledger, drop the pairs already delivered (or in flight in
 this process), attempt the rest concurrently (the transport bounds the connections), publish every
 DeliveryAttempted, ledger entry, retry and dead letter, and only once that is durable commit the offsets.
@@ -22,25 +27,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from functools import partial
+from typing import Protocol, TypeVar
 
 from schemas.codec import encode
 from schemas.events import DeliveryDeadLettered, RecipientsResolved, RetryScheduled
 from schemas.topics import DEAD_LETTERS, DELIVERED, DELIVERY_ATTEMPTS, RETRY_TOPICS, ROUTED
 from services.deliverer.envelope import mail_from
+from services.deliverer.handover import Handover
 from services.deliverer.ledger import Ledger, decode_record, ledger_key
 from services.deliverer.notice import postmaster_notice
 from services.deliverer.outcome import Verdict
 from services.deliverer.retry import Followups, Job, RetryPolicy, followups
 from services.deliverer.trace import line_ending_of, received_field, with_trace
-from services.runtime.log import Log, LogProducer, Outgoing, Record, TopicPartition, next_offsets
+from services.runtime.broker_wait import Backoff, sleep_or_stop, unwrapped
+from services.runtime.health import ProgressTracker
+from services.runtime.log import Log, LogError, LogProducer, Outgoing, Record, TopicPartition, next_offsets
 from services.runtime.metrics import Metrics
+from services.runtime.outage import BROKER
 from services.runtime.settings import DeploymentSettings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Item = tuple[Record, "Job | None"]
 """A record read and the job it holds (None for a record that is not a valid event: it is skipped)."""
@@ -85,6 +97,9 @@ class Topics:
     delivered: str
     retries: tuple[str, ...]
 
+    def all(self) -> list[str]:
+        return [self.routed, self.attempts, self.dead_letters, self.delivered, *self.retries]
+
     @classmethod
     def of(cls, settings: DeploymentSettings) -> Topics:
         return cls(settings.topic(ROUTED), settings.topic(DELIVERY_ATTEMPTS), settings.topic(DEAD_LETTERS),
@@ -121,60 +136,101 @@ class Deliverer:
     metrics: Metrics | None = None
     postmaster: str | None = None
     """Where dead-letter notices go; None sends none."""
+    tracker: ProgressTracker | None = None
+    """Told of each attempt started and finished and each batch committed (liveness)."""
 
     def __post_init__(self) -> None:
         self.topics = Topics.of(self.settings)
         self._in_flight: set[tuple[str, str]] = set()
+        self._stop = asyncio.Event()
 
     async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> Counts:
         """Deliver until `stop` is set or, with `until_idle`, until nothing is left to do now."""
-        stop = stop or asyncio.Event()
+        self._stop = stop = stop or asyncio.Event()
+        await self._keep_going("start", partial(self._run, until_idle, stop), stop)
+        return self.counts
+
+    async def _run(self, until_idle: bool, stop: asyncio.Event) -> None:
+        """Connect, read the ledger and run the loops; a failure to connect is retried by `run`."""
         ledger_group = self.settings.group(f"deliverer-ledger-{uuid.uuid4().hex[:12]}")
         async with self.log.producer() as producer, self.log.consumer(
             ledger_group, [self.topics.delivered]
         ) as ledger_consumer:
             self._producer: LogProducer = producer
             self._ledger = Ledger(ledger_consumer)
-            await self._ledger.catch_up()
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._routed_loop(until_idle, stop))
-                for tier in range(len(self.topics.retries)):
-                    tasks.create_task(self._tier_loop(tier, until_idle, stop))
-        return self.counts
+            await self._keep_going("ledger", self._ledger.catch_up, stop)
+            await unwrapped(self._loops(until_idle, stop))
+
+    async def _loops(self, until_idle: bool, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._routed_loop(until_idle, stop))
+            for tier in range(len(self.topics.retries)):
+                tasks.create_task(self._tier_loop(tier, until_idle, stop))
+
+    async def _keep_going(self, name: str, work: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T | None:
+        """Run `work` until it returns; a recoverable log error is one line (within the outage bound), a
+        backoff and another go (a consumer reopened rejoins its group). None when `stop` came first."""
+        backoff = Backoff()
+        while not stop.is_set():
+            try:
+                return await work()
+            except LogError as exc:
+                if not exc.retriable:
+                    raise
+                BROKER.failed(f"deliverer {name}: {exc}: trying again")
+            if await sleep_or_stop(backoff.next(), stop):
+                break
+        return None
 
     async def _routed_loop(self, until_idle: bool, stop: asyncio.Event) -> None:
-        async with self.log.consumer(self.settings.group("deliverer"), [self.topics.routed]) as consumer:
+        await self._keep_going("routed", lambda: self._routed_pass(until_idle, stop), stop)
+
+    async def _routed_pass(self, until_idle: bool, stop: asyncio.Event) -> None:
+        handover = Handover("routed")
+        group = self.settings.group("deliverer")
+        async with self.log.consumer(group, [self.topics.routed], on_revoked=handover.revoked) as consumer:
+            handover.consumer = consumer
             while not stop.is_set():
-                records = await consumer.fetch(self.poll_seconds, self.batch_size)
+                records = handover.owned(await consumer.fetch(self.poll_seconds, self.batch_size))
                 if records:
-                    await self._handle([(record, _first_job(record)) for record in records])
-                    await consumer.commit(next_offsets(records))
+                    items = [(record, _first_job(record)) for record in records]
+                    await handover.run(next_offsets(records), partial(self._handle, items))
+                    self._progressed()
                 elif until_idle and await consumer.caught_up():
                     return
 
     async def _tier_loop(self, tier: int, until_idle: bool, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            wake_at = await self._tier_pass(tier, until_idle, stop)
-            if wake_at is None or until_idle:
+            work = partial(self._tier_pass, tier, until_idle, stop)
+            passed = await self._keep_going(f"retry-{tier + 1}", work, stop)
+            if passed is None or passed[0] is None or until_idle:
                 return
-            await self._sleep_until(wake_at, stop)
+            await self._sleep_until(passed[0], stop)
 
-    async def _tier_pass(self, tier: int, until_idle: bool, stop: asyncio.Event) -> datetime | None:
-        """Process the due records of one tier; the due time of a head that is not due yet, else None."""
+    async def _tier_pass(self, tier: int, until_idle: bool, stop: asyncio.Event) -> tuple[datetime | None]:
+        """Process the due records of one tier; the due time of a head that is not due yet, else None
+        (in a 1-tuple, so that `_keep_going`'s None for "stopped" stays apart)."""
         group = self.settings.group(f"deliverer-retry-{tier + 1}")
-        async with self.log.consumer(group, [self.topics.retries[tier]]) as consumer:
+        handover = Handover(f"retry-{tier + 1}")
+        topics = [self.topics.retries[tier]]
+        async with self.log.consumer(group, topics, on_revoked=handover.revoked) as consumer:
+            handover.consumer = consumer
             while not stop.is_set():
-                records = await consumer.fetch(self.poll_seconds, self.batch_size)
+                records = handover.owned(await consumer.fetch(self.poll_seconds, self.batch_size))
                 if not records:
                     if until_idle and await consumer.caught_up():
-                        return None
+                        return (None,)
                     continue
                 due, waiting = self._split_due(records)
-                await self._handle(due)
-                await consumer.commit(next_offsets([record for record, _ in due]))
+                await handover.run(next_offsets([record for record, _ in due]), partial(self._handle, due))
+                self._progressed()
                 if waiting:
-                    return min(waiting.values())
-        return None
+                    return (min(waiting.values()),)
+        return (None,)
+
+    def _progressed(self) -> None:
+        if self.tracker is not None:
+            self.tracker.progressed()
 
     def _split_due(self, records: Sequence[Record]) -> tuple[list[Item], dict[TopicPartition, datetime]]:
         """The records that are due, in order per partition, and per partition the due time of its head."""
@@ -199,7 +255,7 @@ class Deliverer:
         jobs = [job for job in (self._claim(job) for _, job in items if job is not None) if job is not None]
         try:
             results = await asyncio.gather(*(self._attempt(job) for job in jobs))
-            await self._producer.send_all([out for result in results for out in self._outgoing(result)])
+            await self._publish([out for result in results for out in self._outgoing(result)])
         finally:
             for job in jobs:
                 self._in_flight.difference_update((job.routed.fetch_id, r) for r in job.recipients)
@@ -209,6 +265,22 @@ class Deliverer:
             for entry in result.delivered:
                 self._ledger.add(entry)
         await self._notify([dead for result in results for dead in result.dead])
+
+    async def _publish(self, records: list[Outgoing]) -> None:
+        """Make what followed the attempts durable, sending again while the broker is away: the copies
+        went out already, and their ledger entries are what keeps a redelivery from sending them twice.
+        Gives up (raises) only on a permanent error, or when the stage is stopping."""
+        backoff = Backoff()
+        while True:
+            try:
+                await self._producer.send_all(records)
+            except LogError as exc:
+                if not exc.retriable or self._stop.is_set():
+                    raise
+                BROKER.failed(f"deliverer: publishing {len(records)} outcomes: {exc}: sending again")
+            else:
+                return
+            await sleep_or_stop(backoff.next(), self._stop)
 
     async def _notify(self, dead: Sequence[DeliveryDeadLettered]) -> None:
         """One notice per dead-lettered copy to the postmaster (never to the outside sender)."""
@@ -255,14 +327,20 @@ class Deliverer:
             recipient=job.recipients[0] if len(job.recipients) == 1 else None, by=self.trace_by,
             line_ending=line_ending_of(routed.raw),
         )
-        verdicts = await self.transport.deliver(mail_from(routed.envelope_sender), job.recipients,
-                                                with_trace(routed.raw, trace))
+        with self._attempting():
+            verdicts = await self.transport.deliver(mail_from(routed.envelope_sender), job.recipients,
+                                                    with_trace(routed.raw, trace))
         result = followups(job, verdicts, now=self.clock.now(), policy=self.policy,
                            server=self.transport.server)
         for attempted in result.attempted:
             logger.info("fetch %s to %s: %s (attempt %d) %s %s", attempted.fetch_id, attempted.recipient,
                         attempted.outcome, attempted.attempt, attempted.smtp_code or "", attempted.smtp_text)
         return result
+
+    def _attempting(self) -> AbstractContextManager[None]:
+        """Liveness: an attempt in flight is progress (a 50 MB mail over a slow link is not a stall; the
+        SMTP timeouts bound each attempt)."""
+        return self.tracker.working() if self.tracker is not None else nullcontext()
 
     def _outgoing(self, result: Followups) -> list[Outgoing]:
         topics = self.topics

@@ -5,22 +5,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import click
 
-from schemas.topics import FETCH_ASSIGNMENT, FETCH_STATE
+from schemas.topics import FETCH_ASSIGNMENT, FETCH_STATE, FETCHED
 from services.fetcher import status
 from services.fetcher.memory import FetchMemory
 from services.fetcher.placement import Ownership
 from services.fetcher.service import Fetcher, PassResult
 from services.fetcher.sharing import Handover, MemoryRefresh, Passes, hold_assignment
 from services.fetcher.status import Timing
+from services.runtime.broker_wait import Backoff, broker_ready, sleep_or_stop, unwrapped
 from services.runtime.connect import kafka_log
 from services.runtime.health import ProgressTracker, serve_health
-from services.runtime.log import Log
+from services.runtime.log import Log, LogError
 from services.runtime.metrics import Metrics
+from services.runtime.outage import BROKER
 from services.runtime.settings import ConfigError, DeploymentSettings, Mailbox, MailConfig, load_config
 from services.runtime.signals import stop_on_signals, until_stopped
 
@@ -93,6 +96,8 @@ async def poll_shared(
     fetcher.before_plan = refresh.before_plan
     passes = Passes()
     handover = Handover(topic, ownership, passes)
+    watched = [settings.topic(t) for t in (FETCHED, FETCH_STATE, FETCH_ASSIGNMENT)]
+    broker_back = partial(broker_ready, log_, watched, "fetcher", None)
     async with (
         log_.consumer(settings.group("fetcher"), [topic], on_revoked=handover.revoked) as consumer,
         asyncio.TaskGroup() as tasks,
@@ -100,7 +105,8 @@ async def poll_shared(
         tasks.create_task(hold_assignment(consumer, topic, ownership))
         for mailbox in mailboxes:
             tasks.create_task(
-                poll_forever(fetcher, mailbox, owns=lambda m: ownership.owns(m.id), passes=passes)
+                poll_forever(fetcher, mailbox, owns=lambda m: ownership.owns(m.id), passes=passes,
+                         broker_back=broker_back)
             )
 
 
@@ -110,12 +116,15 @@ async def poll_forever(
     *,
     owns: Callable[[Mailbox], bool] | None = None,
     passes: Passes | None = None,
+    broker_back: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
     """Poll one mailbox on its own interval, backing off after failures, until cancelled.
 
     `owns` (mailbox sharing) says whether this replica may poll the mailbox now; while it may not,
     the loop only checks again every OWNERSHIP_CHECK seconds. `passes` registers each pass, right after
-    that check, so a rebalance revoking the mailbox waits for it (or aborts it).
+    that check, so a rebalance revoking the mailbox waits for it (or aborts it). `broker_back` waits until
+    the broker answers again: a pass that could not publish (the broker away) is run again as soon as it
+    does, not after the mailbox's backoff (which is for the POP3 server's troubles).
     """
     rng = random.Random()  # noqa: S311 - poll jitter, not cryptography
     await asyncio.sleep(rng.uniform(0, min(mailbox.poll_interval, FIRST_POLL_SPREAD)))
@@ -132,6 +141,9 @@ async def poll_forever(
             if ran is None:
                 continue  # aborted: the mailbox was handed over
             result = ran
+        if result.state == "publish-failed" and broker_back is not None:
+            await broker_back()
+            continue
         failures = failures + 1 if result.error else 0
         delay = next_delay(
             mailbox, failures, rng, retry_after=result.retry_after, login_delay=result.login_delay
@@ -142,14 +154,32 @@ async def poll_forever(
 async def serve_fetcher(
     log_: Log, settings: DeploymentSettings, config: MailConfig, environ: dict[str, str]
 ) -> None:
-    """The long-running `popbridge fetcher`: poll forever, with /healthz, /readyz and /metrics."""
+    """The long-running `popbridge fetcher`: poll forever, with /healthz, /readyz and /metrics.
+
+    It never exits on something Kafka recovers from: it waits for the broker before it starts (not ready
+    meanwhile), and a Kafka failure that ends the polling (the assignment consumer could not rejoin)
+    starts it again after a backoff, memory reloaded. A permanent log error (a refused login, a missing
+    topic) propagates as its LogError."""
     metrics, tracker = Metrics(), ProgressTracker()
     stop = stop_on_signals()
+    topics = [settings.topic(t) for t in (FETCHED, FETCH_STATE, FETCH_ASSIGNMENT)]
+    backoff = Backoff()
     async with serve_health(settings.http_port or None, tracker, metrics):
-        polling = run_fetcher(
-            log_, settings, config, environ, once=False, metrics=metrics, tracker=tracker, shared=True
-        )
-        await until_stopped(polling, stop)
+        while await broker_ready(log_, topics, "fetcher", stop):
+            polling = run_fetcher(
+                log_, settings, config, environ, once=False, metrics=metrics, tracker=tracker, shared=True
+            )
+            try:
+                await unwrapped(until_stopped(polling, stop))
+            except LogError as exc:
+                if not exc.retriable:
+                    raise
+                tracker.mark_ready(False)
+                BROKER.failed(f"fetcher: {exc}: starting again")
+            else:
+                return
+            if await sleep_or_stop(backoff.next(), stop):
+                return
 
 
 @click.command()
@@ -166,10 +196,13 @@ def fetcher(obj: object, config_path: Path, once: bool) -> None:
     if not settings.kafka_bootstrap:
         raise ConfigError("environment: POPBRIDGE_KAFKA_BOOTSTRAP is not set")
     log_ = kafka_log(settings)
-    if not once:
-        asyncio.run(serve_fetcher(log_, settings, config, environ))
-        return
-    results = asyncio.run(run_fetcher(log_, settings, config, environ, once=True))
+    try:
+        if not once:
+            asyncio.run(serve_fetcher(log_, settings, config, environ))
+            return
+        results = asyncio.run(run_fetcher(log_, settings, config, environ, once=True))
+    except LogError as exc:  # a permanent one (or, with --once, the broker away): one line, no traceback
+        raise click.ClickException(str(exc)) from None
     for result in results:
         state = f"error: {result.error}" if result.error else "ok"
         click.echo(

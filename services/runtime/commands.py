@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import click
 
 from schemas.topics import TOPICS, TopicSpec
 from services.runtime.connect import kafka_log
+from services.runtime.log import LogError
+from services.runtime.oneshot import run_bounded, timeout_option
 from services.runtime.settings import ConfigError, DeploymentSettings
 
 
@@ -22,14 +22,19 @@ def topics() -> None:
 
 
 @topics.command("create")
+@timeout_option
 @click.pass_obj
-def create(obj: object) -> None:
+def create(obj: object, timeout: float) -> None:
     """Create every topic with its partition count and settings (existing topics are left alone)."""
     settings: DeploymentSettings = obj.settings  # type: ignore[attr-defined]  # services.cli.Context
     if not settings.kafka_bootstrap:
         raise ConfigError("environment: POPBRIDGE_KAFKA_BOOTSTRAP is not set")
     specs = deployed_specs(settings)
-    created = asyncio.run(kafka_log(settings).ensure_topics(specs))
+    log = kafka_log(settings)
+    try:
+        created = run_bounded(lambda: log.ensure_topics(specs), timeout)
+    except LogError as exc:  # permanent: a refused login, a refused topic setting
+        raise click.ClickException(str(exc)) from None
     for spec in specs:
         state = "created" if spec.name in created else "exists"
         settings_text = " ".join(f"{k}={v}" for k, v in sorted(spec.config.items()))

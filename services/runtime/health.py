@@ -6,8 +6,10 @@ the group keeps its partitions and nothing moves. Kubernetes restarts a containe
 fails, and the restart heals it. Being caught up counts as progress, so an idle stage that suddenly
 gets work has the full `stall_after` to start on it.
 
-Progress comes from two sources, either is enough:
+Progress comes from three sources, any is enough:
 - the stage calls `tracker.progressed()` after it handled (committed) something;
+- work is in flight inside `with tracker.working():` (an SMTP attempt; bounded by its own timeouts), and
+  the start and the end of each such piece of work count as progress;
 - the lag watch (`LagWatch`, polled every `interval` seconds) sees a committed offset of the group move.
 The watch reads the group's lag through the log, so it works for the faust router without hooks into
 faust; it also sets the `popbridge_consumer_lag` / `popbridge_oldest_unprocessed_seconds` gauges.
@@ -31,7 +33,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,11 +44,14 @@ from aiohttp import web
 from services.runtime.log import LogError, TopicPartition
 from services.runtime.metrics import Metrics
 from services.runtime.ops import OpsLog, stage_lag
-from services.runtime.settings import DeploymentSettings
+from services.runtime.outage import BROKER
+from services.runtime.settings import ConfigError, DeploymentSettings
 from services.runtime.stages import Stage, stages_run_by
 
 Clock = Callable[[], float]
-DEFAULT_STALL_AFTER = 600.0  # longer than the slowest message handling: a 50 MB mail over a slow SMTP link
+# About a minute: Kubernetes restarts a stage that has work and does nothing for this long. Slow work does
+# not count as a stall: an SMTP attempt in flight (a 50 MB mail over a slow link) is progress (`working`).
+DEFAULT_STALL_AFTER = 60.0
 
 log = logging.getLogger("popbridge.health")
 
@@ -68,11 +73,23 @@ class ProgressTracker:
         self.last_progress_at = clock()
         self.lag = 0
         self.ready = False
+        self._working = 0
         self._committed: dict[TopicPartition, int] | None = None  # None: not observed yet
 
     def progressed(self) -> None:
         """The stage handled something; call it after each commit (cheap)."""
         self.last_progress_at = self._clock()
+
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        """A piece of work in flight: the stage is live while it runs; its start and end are progress."""
+        self._working += 1
+        self.progressed()
+        try:
+            yield
+        finally:
+            self._working -= 1
+            self.progressed()
 
     def mark_ready(self, ready: bool = True) -> None:
         self.ready = ready
@@ -94,6 +111,8 @@ class ProgressTracker:
         return max(0.0, self._clock() - self.last_progress_at)
 
     def live(self) -> bool:
+        if self._working:
+            return True
         return is_live(self.lag, self.last_progress_at, self._clock(), self.stall_after)
 
     def status(self) -> dict[str, Any]:
@@ -138,11 +157,23 @@ class LagWatch:
 
     async def run(self, tracker: ProgressTracker, metrics: Metrics) -> None:
         while True:
-            try:
-                await self.poll_once(tracker, metrics)
-            except LogError as exc:  # the broker is away: keep the last values, try again
-                log.warning("lag watch of %s failed: %s", ", ".join(s.name for s in self.stages), exc)
+            await self.poll(tracker, metrics)
             await asyncio.sleep(self.interval)
+
+    async def poll(self, tracker: ProgressTracker, metrics: Metrics) -> None:
+        """One poll; when the log cannot be read, the gauges keep their last values and the failure is
+        logged (within the broker outage's bound of lines)."""
+        try:
+            await self.poll_once(tracker, metrics)
+        except LogError as exc:
+            # No known work while the log cannot be read: a stage waiting for the broker is not stalled,
+            # and a restart would not bring the broker back. The stall clock starts again when it answers.
+            tracker.observe_lag(0)
+            what = f"lag watch of {', '.join(s.name for s in self.stages)} failed: {exc}"
+            if exc.retriable:
+                BROKER.failed(what)
+            else:
+                log.warning("%s", what)
 
 
 @dataclass
@@ -187,15 +218,20 @@ async def serve_health(
 ) -> AsyncIterator[HealthServer]:
     """Serve /healthz, /readyz and /metrics on `port` (0: any free port; None: no server) and run the lag
     watch, for the duration of the block. `host` None listens on every interface, as probes need."""
-    watcher = asyncio.create_task(watch.run(tracker, metrics)) if watch else None
+    watcher: asyncio.Task[None] | None = None
     runner: web.AppRunner | None = None
     try:
         bound: int | None = None
         if port is not None:
             runner = web.AppRunner(health_app(tracker, metrics), access_log=None)
             await runner.setup()
-            await web.TCPSite(runner, host, port).start()
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:  # a deployment mistake (two stages on one port), not a crash
+                raise ConfigError(f"environment: POPBRIDGE_HTTP_PORT: cannot listen on {port}: "
+                                  f"{exc.strerror or exc}") from None
             bound = int(runner.addresses[0][1])
+        watcher = asyncio.create_task(watch.run(tracker, metrics)) if watch else None
         yield HealthServer(bound)
     finally:
         if watcher is not None:

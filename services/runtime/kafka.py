@@ -21,6 +21,7 @@ from aiokafka.conn import AIOKafkaConnection
 from aiokafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
+    IllegalStateError,
     KafkaConnectionError,
     KafkaError,
     SaslAuthenticationFailed,
@@ -31,6 +32,7 @@ from aiokafka.errors import (
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from schemas.topics import MAX_MESSAGE_BYTES, TopicSpec
+from services.runtime.kafka_faults import recoverable
 from services.runtime.kafka_security import PLAINTEXT, KafkaSecurity, kafka_security
 from services.runtime.log import (
     REVOKE_TIMEOUT,
@@ -41,14 +43,21 @@ from services.runtime.log import (
     TopicPartition,
     Written,
 )
+from services.runtime.outage import BROKER
 from services.runtime.settings import ConfigError, DeploymentSettings
 
 # Room for the event framing and Kafka's record overhead on top of the largest message.
 _REQUEST_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
+# aiokafka retries a failed connection, coordinator lookup or heartbeat every retry_backoff_ms (100 ms by
+# default): with seven clients a deliverer tried (and logged) ~70 times a second while the broker was
+# away. 500 ms keeps a returning broker noticed within half a second and makes a fifth of the attempts.
+# aiokafka has no separate reconnect backoff; metadata is refreshed on every failed connection anyway, so
+# metadata_max_age_ms (5 min) plays no part in recovering from a restart.
+_RETRY_PACING = {"retry_backoff_ms": 500}
 
 
 class KafkaLogError(LogError):
-    """A Kafka operation failed; `retriable` comes from aiokafka's own classification."""
+    """A Kafka operation failed; `retriable`: a stage waits it out (services.runtime.kafka_faults)."""
 
     def __init__(self, message: str, *, retriable: bool) -> None:
         super().__init__(message)
@@ -56,7 +65,7 @@ class KafkaLogError(LogError):
 
 
 def _wrap(exc: KafkaError, doing: str) -> KafkaLogError:
-    return KafkaLogError(f"kafka: {doing}: {type(exc).__name__}: {exc}", retriable=bool(exc.retriable))
+    return KafkaLogError(f"kafka: {doing}: {type(exc).__name__}: {exc}", retriable=recoverable(exc))
 
 
 @dataclass
@@ -74,6 +83,7 @@ class KafkaProducer:
             results = await asyncio.gather(*futures)
         except KafkaError as exc:
             raise _wrap(exc, "publish") from exc
+        BROKER.recovered()
         return [Written(m.topic, m.partition, m.offset) for m in results]
 
 
@@ -108,6 +118,8 @@ class KafkaConsumer:
             batches = await self.consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_records)
         except KafkaError as exc:
             raise _wrap(exc, "fetch") from exc
+        if batches:
+            BROKER.recovered()
         return [
             Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp)
             for messages in batches.values()
@@ -126,6 +138,7 @@ class KafkaConsumer:
             )
         except KafkaError as exc:
             raise _wrap(exc, "commit") from exc
+        BROKER.recovered()
 
     def assignment(self) -> set[TopicPartition]:
         if self.rebalance is not None and self.rebalance.revoking:
@@ -136,10 +149,15 @@ class KafkaConsumer:
         assigned = self.consumer.assignment()
         if not assigned:
             return False
-        ends = await self.consumer.end_offsets(list(assigned))
-        for tp in assigned:
-            if await self.consumer.position(tp) < ends[tp]:
-                return False
+        try:
+            ends = await self.consumer.end_offsets(list(assigned))
+            for tp in assigned:
+                if await self.consumer.position(tp) < ends[tp]:
+                    return False
+        except IllegalStateError:
+            return False  # a rebalance took a partition meanwhile: not caught up, fetch again
+        except KafkaError as exc:
+            raise _wrap(exc, "read to the end") from exc
         return True
 
 
@@ -203,9 +221,10 @@ class KafkaLog:
         return None
 
     def _client_options(self, *, bootstrap: bool = True) -> dict[str, Any]:
-        """What every aiokafka client of this log gets: servers, client id, TLS and SASL."""
-        servers = {"bootstrap_servers": self.bootstrap_servers} if bootstrap else {}
-        return {**servers, "client_id": self.client_id, **self.security.client_options()}
+        """What every aiokafka client of this log gets: servers, client id, TLS and SASL, retry pacing
+        (`bootstrap=False`: the options of a single connection, for create_conn)."""
+        client = {"bootstrap_servers": self.bootstrap_servers, **_RETRY_PACING} if bootstrap else {}
+        return {**client, "client_id": self.client_id, **self.security.client_options()}
 
     async def ensure_topics(self, specs: Sequence[TopicSpec]) -> list[str]:
         async with self._admin("create topics") as admin:
@@ -213,6 +232,20 @@ class KafkaLog:
             existing = set(await admin.list_topics())
             missing = [s for s in specs if s.name not in existing]
             return [s.name for s in missing if await self._create(admin, spec=s, replication=min(3, brokers))]
+
+    async def check_ready(self, topics: Sequence[str]) -> None:
+        """Return once the cluster answers and every topic of `topics` exists.
+
+        Raises KafkaLogError: retriable while the broker is out of reach, not retriable for a refused
+        login or a missing topic (a deployment mistake: `popbridge topics create` was not run)."""
+        async with self._admin("connect") as admin:
+            existing = set(await admin.list_topics())
+        missing = sorted(set(topics) - existing)
+        if missing:
+            raise KafkaLogError(
+                f"kafka: missing topics {', '.join(missing)}: run `popbridge topics create`",
+                retriable=False,
+            )
 
     @asynccontextmanager
     async def _admin(self, doing: str) -> AsyncIterator[AIOKafkaAdminClient]:
@@ -224,6 +257,7 @@ class KafkaLog:
             raise await self._failed(exc, doing) from exc
         finally:
             await admin.close()
+        BROKER.recovered()
 
     async def partitions(self, topic: str) -> list[int]:
         """The partition numbers of `topic` (empty when it does not exist)."""
@@ -241,8 +275,7 @@ class KafkaLog:
         except KafkaError as exc:
             raise await self._failed(exc, f"end offsets of {topic}") from exc
         finally:
-            await asyncio.sleep(0)  # aiokafka's stop() right after start() re-raises a CancelledError
-            await consumer.stop()
+            await _stop(consumer)
         return {tp.partition: offset for tp, offset in ends.items()}
 
     async def scan(self, topic: str) -> AsyncIterator[Record]:
@@ -272,7 +305,7 @@ class KafkaLog:
         except KafkaError as exc:
             raise await self._failed(exc, f"read {topic}") from exc
         finally:
-            await consumer.stop()
+            await _stop(consumer)
 
     async def committed(self, group: str, topic: str) -> dict[int, int]:
         """Per partition, the group's committed offset (partitions without a commit are absent)."""
@@ -351,7 +384,7 @@ class KafkaLog:
         try:
             await consumer.start()
         except BaseException as exc:
-            await consumer.stop()  # a failed start leaves connections open (aiokafka#1130)
+            await _stop(consumer)  # a failed start leaves connections open (aiokafka#1130)
             if isinstance(exc, KafkaError):
                 raise await self._failed(exc, "connect consumer") from exc
             raise
@@ -480,8 +513,7 @@ class KafkaLog:
         except KafkaError as exc:
             raise await self._failed(exc, doing) from exc
         finally:
-            await asyncio.sleep(0)  # aiokafka's stop() right after start() re-raises a CancelledError
-            await consumer.stop()
+            await _stop(consumer)
 
 
 _READ_BYTES = 1024 * 1024
@@ -511,6 +543,11 @@ async def _closed(conn: AIOKafkaConnection) -> None:
     idempotent and returns the future of the socket's end."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.shield(conn.close()), _CLOSE_WAIT_SECONDS)
+
+
+async def _stop(consumer: AIOKafkaConsumer) -> None:
+    await asyncio.sleep(0)  # aiokafka's stop() right after start() re-raises a CancelledError
+    await consumer.stop()
 
 
 def _record(m: ConsumerRecord[bytes, bytes]) -> Record:

@@ -9,7 +9,11 @@ Contracts:
   replicas, idempotent producer). It raises `LogError` when it cannot make it durable.
 - `LogConsumer.fetch` returns records of the assigned partitions in offset order per partition.
 - `LogConsumer.commit` takes the offset of the NEXT record to read per partition, and is to be called
-  only after the outcome of every earlier record is itself durable.
+  only after the outcome of every earlier record is itself durable. A commit the group refuses because
+  it moved on (a rebalance gave the partitions to another member) raises a retriable LogError: normal
+  life for a consumer group, the new owner reads those records again (services.runtime.kafka_faults).
+- `LogError.retriable`: True when waiting (reconnecting, rejoining) can get past it; False for a
+  permanent problem (a refused login, a missing topic or right), on which a stage exits with one line.
 - `Log.consumer(..., on_revoked=...)` is awaited with the partitions this consumer is about to lose,
   before the group hands them to another member: the new owner gets them only after it returned (it
   must return within REVOKE_TIMEOUT). While a rebalance takes partitions away, `assignment` leaves them

@@ -8,6 +8,8 @@ import re
 import sys
 from datetime import UTC, datetime
 
+from services.runtime.outage import install as install_kafka_throttle
+
 # What a server reply or a message header must not smuggle into a log line: C0 and C1 controls (ESC and
 # CSI start terminal escapes; CR and LF forge lines), DEL, the Unicode line separators and the bidi
 # overrides that reorder what a terminal shows. Text logs write them as `\xNN` / `\uNNNN`.
@@ -64,6 +66,7 @@ def setup_logging(level: str, *, json_lines: bool | None = None) -> None:
     handler.setFormatter(
         JsonLines() if use_json else TextLines("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     )
+    install_kafka_throttle(handler)  # a broker outage: a few lines a minute, not thousands a second
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper() if level.upper() in logging.getLevelNamesMapping() else "INFO")

@@ -1,7 +1,8 @@
 """`popbridge lag`, `popbridge replay` and `popbridge trace`: the operator's view into the pipeline.
 
 Exit codes: 0 fine; 1 a `lag` threshold is exceeded, a replay is refused, nothing was found to trace, or
-the log cannot answer; 2 a usage or configuration mistake.
+the log refuses (a permanent error); 2 a usage or configuration mistake; 3 the log cannot be reached within
+`--timeout` seconds (services.runtime.oneshot).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from services.runtime.embedded import EmbeddedLog
 from services.runtime.kafka import KafkaLog
 from services.runtime.lag import StageLag, Thresholds, breaches, lag_json, lag_text
 from services.runtime.log import LogError
+from services.runtime.oneshot import run_bounded, timeout_option
 from services.runtime.ops import (
     OpsLog,
     collect_trace,
@@ -80,9 +82,11 @@ async def gather_lag(log: OpsLog, stages: Sequence[Stage], now: datetime) -> lis
 @click.option("--max-age", type=click.FloatRange(min=0), metavar="SECONDS",
               help="Exit 1 when a stage's oldest unprocessed message is older than SECONDS.")
 @click.option("--stage", "only", multiple=True, metavar="STAGE", help="Only this stage (repeatable).")
+@timeout_option
 @click.pass_context
 def lag(
-    ctx: click.Context, *, as_json: bool, max_lag: int | None, max_age: float | None, only: tuple[str, ...]
+    ctx: click.Context, *, as_json: bool, max_lag: int | None, max_age: float | None, only: tuple[str, ...],
+    timeout: float,
 ) -> None:
     """Per stage and partition: committed offset, end offset, lag and the oldest unprocessed message's age.
 
@@ -93,7 +97,7 @@ def lag(
     stages = _select(declared_stages(settings), only)
     now = datetime.now(UTC)
     try:
-        reports = asyncio.run(gather_lag(ops_log(settings), stages, now))
+        reports = run_bounded(lambda: gather_lag(ops_log(settings), stages, now), timeout)
     except LogError as exc:
         fail(str(exc))
     limits = Thresholds(max_lag, max_age)
@@ -131,10 +135,11 @@ def _select(stages: Sequence[Stage], only: Sequence[str]) -> list[Stage]:
                    "messages that would go to different recipients; changes nothing for users.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
               help="Mail config (TOML), for --shadow.")
+@timeout_option
 @click.pass_context
 def replay(
     ctx: click.Context, *, stage_name: str, since: datetime, until: datetime | None, execute: bool,
-    shadow: bool, config_path: Path | None,
+    shadow: bool, config_path: Path | None, timeout: float,
 ) -> None:
     """Have STAGE process its input again from --from.
 
@@ -151,15 +156,17 @@ def replay(
     if shadow:
         _shadow(ctx, stage, since, until, execute=execute, config=config_path)
     elif until is not None:
-        _replay_window(settings, stage, since, until, execute=execute)
+        _replay_window(settings, stage, since, until, execute=execute, timeout=timeout)
     else:
-        _replay_from(settings, stage, since, execute=execute)
+        _replay_from(settings, stage, since, execute=execute, timeout=timeout)
 
 
-def _replay_from(settings: DeploymentSettings, stage: Stage, since: datetime, *, execute: bool) -> None:
+def _replay_from(
+    settings: DeploymentSettings, stage: Stage, since: datetime, *, execute: bool, timeout: float
+) -> None:
     """The group reset: plan, and with `execute` apply it unless the group has live members."""
     try:
-        plan, members = asyncio.run(_plan(ops_log(settings), stage, since))
+        plan, members = run_bounded(lambda: _plan(ops_log(settings), stage, since), timeout)
     except LogError as exc:
         fail(str(exc))
     click.echo("\n".join(plan_text(plan)))
@@ -171,7 +178,7 @@ def _replay_from(settings: DeploymentSettings, stage: Stage, since: datetime, *,
         fail(f"refusing to replay: the group {stage.group!r} has {len(members)} active member(s) "
              f"({', '.join(sorted(members))}); stop the {stage.name} and try again")
     try:
-        applied = asyncio.run(execute_replay(ops_log(settings), plan))
+        applied = run_bounded(lambda: execute_replay(ops_log(settings), plan), timeout)
     except LogError as exc:
         fail(f"replay not applied: {exc}")
     moved = ", ".join(f"{tp.partition}->{offset}" for tp, offset in applied.items())
@@ -184,11 +191,12 @@ async def _plan(log: OpsLog, stage: Stage, since: datetime) -> tuple[ResetPlan, 
 
 
 def _replay_window(
-    settings: DeploymentSettings, stage: Stage, since: datetime, until: datetime, *, execute: bool
+    settings: DeploymentSettings, stage: Stage, since: datetime, until: datetime, *, execute: bool,
+    timeout: float,
 ) -> None:
     """The window copy: plan, and with `execute` copy exactly the window the plan printed."""
     try:
-        plan = asyncio.run(plan_window(ops_log(settings), stage, since, until))
+        plan = run_bounded(lambda: plan_window(ops_log(settings), stage, since, until), timeout)
     except LogError as exc:
         fail(str(exc))
     click.echo("\n".join(window_text(plan)))
@@ -196,7 +204,7 @@ def _replay_window(
         click.echo("dry run: nothing copied; add --execute to copy")
         return
     try:
-        copied = asyncio.run(copy_window(ops_log(settings), plan))
+        copied = run_bounded(lambda: copy_window(ops_log(settings), plan), timeout, retry=False)
     except LogError as exc:
         fail(f"window not (fully) copied: {exc}")
     per_partition = ", ".join(f"{partition}: {count}" for partition, count in copied.items())
@@ -236,8 +244,9 @@ def _shadow(
 @click.command()
 @click.argument("ident", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the timeline.")
+@timeout_option
 @click.pass_context
-def trace(ctx: click.Context, ident: str, as_json: bool) -> None:
+def trace(ctx: click.Context, ident: str, as_json: bool, timeout: float) -> None:
     """The timeline of one message across the topics; ID is a fetch id or a Message-ID.
 
     Reads the fetched, routed, delivery-attempt and dead-letter topics from their beginning: it takes a
@@ -245,7 +254,7 @@ def trace(ctx: click.Context, ident: str, as_json: bool) -> None:
     """
     settings = settings_of(ctx)
     try:
-        found = asyncio.run(collect_trace(ops_log(settings), settings, ident))
+        found = run_bounded(lambda: collect_trace(ops_log(settings), settings, ident), timeout)
     except LogError as exc:
         fail(str(exc))
     document: Any = trace_json(ident, found) if as_json else None

@@ -272,7 +272,8 @@ async def test_a_record_the_log_refuses_is_skipped_and_the_rest_of_the_batch_goe
 def test_a_size_limit_the_fetched_topic_cannot_carry_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "popbridge.toml"
     path.write_text(
-        '[delivery]\nhost = "127.0.0.1"\n[routing]\nlocal_domains = ["example.com"]\n[[mailboxes]]\nid = "a"\nhost = "127.0.0.1"\nusername = "u"\n'
+        '[delivery]\nhost = "127.0.0.1"\n[routing]\nlocal_domains = ["example.com"]\n'
+        '[[mailboxes]]\nid = "a"\nhost = "127.0.0.1"\nusername = "u"\n'
         'password_env = "X"\nrecipients = ["a@example.com"]\nmax_message_size = 100_000_000\n'
     )
     expected = r"popbridge.toml: mailboxes\[0\]: max_message_size: 100000000 must be above 0 and at most"

@@ -63,6 +63,20 @@ def kafka_topic_prefix() -> str:
     return f"t-{uuid.uuid4().hex[:8]}-"
 
 
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A broker of this test alone, in a temp dir, for tests that stop and start it: (bootstrap, its dir
+    for `stop_local_broker` / `start_local_broker`, which keeps the address)."""
+    directory = tmp_path / "kafka"
+    bootstrap, problem = start_local_broker(directory)
+    if bootstrap is None:
+        no_kafka(f"no local Kafka broker: {problem}")
+    try:
+        yield bootstrap, directory
+    finally:
+        stop_local_broker(directory)
+
+
 def docker_unavailable() -> str | None:
     """None when the Docker daemon of DOCKER_HOST answers /_ping, otherwise why not.
 

@@ -3,10 +3,18 @@ tests/integration/test_operations.py)."""
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Awaitable, Callable
+from typing import cast
+
 import pytest
 
-from services.runtime.health import ProgressTracker, is_live
-from services.runtime.log import TopicPartition
+from services.runtime.health import LagWatch, ProgressTracker, is_live, serve_health
+from services.runtime.log import LogError, TopicPartition
+from services.runtime.metrics import Metrics
+from services.runtime.ops import OpsLog
+from services.runtime.settings import ConfigError, DeploymentSettings
+from services.runtime.stages import stages_run_by
 
 
 class Clock:
@@ -73,3 +81,58 @@ def test_readiness_is_what_the_stage_says() -> None:
     assert not tracker.ready
     tracker.mark_ready()
     assert tracker.status()["ready"]
+
+
+def test_a_stage_with_work_and_no_progress_fails_within_about_a_minute_by_default() -> None:
+    clock = Clock()
+    tracker = ProgressTracker(clock=clock)
+    tracker.observe_lag(4)
+    clock.now += 61
+    assert not tracker.live()
+
+
+def test_a_long_delivery_in_flight_is_not_a_stall_and_its_end_is_progress() -> None:
+    clock = Clock()
+    tracker = ProgressTracker(stall_after=60.0, clock=clock)
+    tracker.observe_lag(1)
+    with tracker.working():  # a 50 MB mail over a slow link
+        clock.now += 600
+        assert tracker.live()
+    assert tracker.live()  # it ended just now
+    clock.now += 60
+    assert not tracker.live()  # nothing since, with work waiting
+
+
+class _AwayError(LogError):
+    """The broker does not answer (a retriable LogError)."""
+
+
+class _UnreachableLog:
+    """Every call of the ops interface fails as with the broker away."""
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[None]]:
+        async def away(*_: object, **__: object) -> None:
+            raise _AwayError("kafka: describe: KafkaConnectionError: Unable to bootstrap")
+
+        return away
+
+
+async def test_a_stage_waiting_for_the_broker_is_not_taken_for_stalled() -> None:
+    clock = Clock()
+    tracker = ProgressTracker(stall_after=60.0, clock=clock)
+    tracker.observe_lag(5)  # work was waiting when the broker went away
+    clock.now += 3600
+    watch = LagWatch(cast(OpsLog, _UnreachableLog()), stages_run_by(DeploymentSettings(), "deliverer"))
+    await watch.poll(tracker, Metrics())
+    assert tracker.live()
+    assert tracker.lag == 0  # unknown while the log cannot be read: no restart that cannot help
+
+
+async def test_a_busy_health_port_is_a_config_error_naming_the_variable() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match="POPBRIDGE_HTTP_PORT: cannot listen on"):
+            async with serve_health(port, ProgressTracker(), Metrics(), host="127.0.0.1"):
+                pass

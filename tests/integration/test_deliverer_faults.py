@@ -1,0 +1,230 @@
+"""The deliverer under Kafka's normal life and faults, on a real broker: rebalances, lost partitions, a
+broker restart. Each test reproduces a crash or duplicate seen in the chaos runs (issue 13)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from schemas.topics import ROUTED
+from services.deliverer.retry import RetryPolicy
+from services.deliverer.service import Counts, Deliverer
+from services.deliverer.smtp import SmtpTransport
+from services.runtime.kafka import KafkaLog
+from services.runtime.log import LogError, Outgoing
+from services.runtime.settings import DeploymentSettings
+from tests.support.deliverer import deployment, publish, routed_event, smtp_target
+from tests.support.kafka import start_local_broker, stop_local_broker
+from tests.support.smtp import ReceivedMessage, SmtpSink
+
+pytestmark = pytest.mark.integration
+
+COORDINATOR = "aiokafka.consumer.group_coordinator"
+MAILBOX = (
+    '[[mailboxes]]\nid = "alice"\nhost = "127.0.0.1"\nusername = "alice"\npassword_env = "POP_PW"\n'
+    'recipients = ["alice@example.com"]\n'
+)
+OUTAGE = 12.0  # seconds the broker is away in the restart test: longer than the retry delay (8 s)
+
+
+class Gate:
+    """Holds every SMTP DATA until opened; `reached` is set by the first one."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.open = threading.Event()
+
+    def __call__(self, _: ReceivedMessage) -> None:
+        self.reached.set()
+        self.open.wait(60)
+
+
+class Revocations(logging.Handler):
+    """Sets `seen` when aiokafka revokes partitions of `group` from a member (it logs that at INFO level
+    right before it calls the rebalance listener)."""
+
+    def __init__(self, group: str) -> None:
+        super().__init__(logging.INFO)
+        self.group = group
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        ours = message.startswith("Revoking") and message.endswith(f"group {self.group}")
+        if ours and "set()" not in message:  # the first join revokes nothing
+            self.seen.set()
+
+
+@pytest.fixture
+def revocations() -> Iterator[type[Revocations]]:
+    logger = logging.getLogger(COORDINATOR)
+    before = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield Revocations
+    finally:
+        logger.setLevel(before)
+
+
+@asynccontextmanager
+async def running(
+    log: KafkaLog, settings: DeploymentSettings, port: int, policy: RetryPolicy | None = None
+) -> AsyncIterator[asyncio.Task[Counts]]:
+    """A deliverer running until the block ends; the task is handed out to check it did not crash."""
+    stop = asyncio.Event()
+    async with SmtpTransport(smtp_target(port, timeout=90.0)) as transport:
+        stage = Deliverer(log, settings, transport, poll_seconds=0.2, policy=policy or RetryPolicy())
+        task = asyncio.create_task(stage.run(stop=stop))
+        try:
+            yield task
+        finally:
+            stop.set()
+            await asyncio.wait({task}, timeout=60)
+
+
+async def drained(log: KafkaLog, settings: DeploymentSettings) -> None:
+    """Until the deliverer group committed the routed topic to its end."""
+    topic, group = settings.topic(ROUTED), settings.group("deliverer")
+    ends = {p: o for p, o in (await log.end_offsets(topic)).items() if o > 0}
+    while True:  # committed offsets are only to be polled
+        if {p: o for p, o in (await log.committed(group, topic)).items() if p in ends} == ends:
+            return
+        await asyncio.sleep(0.2)
+
+
+def copies(sink: SmtpSink) -> Counter[str]:
+    return Counter(r for m in sink.messages for r in m.rcpt_tos)
+
+
+async def test_a_replica_joining_mid_batch_duplicates_nothing_and_crashes_nothing(
+    kafka_bootstrap: str, kafka_topic_prefix: str, smtp_sink: SmtpSink, revocations: type[Revocations]
+) -> None:
+    # Seen in the chaos runs: both deliverers sent the same batch (22 and 10 copies twice), then the first
+    # one crashed committing partitions no longer assigned (IllegalStateError / CommitFailedError).
+    settings, log = await deployment(kafka_bootstrap, kafka_topic_prefix)
+    recipients = [f"user{i}@example.com" for i in range(18)]
+    await publish(log, settings, *(routed_event(f"u{i}", [r]) for i, r in enumerate(recipients)))
+    gate = Gate()
+    smtp_sink.data_reply = gate
+    watch = revocations(settings.group("deliverer"))
+    logging.getLogger(COORDINATOR).addHandler(watch)
+    try:
+        async with running(log, settings, smtp_sink.port) as first:
+            assert await asyncio.to_thread(gate.reached.wait, 60)  # the first replica's batch is in SMTP
+            async with running(log, settings, smtp_sink.port) as second:
+                await asyncio.wait_for(watch.seen.wait(), 60)  # the join revokes the first one's partitions
+                gate.open.set()
+                await asyncio.wait_for(drained(log, settings), 120)
+                assert not second.done()
+            assert not first.done()
+    finally:
+        logging.getLogger(COORDINATOR).removeHandler(watch)
+    assert first.exception() is None
+    assert second.exception() is None
+    assert copies(smtp_sink) == Counter(recipients)  # every recipient exactly once
+
+
+async def test_a_commit_for_partitions_lost_in_a_rebalance_is_a_retriable_log_error(
+    kafka_bootstrap: str, kafka_topic_prefix: str
+) -> None:
+    # aiokafka raises IllegalStateError (not retriable) for it; the deliverer's TaskGroup died of it.
+    settings, log = await deployment(kafka_bootstrap, kafka_topic_prefix)
+    topic, group = settings.topic(ROUTED), settings.group("probe")
+    async with log.producer() as producer:
+        await producer.send_all([Outgoing(topic, b"x", f"k{i}".encode()) for i in range(12)])
+    async with log.consumer(group, [topic]) as first:
+        while not await first.fetch(0.2):
+            pass
+        held = first.assignment()
+        async with log.consumer(group, [topic]) as second:
+            # Until the rebalance is over for both members (between its JoinGroup and SyncGroup a member
+            # still holds the old assignment, with the new generation: the broker would take that commit).
+            while not (second.assignment() and first.assignment()):
+                await second.fetch(0.2)
+                await first.fetch(0.05)
+            lost = held - first.assignment()
+            assert lost
+            with pytest.raises(LogError) as refused:
+                await first.commit(dict.fromkeys(lost, 1))
+    assert refused.value.retriable
+
+
+async def test_a_running_deliverer_rides_out_a_broker_restart(
+    own_broker: tuple[str, Path], kafka_topic_prefix: str, smtp_sink: SmtpSink
+) -> None:
+    # Seen in the chaos runs: running deliverers died when the broker stopped (an ExceptionGroup around
+    # connect: a retry tier reopening its consumer while the broker was away).
+    bootstrap, directory = own_broker
+    settings, log = await deployment(bootstrap, kafka_topic_prefix)
+    refusals = iter(["451 4.3.0 try again later"])
+    smtp_sink.rcpt_reply = lambda _: next(refusals, None)
+    policy = RetryPolicy(delays=(8.0,))
+    async with running(log, settings, smtp_sink.port, policy) as stage:
+        await publish(log, settings, routed_event("u1", ["alice@example.com"], routed_at=datetime.now(UTC)))
+        await asyncio.to_thread(_wait_for_refusal, smtp_sink)  # deferred: retry tier 1 due in 8 s
+        await asyncio.to_thread(stop_local_broker, directory)
+        await asyncio.sleep(OUTAGE)  # the fault: the broker stays away past the retry's due time
+        assert not stage.done()
+        restarted, problem = await asyncio.to_thread(start_local_broker, directory)
+        assert restarted == bootstrap, problem
+        back = time.monotonic()
+        await asyncio.to_thread(smtp_sink.wait_for, 1, 60)
+        print(f"delivered {time.monotonic() - back:.1f} s after the broker was ready again")
+        assert not stage.done()
+    assert stage.exception() is None
+    assert copies(smtp_sink) == Counter({"alice@example.com": 1})
+
+
+def _wait_for_refusal(sink: SmtpSink) -> None:
+    deadline = time.monotonic() + 60
+    while not sink.refused_recipients:
+        assert time.monotonic() < deadline, "the first attempt was never refused"
+        time.sleep(0.05)
+
+
+async def test_a_deliverer_started_before_the_broker_waits_for_it_then_delivers(
+    own_broker: tuple[str, Path], kafka_topic_prefix: str, smtp_sink: SmtpSink, tmp_path: Path
+) -> None:
+    # Seen in the chaos runs: started while the broker was down, the deliverer exited (one line, but gone);
+    # it also wrote JSON although POPBRIDGE_LOG_FORMAT=text asked for text.
+    bootstrap, directory = own_broker
+    settings, log = await deployment(bootstrap, kafka_topic_prefix)
+    await asyncio.to_thread(stop_local_broker, directory)
+    config = tmp_path / "mail.toml"
+    config.write_text(f'[delivery]\nhost = "127.0.0.1"\nport = {smtp_sink.port}\ntls = "none"\n\n{MAILBOX}')
+    environ = {
+        **os.environ, "POPBRIDGE_KAFKA_BOOTSTRAP": bootstrap, "POPBRIDGE_TOPIC_PREFIX": kafka_topic_prefix,
+        "POPBRIDGE_GROUP_PREFIX": settings.group_prefix, "POPBRIDGE_LOG_FORMAT": "text",
+    }  # fmt: skip
+    stage = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "deliverer", "--config", str(config),
+        env=environ, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert stage.stderr is not None
+        first = (await asyncio.wait_for(stage.stderr.readline(), 60)).decode()
+        assert "Unable connect to" in first  # the first failure, as a text line
+        assert not first.startswith("{")
+        restarted, problem = await asyncio.to_thread(start_local_broker, directory)
+        assert restarted == bootstrap, problem
+        await publish(log, settings, routed_event("u1", ["alice@example.com"], routed_at=datetime.now(UTC)))
+        await asyncio.to_thread(smtp_sink.wait_for, 1, 60)
+        assert stage.returncode is None
+    finally:
+        if stage.returncode is None:
+            stage.send_signal(signal.SIGTERM)
+        rest = (await asyncio.wait_for(stage.communicate(), 60))[1].decode()
+    assert stage.returncode == 0, rest
+    assert "Traceback" not in rest
