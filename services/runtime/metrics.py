@@ -134,9 +134,10 @@ class Metrics:
         if new:
             self.oversized_seen.labels(mailbox_id).inc(new)
 
-    def skipped(self, stage: str) -> None:
-        """A record of the stage's input was not a valid event and was skipped."""
-        self.records_skipped.labels(stage).inc()
+    def skipped(self, stage: str, count: int = 1) -> None:
+        """`count` records of the stage's input were not valid events and were skipped."""
+        if count:
+            self.records_skipped.labels(stage).inc(count)
 
     def smtp_transaction(self, seconds: float, outcomes: Iterable[str]) -> None:
         """One SMTP/LMTP transaction took `seconds`; its recipients' outcomes name the series."""
