@@ -10,6 +10,7 @@ XOAUTH2 token is read by the source built here, afresh for every session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,7 @@ from services.runtime.kafka import KafkaLog
 from services.runtime.log import Log, LogError, Outgoing
 from services.runtime.logs import setup_logging
 from services.runtime.metrics import Metrics
+from services.runtime.pipeline_gauges import pipeline_watch
 from services.runtime.secrets import read_secret, read_token
 from services.runtime.settings import DeploymentSettings, MailConfig, SmtpTarget, load_config
 from services.runtime.signals import stop_on_signals
@@ -117,7 +119,8 @@ async def _deliver(log: KafkaLog | EmbeddedLog, settings: DeploymentSettings, wi
     watch = None if until_idle else LagWatch.of(log, settings, "deliverer")
     port = None if until_idle else settings.http_port or None
     health = serve_health(port, tracker, metrics, watch=watch)
-    async with health, SmtpTransport(target, wiring.password, token=wiring.token) as transport:
+    gauges = contextlib.nullcontext() if until_idle else pipeline_watch(log, settings, metrics)
+    async with health, gauges, SmtpTransport(target, wiring.password, token=wiring.token) as transport:
         stage = Deliverer(log, settings, transport, policy=policy, metrics=metrics,
                           postmaster=wiring.postmaster)
         tracker.mark_ready()

@@ -19,8 +19,10 @@ from services.fetcher.sharing import Handover, MemoryRefresh, Passes, hold_assig
 from services.fetcher.status import Timing
 from services.runtime.connect import kafka_log
 from services.runtime.health import ProgressTracker, serve_health
+from services.runtime.kafka import KafkaLog
 from services.runtime.log import Log
 from services.runtime.metrics import Metrics
+from services.runtime.pipeline_gauges import pipeline_watch
 from services.runtime.settings import ConfigError, DeploymentSettings, Mailbox, MailConfig, load_config
 from services.runtime.signals import stop_on_signals, until_stopped
 
@@ -140,12 +142,13 @@ async def poll_forever(
 
 
 async def serve_fetcher(
-    log_: Log, settings: DeploymentSettings, config: MailConfig, environ: dict[str, str]
+    log_: KafkaLog, settings: DeploymentSettings, config: MailConfig, environ: dict[str, str]
 ) -> None:
     """The long-running `popbridge fetcher`: poll forever, with /healthz, /readyz and /metrics."""
     metrics, tracker = Metrics(), ProgressTracker()
     stop = stop_on_signals()
-    async with serve_health(settings.http_port or None, tracker, metrics):
+    health = serve_health(settings.http_port or None, tracker, metrics)
+    async with health, pipeline_watch(log_, settings, metrics):
         polling = run_fetcher(
             log_, settings, config, environ, once=False, metrics=metrics, tracker=tracker, shared=True
         )

@@ -187,8 +187,12 @@ class Fetcher:
         except CONTAINED as exc:
             failure = classify(exc)
             self._observe(mailbox, failure)
+            if self.metrics is not None:
+                self.metrics.poll_failed(mailbox.id, failure.state)
             return progress.result(mailbox.id, failure)
         self._observe(mailbox, None)
+        if self.metrics is not None:
+            self.metrics.poll_succeeded(mailbox.id, self.clock())
         if self.tracker is not None:
             self.tracker.progressed()
         return progress.result(mailbox.id)
@@ -270,6 +274,8 @@ class Fetcher:
 
     def _report_too_big(self, mailbox: Mailbox, too_big: list[Listed]) -> None:
         reported = self._too_big_reported.setdefault(mailbox.id, set())
+        if self.metrics is not None:
+            self.metrics.oversized(mailbox.id, len(too_big), new=len({m.uidl for m in too_big} - reported))
         for message in too_big:
             if message.uidl not in reported:
                 reported.add(message.uidl)

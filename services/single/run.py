@@ -33,9 +33,14 @@ from services.fetcher.service import PassResult
 from services.router.loop import RouterCounts, RouterLoop
 from services.runtime.connect import open_log
 from services.runtime.embedded import EmbeddedLog
+from services.runtime.health import LagWatch, ProgressTracker, serve_health
 from services.runtime.idle import is_idle
-from services.runtime.log import Log, LogError
+from services.runtime.kafka import KafkaLog
+from services.runtime.log import LogError
+from services.runtime.metrics import Metrics
+from services.runtime.pipeline_gauges import pipeline_watch
 from services.runtime.settings import DeploymentSettings, MailConfig, load_config
+from services.runtime.stages import stages_run_by
 
 log = logging.getLogger("popbridge.run")
 
@@ -76,20 +81,25 @@ class RunSummary:
 
 @dataclass
 class Pipeline:
-    """The three stages on one log. `poll_seconds` bounds how long an idle stage waits for records."""
+    """The three stages on one log. `poll_seconds` bounds how long an idle stage waits for records.
 
-    log: Log
+    Running until stopped, it serves /healthz, /readyz and /metrics on the deployment's HTTP port (when
+    set), with the lag of every stage, as the separate services do."""
+
+    log: KafkaLog | EmbeddedLog
     settings: DeploymentSettings
     config: MailConfig
     environ: Mapping[str, str]
     poll_seconds: float = 0.5
     summary: RunSummary = field(default_factory=RunSummary)
+    metrics: Metrics = field(default_factory=Metrics)
 
     async def run(self, *, until_idle: bool, stop: asyncio.Event) -> RunSummary:
         await self.log.ensure_topics(deployed_topics(self.settings))
         target = self.config.delivery
         policy = RetryPolicy(delays=target.retry_delays, max_age=timedelta(days=target.max_age_days))
-        router = RouterLoop(self.log, self.settings, self.config, poll_seconds=self.poll_seconds)
+        router = RouterLoop(self.log, self.settings, self.config, poll_seconds=self.poll_seconds,
+                            metrics=self.metrics)
         password, token = smtp_password(target, self.environ), smtp_token(target, self.environ)
         async with SmtpTransport(target, password, token=token) as transport:
             # A batch is as large as the sessions that send it in parallel: a copy the server accepted is
@@ -97,7 +107,7 @@ class Pipeline:
             # between the server's 250 and the ledger (RFC 1047's window), which a restart sends again.
             deliverer = Deliverer(
                 self.log, self.settings, transport, policy=policy, poll_seconds=self.poll_seconds,
-                batch_size=target.connections, postmaster=notice_address(self.config),
+                batch_size=target.connections, postmaster=notice_address(self.config), metrics=self.metrics,
             )
             if until_idle:
                 await self._until_idle(router, deliverer, stop)
@@ -131,8 +141,14 @@ class Pipeline:
             await asyncio.sleep(self.poll_seconds)
 
     async def _forever(self, router: RouterLoop, deliverer: Deliverer, stop: asyncio.Event) -> None:
+        tracker = ProgressTracker()
+        stages = (*stages_run_by(self.settings, "router"), *stages_run_by(self.settings, "deliverer"))
+        health = serve_health(self.settings.http_port or None, tracker, self.metrics,
+                              watch=LagWatch(self.log, stages))
         try:
-            await self._stages(router, deliverer, stop)
+            async with health, pipeline_watch(self.log, self.settings, self.metrics):
+                tracker.mark_ready()
+                await self._stages(router, deliverer, stop)
         except ExceptionGroup as group:  # one stage failed and the others were stopped: report the first
             for other in group.exceptions[1:]:
                 log.warning("another stage failed too: %r", other)
@@ -141,7 +157,8 @@ class Pipeline:
     async def _stages(self, router: RouterLoop, deliverer: Deliverer, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tasks:
             fetcher = tasks.create_task(
-                run_fetcher(self.log, self.settings, self.config, dict(self.environ), once=False)
+                run_fetcher(self.log, self.settings, self.config, dict(self.environ), once=False,
+                            metrics=self.metrics)
             )
             tasks.create_task(router.run(stop=stop))
             tasks.create_task(deliverer.run(stop=stop))
