@@ -18,6 +18,7 @@ import pytest
 
 from schemas import topics
 from services.runtime.settings import DeploymentSettings, load_config
+from services.runtime.stages import stage_named
 from tests.deploy.kube import (
     KUBERNETES_VERSIONS,
     Crd,
@@ -30,6 +31,7 @@ from tests.deploy.kube import (
     render,
     validate_core,
 )
+from tests.deploy.test_gen_kafkatopics import generator
 
 OVERLAYS = ("dev", "prod")
 STAGES = ("fetcher", "router", "deliverer")
@@ -38,7 +40,7 @@ INPUT_TOPIC = {"router": topics.FETCHED, "deliverer": topics.ROUTED}
 CONFIG_FILE = "/etc/popbridge/popbridge.toml"
 POP3_PORTS = {995, 110}
 SMTP_PORTS = {25, 587, 465, 24}
-KAFKA_PORTS = {9092, 9093}
+KAFKA_PORTS = {"dev": {9092}, "prod": {9093}}  # prod reaches the brokers over TLS only
 DNS_PORT = 53
 METRICS_PORT = 8080
 SECRET_WORD = re.compile(r"pass(word|wd)?|secret|token|credential|api[-_]?key|private[-_]?key", re.IGNORECASE)
@@ -240,12 +242,48 @@ def test_prod_is_bigger_than_dev() -> None:
         assert deployment(prod, stage)["spec"]["replicas"] > deployment(dev, stage)["spec"]["replicas"]
 
 
-def test_images_are_pinned_in_prod() -> None:
+def test_images_are_pinned_by_digest_in_prod() -> None:
     for resource in of_kind(_render_or_skip("overlays/prod"), "Deployment"):
         image = container(resource)["image"]
-        name, _, tag = image.rpartition(":")
+        name, _, digest = image.partition("@")
         assert "/" in name, f"{describe(resource)}: {image} names no registry"
-        assert tag not in {"", "latest"}, f"{describe(resource)}: {image} has no fixed tag"
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), f"{describe(resource)}: {image} is not pinned"
+
+
+PSS_LEVELS = ("enforce", "audit", "warn")
+RESTRICTED_VOLUMES = {"configMap", "secret", "emptyDir", "projected", "downwardAPI", "persistentVolumeClaim",
+                      "csi", "ephemeral"}
+
+
+def test_the_namespace_enforces_the_restricted_pod_security_standard(
+    overlay: tuple[str, list[Resource]],
+) -> None:
+    [namespace] = of_kind(overlay[1], "Namespace")
+    labels = namespace["metadata"]["labels"]
+    for level in PSS_LEVELS:
+        assert labels[f"pod-security.kubernetes.io/{level}"] == "restricted", level
+    namespaced = [r for r in overlay[1] if r["kind"] != "Namespace"]
+    assert {r["metadata"]["namespace"] for r in namespaced} == {namespace["metadata"]["name"]}
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard(overlay: tuple[str, list[Resource]]) -> None:
+    """The "restricted" profile's checks (kubernetes.io/docs/concepts/security/pod-security-standards)."""
+    for resource in of_kind(overlay[1], "Deployment"):
+        pod = resource["spec"]["template"]["spec"]
+        for host_namespace in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not pod.get(host_namespace), describe(resource)
+        for volume in pod.get("volumes", []):
+            assert set(volume) - {"name"} <= RESTRICTED_VOLUMES, f"{describe(resource)}: {volume}"
+        for box in pod["containers"] + pod.get("initContainers", []):
+            context = box["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, describe(resource)
+            assert context["capabilities"]["drop"] == ["ALL"], describe(resource)
+            assert not context["capabilities"].get("add"), describe(resource)
+            assert context.get("runAsNonRoot", pod["securityContext"].get("runAsNonRoot")) is True
+            assert context.get("runAsUser", pod["securityContext"].get("runAsUser")) != 0
+            seccomp = context.get("seccompProfile", pod["securityContext"].get("seccompProfile"))
+            assert seccomp["type"] in {"RuntimeDefault", "Localhost"}, describe(resource)
+            assert not any("hostPort" in port for port in box.get("ports", [])), describe(resource)
 
 
 # --- configuration and secrets ------------------------------------------------------------------------
@@ -329,8 +367,11 @@ def topic_settings(resources: list[Resource]) -> dict[str, tuple[int, dict[str, 
     return found
 
 
-def test_kafka_topics_are_exactly_those_of_schemas_topics(overlay: tuple[str, list[Resource]]) -> None:
-    expected = {spec.name: (spec.partitions, dict(spec.config)) for spec in topics.TOPICS}
+def test_kafka_topics_are_exactly_those_of_schemas_topics_and_the_router(
+    overlay: tuple[str, list[Resource]],
+) -> None:
+    router = generator().router_internal_topics()
+    expected = {spec.name: (spec.partitions, dict(spec.config)) for spec in (*topics.TOPICS, *router)}
     assert topic_settings(overlay[1]) == expected
 
 
@@ -424,7 +465,7 @@ def test_replicas_never_exceed_the_input_partitions(overlay: tuple[str, list[Res
         assert 1 <= deployment(resources, stage)["spec"]["replicas"] <= topics.topic_spec(topic).partitions
 
 
-def test_keda_scales_on_the_lag_of_the_input_topic() -> None:
+def test_keda_scales_on_the_lag_of_every_topic_the_stage_consumes() -> None:
     resources = _render_or_skip("overlays/prod")
     scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in of_kind(resources, "ScaledObject")}
     assert set(scaled) == {f"popbridge-{stage}" for stage in INPUT_TOPIC}
@@ -437,18 +478,22 @@ def test_keda_scales_on_the_lag_of_the_input_topic() -> None:
             <= spec["maxReplicaCount"]
             <= topics.topic_spec(topic).partitions
         )
-        [trigger] = spec["triggers"]
-        assert trigger["type"] == "kafka"
-        assert trigger["metadata"]["topic"] == topic
-        assert trigger["metadata"]["consumerGroup"] == SETTINGS.group(stage)
-        assert (
-            trigger["metadata"]["bootstrapServers"]
-            == environment(resources, stage)["POPBRIDGE_KAFKA_BOOTSTRAP"]
-        )
-        auth = named(resources, "TriggerAuthentication", trigger["authenticationRef"]["name"])["spec"]
-        assert {ref["name"] for ref in auth["secretTargetRef"] if ref["parameter"] == "password"} == {
-            f"popbridge-{stage}"
-        }
+        # Every topic the stage's group consumes (the lag watch's view, services.runtime.stages), so
+        # the router also scales on faust's repartition topic.
+        consumed = stage_named(SETTINGS, stage).topics
+        assert consumed[0] == topic
+        assert [t["metadata"]["topic"] for t in spec["triggers"]] == list(consumed)
+        for trigger in spec["triggers"]:
+            assert trigger["type"] == "kafka"
+            assert trigger["metadata"]["consumerGroup"] == SETTINGS.group(stage)
+            assert (
+                trigger["metadata"]["bootstrapServers"]
+                == environment(resources, stage)["POPBRIDGE_KAFKA_BOOTSTRAP"]
+            )
+            auth = named(resources, "TriggerAuthentication", trigger["authenticationRef"]["name"])["spec"]
+            assert {ref["name"] for ref in auth["secretTargetRef"] if ref["parameter"] == "password"} == {
+                f"popbridge-{stage}"
+            }
 
 
 def test_every_stage_has_a_disruption_budget(overlay: tuple[str, list[Resource]]) -> None:
@@ -480,7 +525,7 @@ def test_network_policy_confines_each_stage(overlay: tuple[str, list[Resource]],
     labels = deployment(overlay[1], stage)["spec"]["template"]["metadata"]["labels"]
     policies = [p for p in of_kind(overlay[1], "NetworkPolicy") if selects(p, labels)]
     assert any(set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"} for p in policies)
-    expected = {DNS_PORT} | KAFKA_PORTS
+    expected = {DNS_PORT} | KAFKA_PORTS[overlay[0]]
     expected |= POP3_PORTS if stage == "fetcher" else set()
     expected |= SMTP_PORTS if stage == "deliverer" else set()
     assert egress_ports(policies) == expected
