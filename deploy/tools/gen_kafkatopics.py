@@ -27,6 +27,7 @@ import yaml
 
 from schemas import topics
 from services.router.app import internal_topics
+from services.router.shadow import shadow_spec
 from services.runtime.settings import DeploymentSettings
 
 BASE = Path(__file__).resolve().parents[1] / "k8s" / "base"
@@ -82,6 +83,11 @@ def router_internal_topics() -> list[topics.TopicSpec]:
     return declared
 
 
+def declared_topics() -> list[topics.TopicSpec]:
+    """Every KafkaTopic: the pipeline's, the router's own, and the shadow topic of `replay --shadow`."""
+    return [*topics.TOPICS, *router_internal_topics(), shadow_spec(SETTINGS)]
+
+
 def resource_name(topic: str) -> str:
     """A Kubernetes object name (RFC 1123 subdomain) for a Kafka topic name."""
     name = re.sub(r"[^a-z0-9.-]+", "-", topic.lower()).strip(".-")
@@ -120,10 +126,18 @@ def stage_acls(stage: str) -> list[dict[str, Any]]:
     return acls
 
 
+# What the ops commands write: `replay STAGE --to --execute` copies a window to the stage's input topic
+# (router: fetched, deliverer: routed), `dlq retry` puts dead letters back into the first retry tier, and
+# `replay router --shadow` writes the shadow topic (declared below, so the command never creates it).
+OPS_WRITES = (topics.FETCHED, topics.ROUTED, topics.RETRY_TOPICS[0])
+
+
 def ops_acls() -> list[dict[str, Any]]:
-    """`popbridge lag` describes every group; `popbridge replay` moves a stopped group's offsets (Read)."""
+    """`popbridge lag`, `trace` and `dlq list` read and describe; `replay` moves a stopped group's offsets
+    (Read on the group) or copies a window; `dlq retry` and the shadow replay write (OPS_WRITES)."""
     return [
         _acl("topic", TOPIC_PREFIX, ("Describe", READ), pattern="prefix"),
+        *(_acl("topic", name, ("Describe", WRITE)) for name in (*OPS_WRITES, shadow_spec(SETTINGS).name)),
         _acl("group", f"{GROUP_PREFIX}-", ("Describe", READ), pattern="prefix"),
     ]
 
@@ -165,7 +179,7 @@ def generated_files() -> dict[Path, str]:
     users = [kafka_user(f"{GROUP_PREFIX}-{stage}", stage_acls(stage)) for stage in STAGES]
     users.append(kafka_user(f"{GROUP_PREFIX}-ops", ops_acls()))
     return {
-        TOPICS_FILE: render([kafka_topic(spec) for spec in (*topics.TOPICS, *router_internal_topics())]),
+        TOPICS_FILE: render([kafka_topic(spec) for spec in declared_topics()]),
         USERS_FILE: render(users),
     }
 

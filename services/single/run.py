@@ -33,12 +33,12 @@ from services.fetcher.service import PassResult
 from services.router.loop import RouterCounts, RouterLoop
 from services.runtime.connect import open_log
 from services.runtime.embedded import EmbeddedLog
-from services.runtime.health import LagWatch, ProgressTracker, serve_health
+from services.runtime.health import HealthServer, LagWatch, ProgressTracker, serve_health
 from services.runtime.idle import is_idle
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import LogError
 from services.runtime.metrics import Metrics
-from services.runtime.pipeline_gauges import pipeline_watch
+from services.runtime.pipeline_gauges import DEFAULT_INTERVAL, pipeline_watch
 from services.runtime.settings import DeploymentSettings, MailConfig, load_config
 from services.runtime.stages import stages_run_by
 
@@ -83,8 +83,9 @@ class RunSummary:
 class Pipeline:
     """The three stages on one log. `poll_seconds` bounds how long an idle stage waits for records.
 
-    Running until stopped, it serves /healthz, /readyz and /metrics on the deployment's HTTP port (when
-    set), with the lag of every stage, as the separate services do."""
+    Running until stopped, it serves /healthz, /readyz and /metrics on `health_port` (None: not served; 0:
+    any free port), with the lag of every stage, as the separate services do; `serving` is set once the
+    port is bound, and `health` then tells which."""
 
     log: KafkaLog | EmbeddedLog
     settings: DeploymentSettings
@@ -93,6 +94,10 @@ class Pipeline:
     poll_seconds: float = 0.5
     summary: RunSummary = field(default_factory=RunSummary)
     metrics: Metrics = field(default_factory=Metrics)
+    health_port: int | None = None
+    health: HealthServer | None = None
+    serving: asyncio.Event = field(default_factory=asyncio.Event)
+    watch_interval: float = DEFAULT_INTERVAL  # seconds between two reads of every stage's lag
 
     async def run(self, *, until_idle: bool, stop: asyncio.Event) -> RunSummary:
         await self.log.ensure_topics(deployed_topics(self.settings))
@@ -143,10 +148,12 @@ class Pipeline:
     async def _forever(self, router: RouterLoop, deliverer: Deliverer, stop: asyncio.Event) -> None:
         tracker = ProgressTracker()
         stages = (*stages_run_by(self.settings, "router"), *stages_run_by(self.settings, "deliverer"))
-        health = serve_health(self.settings.http_port or None, tracker, self.metrics,
-                              watch=LagWatch(self.log, stages))
+        watch = LagWatch(self.log, stages, self.watch_interval)
+        health = serve_health(self.health_port, tracker, self.metrics, watch=watch)
+        gauges = pipeline_watch(self.log, self.settings, self.metrics, interval=self.watch_interval)
         try:
-            async with health, pipeline_watch(self.log, self.settings, self.metrics):
+            async with health as self.health, gauges:
+                self.serving.set()
                 tracker.mark_ready()
                 await self._stages(router, deliverer, stop)
         except ExceptionGroup as group:  # one stage failed and the others were stopped: report the first
@@ -229,7 +236,7 @@ def run(obj: object, config_path: Path, until_idle: bool) -> None:
     settings: DeploymentSettings = obj.settings  # type: ignore[attr-defined]  # services.cli.Context
     environ: dict[str, str] = obj.environ  # type: ignore[attr-defined]
     config = load_config(config_path)
-    pipeline = Pipeline(open_log(settings), settings, config, environ)
+    pipeline = Pipeline(open_log(settings), settings, config, environ, health_port=settings.http_port or None)
     try:
         summary = asyncio.run(run_until_signal(pipeline, until_idle=until_idle))
     except (LogError, ExceptionGroup) as exc:

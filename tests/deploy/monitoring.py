@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from tests.deploy.kube import tool_missing
+
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "deploy" / "k8s" / "base" / "monitoring"
 RULES_FILE = MONITORING / "prometheusrule.yaml"
@@ -44,8 +46,16 @@ def prometheus_tool(name: str) -> Path:
     raise PrometheusMissingError(f"{name} not found; run deploy/tools/install_prometheus.sh")
 
 
+def required_tool(name: str) -> Path:
+    """prometheus_tool(name), or skip the test, or fail it under CI (where the tools must be installed)."""
+    try:
+        return prometheus_tool(name)
+    except PrometheusMissingError as exc:
+        tool_missing(str(exc))
+
+
 def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(prometheus_tool("promtool")), *args], capture_output=True, text=True,
+    return subprocess.run([str(required_tool("promtool")), *args], capture_output=True, text=True,
                           timeout=120, check=False, cwd=cwd)
 
 

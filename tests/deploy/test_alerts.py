@@ -7,12 +7,10 @@ they fail.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 
 from services.runtime.metrics import Metrics
@@ -20,23 +18,12 @@ from tests.deploy.monitoring import (
     ALERT_TESTS,
     RULES_FILE,
     RUNBOOK,
-    PrometheusMissingError,
     alerts,
     metric_names,
     promtool,
     rule_groups,
     write_rules,
 )
-
-
-@pytest.fixture(autouse=True)
-def _needs_promtool() -> None:
-    try:
-        promtool("--version")
-    except PrometheusMissingError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
 
 
 def exported_metric_names() -> set[str]:

@@ -6,14 +6,10 @@ loads. That each query returns series from a running pipeline is tests/integrati
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import pytest
-
-from tests.deploy.kube import KustomizeMissingError, render
+from tests.deploy.kube import render_or_skip
 from tests.deploy.monitoring import (
-    PrometheusMissingError,
     as_recording_rules,
     dashboard,
     dashboard_queries,
@@ -24,29 +20,15 @@ from tests.deploy.monitoring import (
 from tests.deploy.test_alerts import exported_metric_names
 
 
-def _skip_or_fail(exc: Exception) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(str(exc))
-    pytest.skip(str(exc))
-
-
 def test_every_panel_query_parses(tmp_path: Path) -> None:
-    try:
-        rules = write_rules(tmp_path, as_recording_rules(dashboard_queries()))
-        result = promtool("check", "rules", str(rules))
-    except PrometheusMissingError as exc:
-        _skip_or_fail(exc)
-        return
+    rules = write_rules(tmp_path, as_recording_rules(dashboard_queries()))
+    result = promtool("check", "rules", str(rules))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_a_broken_query_is_caught(tmp_path: Path) -> None:
-    try:
-        rules = write_rules(tmp_path, as_recording_rules({"x": "sum(rate(x[5m])"}))
-        result = promtool("check", "rules", str(rules))
-    except PrometheusMissingError as exc:
-        _skip_or_fail(exc)
-        return
+    rules = write_rules(tmp_path, as_recording_rules({"x": "sum(rate(x[5m])"}))
+    result = promtool("check", "rules", str(rules))
     assert result.returncode != 0
 
 
@@ -75,11 +57,7 @@ def test_panel_ids_are_unique_and_every_panel_has_a_query_and_a_description() ->
 
 
 def test_dashboard_ships_as_a_config_map_for_the_grafana_sidecar() -> None:
-    try:
-        resources = render("overlays/prod")
-    except KustomizeMissingError as exc:
-        _skip_or_fail(exc)
-        return
+    resources = render_or_skip("overlays/prod")
     name = "popbridge-grafana-dashboard"
     maps = [r for r in resources if r["kind"] == "ConfigMap" and r["metadata"]["name"] == name]
     assert len(maps) == 1

@@ -10,7 +10,6 @@ from typing import Any
 
 import yaml
 
-from schemas import topics
 from services.router.app import create_app
 from services.runtime.settings import DeploymentSettings, load_config
 from tests.deploy.kube import K8S, REPO
@@ -37,8 +36,7 @@ def test_committed_topics_have_the_partitions_and_configs_of_schemas_topics() ->
     committed = {
         d["spec"]["topicName"]: (d["spec"]["partitions"], d["spec"].get("config", {})) for d in documents if d
     }
-    internal = generator().router_internal_topics()
-    expected = {spec.name: (spec.partitions, dict(spec.config)) for spec in (*topics.TOPICS, *internal)}
+    expected = {spec.name: (spec.partitions, dict(spec.config)) for spec in generator().declared_topics()}
     assert committed == expected
 
 

@@ -7,7 +7,6 @@ CI (env CI set), where they fail: a machine without kustomize must not turn the 
 from __future__ import annotations
 
 import copy
-import os
 import re
 import tomllib
 from collections.abc import Iterator
@@ -22,13 +21,12 @@ from services.runtime.stages import stage_named
 from tests.deploy.kube import (
     KUBERNETES_VERSIONS,
     Crd,
-    KustomizeMissingError,
     Resource,
     crd_errors,
     describe,
     is_core,
     load_crds,
-    render,
+    render_or_skip,
     validate_core,
 )
 from tests.deploy.test_gen_kafkatopics import generator
@@ -47,19 +45,10 @@ SECRET_WORD = re.compile(r"pass(word|wd)?|secret|token|credential|api[-_]?key|pr
 SETTINGS = DeploymentSettings()
 
 
-def _render_or_skip(kustomization: str) -> list[Resource]:
-    try:
-        return render(kustomization)
-    except KustomizeMissingError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
-
-
 @pytest.fixture(scope="module", params=OVERLAYS)
 def overlay(request: pytest.FixtureRequest) -> tuple[str, list[Resource]]:
     name = str(request.param)
-    return name, _render_or_skip(f"overlays/{name}")
+    return name, render_or_skip(f"overlays/{name}")
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +119,7 @@ def quantity(value: str | int) -> float:
 
 
 def test_base_renders_every_kind_it_promises() -> None:
-    kinds = {r["kind"] for r in _render_or_skip("base")}
+    kinds = {r["kind"] for r in render_or_skip("base")}
     assert kinds >= {
         "Deployment",
         "ConfigMap",
@@ -233,7 +222,7 @@ def test_every_container_has_bounded_resources(overlay: tuple[str, list[Resource
 
 
 def test_prod_is_bigger_than_dev() -> None:
-    dev, prod = _render_or_skip("overlays/dev"), _render_or_skip("overlays/prod")
+    dev, prod = render_or_skip("overlays/dev"), render_or_skip("overlays/prod")
     for stage in STAGES:
         dev_limits = container(deployment(dev, stage))["resources"]["limits"]
         prod_limits = container(deployment(prod, stage))["resources"]["limits"]
@@ -243,7 +232,7 @@ def test_prod_is_bigger_than_dev() -> None:
 
 
 def test_images_are_pinned_by_digest_in_prod() -> None:
-    for resource in of_kind(_render_or_skip("overlays/prod"), "Deployment"):
+    for resource in of_kind(render_or_skip("overlays/prod"), "Deployment"):
         image = container(resource)["image"]
         name, _, digest = image.partition("@")
         assert "/" in name, f"{describe(resource)}: {image} names no registry"
@@ -370,8 +359,7 @@ def topic_settings(resources: list[Resource]) -> dict[str, tuple[int, dict[str, 
 def test_kafka_topics_are_exactly_those_of_schemas_topics_and_the_router(
     overlay: tuple[str, list[Resource]],
 ) -> None:
-    router = generator().router_internal_topics()
-    expected = {spec.name: (spec.partitions, dict(spec.config)) for spec in (*topics.TOPICS, *router)}
+    expected = {spec.name: (spec.partitions, dict(spec.config)) for spec in generator().declared_topics()}
     assert topic_settings(overlay[1]) == expected
 
 
@@ -393,7 +381,7 @@ def acl_rights(user: Resource) -> dict[tuple[str, str, str], set[str]]:
 
 
 def test_kafka_users_may_do_what_their_stage_does_and_no_more() -> None:
-    resources = _render_or_skip("overlays/prod")
+    resources = render_or_skip("overlays/prod")
     rights = {stage: acl_rights(named(resources, "KafkaUser", f"popbridge-{stage}")) for stage in STAGES}
     names = {spec.name for spec in topics.TOPICS}
     for stage, granted in rights.items():
@@ -425,7 +413,7 @@ def test_kafka_users_may_do_what_their_stage_does_and_no_more() -> None:
 
 
 def test_prod_connects_with_tls_and_the_stage_scram_user() -> None:
-    resources = _render_or_skip("overlays/prod")
+    resources = render_or_skip("overlays/prod")
     for stage in (*STAGES, "ops"):
         env = environment(resources, stage)
         assert env["POPBRIDGE_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
@@ -439,7 +427,7 @@ def test_prod_connects_with_tls_and_the_stage_scram_user() -> None:
 
 
 def test_dev_connects_in_plaintext_without_credentials() -> None:
-    resources = _render_or_skip("overlays/dev")
+    resources = render_or_skip("overlays/dev")
     assert of_kind(resources, "KafkaUser") == []
     for stage in (*STAGES, "ops"):
         env = environment(resources, stage)
@@ -466,7 +454,7 @@ def test_replicas_never_exceed_the_input_partitions(overlay: tuple[str, list[Res
 
 
 def test_keda_scales_on_the_lag_of_every_topic_the_stage_consumes() -> None:
-    resources = _render_or_skip("overlays/prod")
+    resources = render_or_skip("overlays/prod")
     scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in of_kind(resources, "ScaledObject")}
     assert set(scaled) == {f"popbridge-{stage}" for stage in INPUT_TOPIC}
     for stage, topic in INPUT_TOPIC.items():
