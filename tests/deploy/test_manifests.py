@@ -534,3 +534,14 @@ def test_prometheus_scrapes_every_stage(overlay: tuple[str, list[Resource]]) -> 
     for stage in STAGES:
         labels = deployment(overlay[1], stage)["spec"]["template"]["metadata"]["labels"]
         assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_the_ops_user_writes_only_where_an_ops_command_writes() -> None:
+    resources = render_or_skip("overlays/prod")
+    rights = acl_rights(named(resources, "KafkaUser", "popbridge-ops"))
+    written = {(kind, name, pattern) for (kind, name, pattern), ops in rights.items() if "Write" in ops}
+    gen = generator()
+    expected = {("topic", name, "literal") for name in (*gen.OPS_WRITES, gen.shadow_spec(gen.SETTINGS).name)}
+    assert written == expected
+    assert {topics.FETCHED, topics.ROUTED, topics.RETRY_TOPICS[0]} <= {name for _, name, _ in written}
+    assert not any(ops & {"Create", "Delete", "Alter", "All"} for ops in rights.values())
