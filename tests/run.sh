@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs popbridge's test suite on a fresh Debian machine: installs what the tests need (Dovecot from
-# Debian, the project into .venv, the Kafka jars from Maven Central, kustomize from the Go proxy),
+# Debian, the project into .venv, the Kafka jars from Maven Central, kustomize from the Go proxy, promtool
+# and prometheus from Debian),
 # then lint, types and pytest. Arguments go to pytest (default: every test not marked slow).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +44,10 @@ step "fetching the Kafka broker jars (cached after the first run)"
 step "installing kustomize for the manifest tests (cached after the first run)"
 POPBRIDGE_KUSTOMIZE="$(bash deploy/tools/install_kustomize.sh)"
 export POPBRIDGE_KUSTOMIZE
+
+step "installing promtool and prometheus for the alert and dashboard tests (Debian package, service not started)"
+POPBRIDGE_PROMETHEUS_DIR="$(bash deploy/tools/install_prometheus.sh)"
+export POPBRIDGE_PROMETHEUS_DIR
 
 step "ruff"
 .venv/bin/ruff check schemas services tests bench deploy

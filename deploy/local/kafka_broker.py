@@ -2,7 +2,8 @@
 """Run a throw-away single-node Apache Kafka broker from Maven Central jars, with the stdlib only.
 
     kafka_broker.py start  --dir DIR [--port P] [--controller-port C] [--heap 1g] [--timeout 90]
-                           [--sasl-scram USER:PASSWORD [--tls-keystore PEM]]
+                           [--sasl-scram USER:PASSWORD [--tls-keystore PEM] [--scram-user USER:PASSWORD]...
+                            [--acls]]
     kafka_broker.py stop   --dir DIR
     kafka_broker.py status --dir DIR
     kafka_broker.py fetch
@@ -20,7 +21,10 @@ the users DIR was formatted with). With `--tls-keystore PEM` (a file holding the
 key and the certificate chain, e.g. for IP:127.0.0.1) a SASL_SSL listener with the same users is added too
 (address in DIR/bootstrap_sasl_ssl). Inter-broker and controller traffic stay on PLAINTEXT. stdout then
 lists `SASL_PLAINTEXT=host:port` (and `SASL_SSL=host:port`) before the last line, the PLAINTEXT address.
-This is for tests: the password is on the StorageTool command line.
+This is for tests: the password is on the StorageTool command line. `--scram-user` (repeatable) creates
+more SCRAM users at format time. `--acls` enforces ACLs (StandardAuthorizer, no ACL means denied) with the
+`--sasl-scram` user as the super user who creates them; the PLAINTEXT listeners (controller and
+inter-broker traffic, and the plain client listener) stay unrestricted, as super user ANONYMOUS.
 
 The jars live in $POPBRIDGE_KAFKA_LIBS or ~/.cache/popbridge/kafka-<version>/libs. mvn copies them there
 once; the marker file .popbridge-complete (the pom's sha256 and the jar names) then means "complete", and
@@ -55,13 +59,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeAlias
 
 Ports: TypeAlias = tuple[int | None, int | None]  # (client port, controller port); None: not chosen
 SCRAM_MECHANISM = "SCRAM-SHA-512"
 SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
 _SCRAM_PART = re.compile(r"[A-Za-z0-9._-]+")  # StorageTool's --add-scram syntax has no escapes
 HOST = "127.0.0.1"
 POM = Path(__file__).resolve().with_name("pom.xml")
@@ -193,7 +198,8 @@ def _first_error(output: str) -> str:
 
 
 def server_properties(data_dir: Path, port: int, controller_port: int,
-                      secure: dict[str, int] | None = None, keystore: Path | None = None) -> str:
+                      secure: dict[str, int] | None = None, keystore: Path | None = None, *,
+                      super_user: str | None = None) -> str:
     """`secure` maps extra listeners (SASL_PLAINTEXT, SASL_SSL) to their ports; SASL_SSL needs `keystore`."""
     secure = secure or {}
     client = [f"PLAINTEXT://{HOST}:{port}", *(f"{name}://{HOST}:{p}" for name, p in secure.items())]
@@ -238,6 +244,10 @@ def server_properties(data_dir: Path, port: int, controller_port: int,
             raise BrokerError("a SASL_SSL listener needs --tls-keystore")
         settings["listener.name.sasl_ssl.ssl.keystore.type"] = "PEM"
         settings["listener.name.sasl_ssl.ssl.keystore.location"] = str(keystore)
+    if super_user is not None:
+        settings["authorizer.class.name"] = AUTHORIZER
+        settings["super.users"] = f"User:{super_user};User:ANONYMOUS"
+        settings["allow.everyone.if.no.acl.found"] = "false"
     lines = [f"{key}={value}" for key, value in settings.items()]
     return "# Written by deploy/local/kafka_broker.py; rewritten on every start.\n" + "\n".join(lines) + "\n"
 
@@ -412,21 +422,24 @@ def cluster_id() -> str:
 
 
 def format_storage(java: str, libs: Path, properties: Path, data_dir: Path,
-                   scram: tuple[str, str] | None = None) -> None:
+                   scram: tuple[str, str] | None = None, *,
+                   more_users: Sequence[tuple[str, str]] = ()) -> None:
     """Format a new data dir; a restart keeps the one it has (and the cluster id in its meta.properties).
 
-    `scram` (user, password) creates that SCRAM-SHA-512 user in the new cluster's metadata."""
+    `scram` and `more_users` (user, password) become SCRAM-SHA-512 users in the new cluster's metadata."""
     if (data_dir / "meta.properties").is_file():
         return
-    extra = [] if scram is None else [
-        "--add-scram", f"{SCRAM_MECHANISM}=[name={scram[0]},password={scram[1]}]"]
+    users = ([] if scram is None else [scram]) + list(more_users)
+    extra = [argument for name, password in users
+             for argument in ("--add-scram", f"{SCRAM_MECHANISM}=[name={name},password={password}]")]
     command = java_command(java, libs, "256m", STORAGE_TOOL, "format", "--ignore-formatted",
                            "-t", cluster_id(), "-c", str(properties), *extra)
     result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
     if result.returncode != 0:
         output = result.stdout + result.stderr
-        raise BrokerError(f"{STORAGE_TOOL} format failed (exit {result.returncode})",
-                          details=output.replace(scram[1], "***") if scram else output)
+        for _, password in users:
+            output = output.replace(password, "***")
+        raise BrokerError(f"{STORAGE_TOOL} format failed (exit {result.returncode})", details=output)
 
 
 def launch(command: list[str], directory: Path) -> subprocess.Popen[bytes]:
@@ -482,13 +495,17 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 def start(directory: Path, ports: Ports, heap: str, timeout: float, *,
-          scram: tuple[str, str] | None = None, keystore: Path | None = None) -> str:
+          scram: tuple[str, str] | None = None, keystore: Path | None = None,
+          more_users: Sequence[tuple[str, str]] = (), acls: bool = False) -> str:
     """Start the broker of DIR (or find it running) and return its bootstrap address once it serves.
 
-    With `scram`, also SASL_PLAINTEXT (and with `keystore` SASL_SSL) listeners: see the module doc."""
+    With `scram`, also SASL_PLAINTEXT (and with `keystore` SASL_SSL) listeners, `more_users`, and with
+    `acls` enforced ACLs: see the module doc."""
     directory.mkdir(parents=True, exist_ok=True)
     if keystore is not None and scram is None:
         raise BrokerError("--tls-keystore needs --sasl-scram (the TLS listener is SASL_SSL)")
+    if (more_users or acls) and scram is None:
+        raise BrokerError("--scram-user and --acls need --sasl-scram (the super user)")
     if keystore is not None and not keystore.is_file():
         raise BrokerError(f"--tls-keystore {keystore}: no such file")
     if running_pid(directory) is not None:
@@ -500,8 +517,10 @@ def start(directory: Path, ports: Ports, heap: str, timeout: float, *,
     port, controller_port = pick_ports(ports, previous_ports(properties))
     names = [] if scram is None else ["SASL_PLAINTEXT"] + (["SASL_SSL"] if keystore is not None else [])
     secure = secure_ports(properties, names, [port, controller_port])
-    properties.write_text(server_properties(data_dir, port, controller_port, secure, keystore))
-    format_storage(java, libs, properties, data_dir, scram)
+    super_user = scram[0] if acls and scram is not None else None
+    properties.write_text(server_properties(data_dir, port, controller_port, secure, keystore,
+                                            super_user=super_user))
+    format_storage(java, libs, properties, data_dir, scram, more_users=more_users)
     process = launch(java_command(java, libs, heap, BROKER_MAIN, str(properties)), directory)
     (directory / "broker.pid").write_text(f"{process.pid}\n")
     bootstrap = f"{HOST}:{port}"
@@ -614,6 +633,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                               help="add a SASL_PLAINTEXT listener with this SCRAM-SHA-512 user")
     start_parser.add_argument("--tls-keystore", type=Path, metavar="PEM",
                               help="with --sasl-scram: add a SASL_SSL listener with this key + cert chain")
+    start_parser.add_argument("--scram-user", type=scram_credentials, metavar="USER:PASSWORD",
+                              action="append", default=[],
+                              help="with --sasl-scram: another SCRAM-SHA-512 user (repeatable)")
+    start_parser.add_argument("--acls", action="store_true",
+                              help="with --sasl-scram: enforce ACLs; the --sasl-scram user is the super user")
     stop_parser = commands.add_parser("stop", help="stop the broker of DIR")
     status_parser = commands.add_parser("status", help="exit 0 if the broker of DIR runs, 3 if not")
     for sub in (start_parser, stop_parser, status_parser):
@@ -633,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
             ports = (arguments.port, arguments.controller_port)
             keystore = arguments.tls_keystore.resolve() if arguments.tls_keystore else None
             bootstrap = start(directory, ports, arguments.heap, arguments.timeout,
-                              scram=arguments.sasl_scram, keystore=keystore)
+                              scram=arguments.sasl_scram, keystore=keystore,
+                              more_users=arguments.scram_user, acls=arguments.acls)
             for line in secure_addresses(directory):
                 print(line)
             print(bootstrap)

@@ -3,7 +3,11 @@
     python deploy/tools/gen_kafkatopics.py           # rewrite kafkatopics.yaml and kafkausers.yaml
     python deploy/tools/gen_kafkatopics.py --check   # exit 1 and show a diff when a file is stale
 
-Topics: one KafkaTopic per `schemas.topics.TOPICS` entry, same partitions, same configs.
+Topics: one KafkaTopic per `schemas.topics.TOPICS` entry, same partitions, same configs, and one per topic
+faust uses for the router (services.router.app.internal_topics: the repartition topic and the table's
+changelog; and faust's leader-election topic): with topic auto-creation off, as on a Strimzi-managed
+cluster, the router could not start without them. tests/deploy/test_gen_kafkatopics.py compares them with
+the topics a real faust app declares, so a rename in the router cannot drift from these manifests.
 Users: one SCRAM-SHA-512 KafkaUser per stage with the ACLs of `ACCESS` below, plus `popbridge-ops` for
 `popbridge lag` and `popbridge replay`. A topic appended to schemas.topics without an `ACCESS` entry is an
 error here: someone has to decide which stage reads and writes it.
@@ -22,13 +26,17 @@ from typing import Any
 import yaml
 
 from schemas import topics
+from services.router.app import internal_topics
+from services.router.shadow import shadow_spec
+from services.runtime.settings import DeploymentSettings
 
 BASE = Path(__file__).resolve().parents[1] / "k8s" / "base"
 TOPICS_FILE = BASE / "kafkatopics.yaml"
 USERS_FILE = BASE / "kafkausers.yaml"
 
 KAFKA_CLUSTER = "popbridge-kafka"  # the Strimzi Kafka resource the Topic and User Operators serve
-GROUP_PREFIX = "popbridge"  # DeploymentSettings.group_prefix, the default of POPBRIDGE_GROUP_PREFIX
+SETTINGS = DeploymentSettings()  # the manifests' deployment: no topic prefix, group prefix "popbridge"
+GROUP_PREFIX = SETTINGS.group_prefix
 STAGES = ("fetcher", "router", "deliverer")
 # faust names its repartition/changelog/leader topics after the app id, which is the router's group id.
 ROUTER_INTERNAL_TOPIC_PREFIX = f"{GROUP_PREFIX}-router"
@@ -65,6 +73,21 @@ class UnassignedTopicError(Exception):
     """A topic in schemas.topics has no ACCESS entry, so no stage would be allowed to use it."""
 
 
+def router_internal_topics() -> list[topics.TopicSpec]:
+    """The router app's own topics, and faust's leader topic (faust.assignor.LeaderAssignor declares
+    `<app id>-__assignor-__leader`, one partition, at start-up, unless the app disables it)."""
+    declared = internal_topics(SETTINGS)
+    leader = f"{SETTINGS.group('router')}-__assignor-__leader"
+    if leader not in {spec.name for spec in declared}:
+        declared.append(topics.TopicSpec(leader, 1, {}))
+    return declared
+
+
+def declared_topics() -> list[topics.TopicSpec]:
+    """Every KafkaTopic: the pipeline's, the router's own, and the shadow topic of `replay --shadow`."""
+    return [*topics.TOPICS, *router_internal_topics(), shadow_spec(SETTINGS)]
+
+
 def resource_name(topic: str) -> str:
     """A Kubernetes object name (RFC 1123 subdomain) for a Kafka topic name."""
     name = re.sub(r"[^a-z0-9.-]+", "-", topic.lower()).strip(".-")
@@ -76,7 +99,8 @@ def kafka_topic(spec: topics.TopicSpec) -> dict[str, Any]:
         "apiVersion": "kafka.strimzi.io/v1",
         "kind": "KafkaTopic",
         "metadata": {"name": resource_name(spec.name), "labels": {"strimzi.io/cluster": KAFKA_CLUSTER}},
-        "spec": {"topicName": spec.name, "partitions": spec.partitions, "config": dict(spec.config)},
+        "spec": {"topicName": spec.name, "partitions": spec.partitions, "config": dict(spec.config)}
+        if spec.config else {"topicName": spec.name, "partitions": spec.partitions},
     }
 
 
@@ -102,10 +126,18 @@ def stage_acls(stage: str) -> list[dict[str, Any]]:
     return acls
 
 
+# What the ops commands write: `replay STAGE --to --execute` copies a window to the stage's input topic
+# (router: fetched, deliverer: routed), `dlq retry` puts dead letters back into the first retry tier, and
+# `replay router --shadow` writes the shadow topic (declared below, so the command never creates it).
+OPS_WRITES = (topics.FETCHED, topics.ROUTED, topics.RETRY_TOPICS[0])
+
+
 def ops_acls() -> list[dict[str, Any]]:
-    """`popbridge lag` describes every group; `popbridge replay` moves a stopped group's offsets (Read)."""
+    """`popbridge lag`, `trace` and `dlq list` read and describe; `replay` moves a stopped group's offsets
+    (Read on the group) or copies a window; `dlq retry` and the shadow replay write (OPS_WRITES)."""
     return [
         _acl("topic", TOPIC_PREFIX, ("Describe", READ), pattern="prefix"),
+        *(_acl("topic", name, ("Describe", WRITE)) for name in (*OPS_WRITES, shadow_spec(SETTINGS).name)),
         _acl("group", f"{GROUP_PREFIX}-", ("Describe", READ), pattern="prefix"),
     ]
 
@@ -147,7 +179,7 @@ def generated_files() -> dict[Path, str]:
     users = [kafka_user(f"{GROUP_PREFIX}-{stage}", stage_acls(stage)) for stage in STAGES]
     users.append(kafka_user(f"{GROUP_PREFIX}-ops", ops_acls()))
     return {
-        TOPICS_FILE: render([kafka_topic(spec) for spec in topics.TOPICS]),
+        TOPICS_FILE: render([kafka_topic(spec) for spec in declared_topics()]),
         USERS_FILE: render(users),
     }
 

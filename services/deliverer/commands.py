@@ -12,6 +12,7 @@ here, afresh for every session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -37,6 +38,7 @@ from services.runtime.kafka import KafkaLog
 from services.runtime.log import Log, LogError, Outgoing
 from services.runtime.metrics import Metrics
 from services.runtime.oneshot import run_bounded, timeout_option
+from services.runtime.pipeline_gauges import pipeline_watch
 from services.runtime.secrets import read_secret, read_token
 from services.runtime.settings import DeploymentSettings, MailConfig, SmtpTarget, load_config
 from services.runtime.signals import stop_on_signals
@@ -130,7 +132,8 @@ async def _deliver(log: KafkaLog | EmbeddedLog, settings: DeploymentSettings, wi
     watch = None if until_idle else LagWatch.of(log, settings, "deliverer")
     port = None if until_idle else settings.http_port or None
     health = serve_health(port, tracker, metrics, watch=watch)
-    async with health, SmtpTransport(target, wiring.password, token=wiring.token) as transport:
+    gauges = contextlib.nullcontext() if until_idle else pipeline_watch(log, settings, metrics)
+    async with health, gauges, SmtpTransport(target, wiring.password, token=wiring.token) as transport:
         stage = Deliverer(log, settings, transport, policy=policy, metrics=metrics,
                           postmaster=wiring.postmaster, tracker=tracker)
         if not await broker_ready(log, stage.topics.all(), "deliverer", stop):

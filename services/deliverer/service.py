@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -252,6 +253,8 @@ class Deliverer:
         if not items:
             return
         await self._ledger.catch_up()
+        if self.metrics is not None:
+            self.metrics.skipped("deliverer", sum(job is None for _, job in items))
         jobs = [job for job in (self._claim(job) for _, job in items if job is not None) if job is not None]
         try:
             results = await asyncio.gather(*(self._attempt(job) for job in jobs))
@@ -327,9 +330,13 @@ class Deliverer:
             recipient=job.recipients[0] if len(job.recipients) == 1 else None, by=self.trace_by,
             line_ending=line_ending_of(routed.raw),
         )
+        started = time.perf_counter()
         with self._attempting():
             verdicts = await self.transport.deliver(mail_from(routed.envelope_sender), job.recipients,
                                                     with_trace(routed.raw, trace))
+        if self.metrics is not None:
+            outcomes = (verdict.outcome for verdict in verdicts.values())
+            self.metrics.smtp_transaction(time.perf_counter() - started, outcomes)
         result = followups(job, verdicts, now=self.clock.now(), policy=self.policy,
                            server=self.transport.server)
         for attempted in result.attempted:

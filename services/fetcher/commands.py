@@ -21,9 +21,11 @@ from services.fetcher.status import Timing
 from services.runtime.broker_wait import Backoff, broker_ready, sleep_or_stop, unwrapped
 from services.runtime.connect import kafka_log
 from services.runtime.health import ProgressTracker, serve_health
+from services.runtime.kafka import KafkaLog
 from services.runtime.log import Log, LogError
 from services.runtime.metrics import Metrics
 from services.runtime.outage import BROKER
+from services.runtime.pipeline_gauges import pipeline_watch
 from services.runtime.settings import ConfigError, DeploymentSettings, Mailbox, MailConfig, load_config
 from services.runtime.signals import stop_on_signals, until_stopped
 
@@ -152,7 +154,7 @@ async def poll_forever(
 
 
 async def serve_fetcher(
-    log_: Log, settings: DeploymentSettings, config: MailConfig, environ: dict[str, str]
+    log_: KafkaLog, settings: DeploymentSettings, config: MailConfig, environ: dict[str, str]
 ) -> None:
     """The long-running `popbridge fetcher`: poll forever, with /healthz, /readyz and /metrics.
 
@@ -164,7 +166,8 @@ async def serve_fetcher(
     stop = stop_on_signals()
     topics = [settings.topic(t) for t in (FETCHED, FETCH_STATE, FETCH_ASSIGNMENT)]
     backoff = Backoff()
-    async with serve_health(settings.http_port or None, tracker, metrics):
+    health = serve_health(settings.http_port or None, tracker, metrics)
+    async with health, pipeline_watch(log_, settings, metrics):
         while await broker_ready(log_, topics, "fetcher", stop):
             polling = run_fetcher(
                 log_, settings, config, environ, once=False, metrics=metrics, tracker=tracker, shared=True

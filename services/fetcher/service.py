@@ -235,9 +235,11 @@ class Fetcher:
                 log.error("mailbox %s: a bug in popbridge ended this pass", mailbox.id, exc_info=True)
             self._observe(mailbox, failure)
             if self.metrics is not None:
-                self.metrics.pop3_failures.labels(mailbox.id, failure.state).inc()
+                self.metrics.poll_failed(mailbox.id, failure.state)
             return progress.result(mailbox.id, failure)
         self._observe(mailbox, None)
+        if self.metrics is not None:
+            self.metrics.poll_succeeded(mailbox.id, self.clock())
         if self.tracker is not None:
             self.tracker.progressed()
         return progress.result(mailbox.id)
@@ -389,6 +391,9 @@ class Fetcher:
         )  # fmt: skip
 
     def _report_too_big(self, mailbox: Mailbox, too_big: list[Listed]) -> None:
+        if self.metrics is not None:
+            new = sum((mailbox.id, _name(m), "too-big") not in self._reported for m in too_big)
+            self.metrics.oversized(mailbox.id, len(too_big), new=new)
         for message in too_big:
             if message.size > mailbox.max_message_size:  # the others were reported when found
                 self._report(mailbox, message, "too-big", f"{message.size} bytes by LIST, over "

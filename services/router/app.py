@@ -141,7 +141,8 @@ def create_app(
         async for event in stream.events():
             resolved = _route_one(event.value, config, clock)
             if resolved is None:
-                pass
+                if metrics is not None:
+                    metrics.skipped("router")
             elif (key := dedupe_key(resolved)) is not None:
                 await by_message_id.send(key=key, value=codec.encode(resolved))
             else:

@@ -43,6 +43,7 @@ from services.router.dedupe import (
 )
 from services.router.stage import route_fetched, to_postmaster
 from services.runtime.log import Log, LogError, LogProducer, Outgoing, Record, next_offsets
+from services.runtime.metrics import Metrics
 from services.runtime.settings import DeploymentSettings, MailConfig
 
 log = logging.getLogger("popbridge.router")
@@ -162,6 +163,7 @@ class RouterLoop:
     batch_size: int = 64
     poll_seconds: float = 0.5
     counts: RouterCounts = field(default_factory=RouterCounts)
+    metrics: Metrics | None = None
 
     async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> RouterCounts:
         stop = stop or asyncio.Event()
@@ -191,6 +193,8 @@ class RouterLoop:
             routed = route_record(record, self.config, table, self.clock(), self.dedupe_window)
             if routed is None:
                 self.counts.skipped += 1
+                if self.metrics is not None:
+                    self.metrics.skipped("router")
                 continue
             self._count(routed)
             out += outgoing(routed, self.settings)
@@ -201,6 +205,8 @@ class RouterLoop:
         self.counts.routed += 1
         self.counts.suppressed += len(event.suppressed)
         self.counts.postmaster += routed.failed
+        if self.metrics is not None:
+            self.metrics.routed(event.reason)
         log.info(
             "routed fetch_id=%s reason=%s recipients=%d suppressed=%d rules=%s",
             event.fetch_id, event.reason, len(event.recipients), len(event.suppressed),

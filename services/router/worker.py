@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from services.runtime.connect import kafka_log
 from services.runtime.health import LagWatch, ProgressTracker, serve_health
 from services.runtime.idle import wait_until_idle
 from services.runtime.metrics import Metrics
+from services.runtime.pipeline_gauges import pipeline_watch
 from services.runtime.settings import ConfigError, DeploymentSettings, MailConfig, load_config
 from services.runtime.signals import stop_on_signals
 
@@ -31,7 +33,8 @@ async def run_router(settings: DeploymentSettings, config: MailConfig, *, until_
     # faust failure) shows as lag without progress, /healthz fails, and Kubernetes restarts the pod.
     watch = None if until_idle else LagWatch.of(kafka, settings, "router")
     port = None if until_idle else settings.http_port or None
-    async with serve_health(port, tracker, metrics, watch=watch):
+    gauges = contextlib.nullcontext() if until_idle else pipeline_watch(kafka, settings, metrics)
+    async with serve_health(port, tracker, metrics, watch=watch), gauges:
         await kafka.ensure_topics(internal_topics(settings))
         await app.start()
         tracker.mark_ready()

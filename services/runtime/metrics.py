@@ -4,7 +4,13 @@ Names follow Prometheus conventions (`_total` counters, `_seconds` and `_bytes` 
 personal data: no addresses, subjects or Message-IDs. `mailbox` is the operator-chosen mailbox id of the
 configuration (e.g. "sales-catchall"), not the POP3 user name or an address; `reason` is a routing reason
 (a fixed word or a configured header name, e.g. "delivered-to"); `command` a POP3 verb; `outcome` one of
-delivered/deferred/failed; `stage`, `topic` and `partition` name the pipeline's own parts.
+delivered/deferred/failed (an SMTP transaction whose recipients disagree is "mixed"); `state` a mailbox
+failure state of services.fetcher.status (e.g. "auth-failed"); `tier` a retry tier ("retry-1"); `stage`,
+`topic` and `partition` name the pipeline's own parts.
+
+Alerts and the Grafana dashboard (deploy/monitoring/) query these names; tests/deploy/test_alerts.py and
+tests/integration/test_prometheus.py keep them in step. services/runtime/pipeline_gauges.py
+sets the lag and dead-letter gauges of the whole pipeline from topic offsets, in every process.
 
     metrics = Metrics()
     metrics.fetched("sales-catchall", size=2345)
@@ -13,6 +19,9 @@ delivered/deferred/failed; `stage`, `topic` and `partition` name the pipeline's 
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -54,9 +63,6 @@ class Metrics:
             registry=r)
         self.dead_letters = Counter(
             "popbridge_dead_letters", "Recipient copies given up and sent to the dead letters.", registry=r)
-        self.pop3_failures = Counter(
-            "popbridge_pop3_failures", "Mailbox passes that failed, by mailbox and state (e.g. "
-            "limit-exceeded, unreachable).", ["mailbox", "state"], registry=r)
         self.messages_skipped = Counter(
             "popbridge_messages_skipped", "Messages left on the POP3 server for now, by reason (too-big, "
             "refused, unpublishable).", ["mailbox", "reason"], registry=r)
@@ -77,6 +83,33 @@ class Metrics:
             "deferred recipients).", registry=r)
         self.seconds_since_progress = Gauge(
             "popbridge_seconds_since_progress", "Seconds since the stage last made progress.", registry=r)
+        self._mailbox_metrics(r)
+        self.retry_depth = Gauge(
+            "popbridge_retry_depth", "Copies waiting in one retry tier (the lag of the tier's group).",
+            ["tier"], registry=r)
+        self.dead_letter_records = Gauge(
+            "popbridge_dead_letter_records", "Records kept in the dead-letter topic (end minus start "
+            "offsets, all partitions); only retention removes them.", registry=r)
+        self.records_skipped = Counter(
+            "popbridge_records_skipped", "Records a stage skipped because they were not a valid event.",
+            ["stage"], registry=r)
+
+    def _mailbox_metrics(self, r: CollectorRegistry) -> None:
+        self.poll_failures = Counter(
+            "popbridge_mailbox_poll_failures", "Failed POP3 polls of a mailbox, by the failure state.",
+            ["mailbox", "state"], registry=r)
+        self.mailbox_failing = Gauge(
+            "popbridge_mailbox_failing", "1 while the last poll of a mailbox failed, 0 after a success.",
+            ["mailbox"], registry=r)
+        self.last_successful_poll = Gauge(
+            "popbridge_mailbox_last_successful_poll_timestamp_seconds", "Unix time of the last poll of a "
+            "mailbox that succeeded.", ["mailbox"], registry=r)
+        self.oversized_messages = Gauge(
+            "popbridge_mailbox_oversized_messages", "Messages the last poll left on the server because they "
+            "exceed max_message_size.", ["mailbox"], registry=r)
+        self.oversized_seen = Counter(
+            "popbridge_oversized_messages", "Messages found over max_message_size (each counted once per "
+            "process).", ["mailbox"], registry=r)
 
     def fetched(self, mailbox_id: str, size: int) -> None:
         self.messages_fetched.labels(mailbox_id).inc()
@@ -87,6 +120,33 @@ class Metrics:
 
     def delivery(self, outcome: str) -> None:
         self.deliveries.labels(outcome).inc()
+
+    def poll_succeeded(self, mailbox_id: str, at: datetime) -> None:
+        """A pass over the mailbox ended without a failure at `at` (aware)."""
+        self.mailbox_failing.labels(mailbox_id).set(0)
+        self.last_successful_poll.labels(mailbox_id).set(at.timestamp())
+
+    def poll_failed(self, mailbox_id: str, state: str) -> None:
+        """A pass over the mailbox failed; `state` is its failure state (e.g. "unreachable")."""
+        self.mailbox_failing.labels(mailbox_id).set(1)
+        self.poll_failures.labels(mailbox_id, state).inc()
+
+    def oversized(self, mailbox_id: str, waiting: int, new: int = 0) -> None:
+        """`waiting` messages are too big to fetch (left on the server), `new` of them seen the first time."""
+        self.oversized_messages.labels(mailbox_id).set(waiting)
+        if new:
+            self.oversized_seen.labels(mailbox_id).inc(new)
+
+    def skipped(self, stage: str, count: int = 1) -> None:
+        """`count` records of the stage's input were not valid events and were skipped."""
+        if count:
+            self.records_skipped.labels(stage).inc(count)
+
+    def smtp_transaction(self, seconds: float, outcomes: Iterable[str]) -> None:
+        """One SMTP/LMTP transaction took `seconds`; its recipients' outcomes name the series."""
+        distinct = set(outcomes)
+        label = distinct.pop() if len(distinct) == 1 else "mixed"
+        self.smtp_transaction_seconds.labels(label).observe(seconds)
 
     def pop3_command(self, verb: str) -> Histogram:
         """The timer of one POP3 verb (`with metrics.pop3_command("RETR").time():`); unknown verbs pool."""
@@ -99,6 +159,8 @@ class Metrics:
             labels = (stage.stage, p.topic, str(p.partition))
             self.consumer_lag.labels(*labels).set(p.lag)
             self.oldest_unprocessed_seconds.labels(*labels).set(p.oldest_age or 0.0)
+        if stage.waits:  # a retry tier (services.runtime.stages): "deliverer-retry-2" is tier "retry-2"
+            self.retry_depth.labels(stage.stage.removeprefix("deliverer-")).set(stage.total)
 
     def render(self) -> bytes:
         """The exposition text of every metric (what /metrics serves)."""

@@ -39,10 +39,15 @@ from services.fetcher.service import PassResult
 from services.router.loop import RouterCounts, RouterLoop
 from services.runtime.connect import open_log
 from services.runtime.embedded import EmbeddedLog
+from services.runtime.health import HealthServer, LagWatch, ProgressTracker, serve_health
 from services.runtime.idle import is_idle
-from services.runtime.log import Log, LogError
+from services.runtime.kafka import KafkaLog
+from services.runtime.log import LogError
+from services.runtime.metrics import Metrics
+from services.runtime.pipeline_gauges import DEFAULT_INTERVAL, pipeline_watch
 from services.runtime.settings import DeploymentSettings, MailConfig, load_config
 from services.runtime.signals import STOP_SIGNALS, until_stopped
+from services.runtime.stages import stages_run_by
 
 log = logging.getLogger("popbridge.run")
 
@@ -87,20 +92,30 @@ class RunSummary:
 
 @dataclass
 class Pipeline:
-    """The three stages on one log. `poll_seconds` bounds how long an idle stage waits for records."""
+    """The three stages on one log. `poll_seconds` bounds how long an idle stage waits for records.
 
-    log: Log
+    Running until stopped, it serves /healthz, /readyz and /metrics on `health_port` (None: not served; 0:
+    any free port), with the lag of every stage, as the separate services do; `serving` is set once the
+    port is bound, and `health` then tells which."""
+
+    log: KafkaLog | EmbeddedLog
     settings: DeploymentSettings
     config: MailConfig
     environ: Mapping[str, str]
     poll_seconds: float = 0.5
     summary: RunSummary = field(default_factory=RunSummary)
+    metrics: Metrics = field(default_factory=Metrics)
+    health_port: int | None = None
+    health: HealthServer | None = None
+    serving: asyncio.Event = field(default_factory=asyncio.Event)
+    watch_interval: float = DEFAULT_INTERVAL  # seconds between two reads of every stage's lag
 
     async def run(self, *, until_idle: bool, stop: asyncio.Event) -> RunSummary:
         await self.log.ensure_topics(deployed_topics(self.settings))
         target = self.config.delivery
         policy = RetryPolicy(delays=target.retry_delays, max_age=timedelta(days=target.max_age_days))
-        router = RouterLoop(self.log, self.settings, self.config, poll_seconds=self.poll_seconds)
+        router = RouterLoop(self.log, self.settings, self.config, poll_seconds=self.poll_seconds,
+                            metrics=self.metrics)
         password, token = smtp_password(target, self.environ), smtp_token(target, self.environ)
         async with SmtpTransport(target, password, token=token) as transport:
             # A batch is as large as the sessions that send it in parallel: a copy the server accepted is
@@ -108,7 +123,7 @@ class Pipeline:
             # between the server's 250 and the ledger (RFC 1047's window), which a restart sends again.
             deliverer = Deliverer(
                 self.log, self.settings, transport, policy=policy, poll_seconds=self.poll_seconds,
-                batch_size=target.connections, postmaster=notice_address(self.config),
+                batch_size=target.connections, postmaster=notice_address(self.config), metrics=self.metrics,
             )
             if until_idle:
                 await self._until_idle(router, deliverer, stop)
@@ -153,8 +168,16 @@ class Pipeline:
             await asyncio.sleep(self.poll_seconds)
 
     async def _forever(self, router: RouterLoop, deliverer: Deliverer, stop: asyncio.Event) -> None:
+        tracker = ProgressTracker()
+        stages = (*stages_run_by(self.settings, "router"), *stages_run_by(self.settings, "deliverer"))
+        watch = LagWatch(self.log, stages, self.watch_interval)
+        health = serve_health(self.health_port, tracker, self.metrics, watch=watch)
+        gauges = pipeline_watch(self.log, self.settings, self.metrics, interval=self.watch_interval)
         try:
-            await self._stages(router, deliverer, stop)
+            async with health as self.health, gauges:
+                self.serving.set()
+                tracker.mark_ready()
+                await self._stages(router, deliverer, stop)
         except ExceptionGroup as group:  # one stage failed and the others were stopped: report the first
             for other in group.exceptions[1:]:
                 log.warning("another stage failed too: %r", other)
@@ -163,7 +186,8 @@ class Pipeline:
     async def _stages(self, router: RouterLoop, deliverer: Deliverer, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tasks:
             fetcher = tasks.create_task(
-                run_fetcher(self.log, self.settings, self.config, dict(self.environ), once=False)
+                run_fetcher(self.log, self.settings, self.config, dict(self.environ), once=False,
+                            metrics=self.metrics)
             )
             tasks.create_task(router.run(stop=stop))
             tasks.create_task(deliverer.run(stop=stop))
@@ -248,7 +272,7 @@ def run(obj: object, config_path: Path, until_idle: bool) -> None:
     settings: DeploymentSettings = obj.settings  # type: ignore[attr-defined]  # services.cli.Context
     environ: dict[str, str] = obj.environ  # type: ignore[attr-defined]
     config = load_config(config_path)
-    pipeline = Pipeline(open_log(settings), settings, config, environ)
+    pipeline = Pipeline(open_log(settings), settings, config, environ, health_port=settings.http_port or None)
     try:
         summary = asyncio.run(run_until_signal(pipeline, until_idle=until_idle))
     except (LogError, ExceptionGroup) as exc:

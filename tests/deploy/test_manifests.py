@@ -7,7 +7,6 @@ CI (env CI set), where they fail: a machine without kustomize must not turn the 
 from __future__ import annotations
 
 import copy
-import os
 import re
 import tomllib
 from collections.abc import Iterator
@@ -18,18 +17,19 @@ import pytest
 
 from schemas import topics
 from services.runtime.settings import DeploymentSettings, load_config
+from services.runtime.stages import stage_named
 from tests.deploy.kube import (
     KUBERNETES_VERSIONS,
     Crd,
-    KustomizeMissingError,
     Resource,
     crd_errors,
     describe,
     is_core,
     load_crds,
-    render,
+    render_or_skip,
     validate_core,
 )
+from tests.deploy.test_gen_kafkatopics import generator
 
 OVERLAYS = ("dev", "prod")
 STAGES = ("fetcher", "router", "deliverer")
@@ -38,26 +38,17 @@ INPUT_TOPIC = {"router": topics.FETCHED, "deliverer": topics.ROUTED}
 CONFIG_FILE = "/etc/popbridge/popbridge.toml"
 POP3_PORTS = {995, 110}
 SMTP_PORTS = {25, 587, 465, 24}
-KAFKA_PORTS = {9092, 9093}
+KAFKA_PORTS = {"dev": {9092}, "prod": {9093}}  # prod reaches the brokers over TLS only
 DNS_PORT = 53
 METRICS_PORT = 8080
 SECRET_WORD = re.compile(r"pass(word|wd)?|secret|token|credential|api[-_]?key|private[-_]?key", re.IGNORECASE)
 SETTINGS = DeploymentSettings()
 
 
-def _render_or_skip(kustomization: str) -> list[Resource]:
-    try:
-        return render(kustomization)
-    except KustomizeMissingError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
-
-
 @pytest.fixture(scope="module", params=OVERLAYS)
 def overlay(request: pytest.FixtureRequest) -> tuple[str, list[Resource]]:
     name = str(request.param)
-    return name, _render_or_skip(f"overlays/{name}")
+    return name, render_or_skip(f"overlays/{name}")
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +119,7 @@ def quantity(value: str | int) -> float:
 
 
 def test_base_renders_every_kind_it_promises() -> None:
-    kinds = {r["kind"] for r in _render_or_skip("base")}
+    kinds = {r["kind"] for r in render_or_skip("base")}
     assert kinds >= {
         "Deployment",
         "ConfigMap",
@@ -231,7 +222,7 @@ def test_every_container_has_bounded_resources(overlay: tuple[str, list[Resource
 
 
 def test_prod_is_bigger_than_dev() -> None:
-    dev, prod = _render_or_skip("overlays/dev"), _render_or_skip("overlays/prod")
+    dev, prod = render_or_skip("overlays/dev"), render_or_skip("overlays/prod")
     for stage in STAGES:
         dev_limits = container(deployment(dev, stage))["resources"]["limits"]
         prod_limits = container(deployment(prod, stage))["resources"]["limits"]
@@ -240,12 +231,48 @@ def test_prod_is_bigger_than_dev() -> None:
         assert deployment(prod, stage)["spec"]["replicas"] > deployment(dev, stage)["spec"]["replicas"]
 
 
-def test_images_are_pinned_in_prod() -> None:
-    for resource in of_kind(_render_or_skip("overlays/prod"), "Deployment"):
+def test_images_are_pinned_by_digest_in_prod() -> None:
+    for resource in of_kind(render_or_skip("overlays/prod"), "Deployment"):
         image = container(resource)["image"]
-        name, _, tag = image.rpartition(":")
+        name, _, digest = image.partition("@")
         assert "/" in name, f"{describe(resource)}: {image} names no registry"
-        assert tag not in {"", "latest"}, f"{describe(resource)}: {image} has no fixed tag"
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), f"{describe(resource)}: {image} is not pinned"
+
+
+PSS_LEVELS = ("enforce", "audit", "warn")
+RESTRICTED_VOLUMES = {"configMap", "secret", "emptyDir", "projected", "downwardAPI", "persistentVolumeClaim",
+                      "csi", "ephemeral"}
+
+
+def test_the_namespace_enforces_the_restricted_pod_security_standard(
+    overlay: tuple[str, list[Resource]],
+) -> None:
+    [namespace] = of_kind(overlay[1], "Namespace")
+    labels = namespace["metadata"]["labels"]
+    for level in PSS_LEVELS:
+        assert labels[f"pod-security.kubernetes.io/{level}"] == "restricted", level
+    namespaced = [r for r in overlay[1] if r["kind"] != "Namespace"]
+    assert {r["metadata"]["namespace"] for r in namespaced} == {namespace["metadata"]["name"]}
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard(overlay: tuple[str, list[Resource]]) -> None:
+    """The "restricted" profile's checks (kubernetes.io/docs/concepts/security/pod-security-standards)."""
+    for resource in of_kind(overlay[1], "Deployment"):
+        pod = resource["spec"]["template"]["spec"]
+        for host_namespace in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not pod.get(host_namespace), describe(resource)
+        for volume in pod.get("volumes", []):
+            assert set(volume) - {"name"} <= RESTRICTED_VOLUMES, f"{describe(resource)}: {volume}"
+        for box in pod["containers"] + pod.get("initContainers", []):
+            context = box["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, describe(resource)
+            assert context["capabilities"]["drop"] == ["ALL"], describe(resource)
+            assert not context["capabilities"].get("add"), describe(resource)
+            assert context.get("runAsNonRoot", pod["securityContext"].get("runAsNonRoot")) is True
+            assert context.get("runAsUser", pod["securityContext"].get("runAsUser")) != 0
+            seccomp = context.get("seccompProfile", pod["securityContext"].get("seccompProfile"))
+            assert seccomp["type"] in {"RuntimeDefault", "Localhost"}, describe(resource)
+            assert not any("hostPort" in port for port in box.get("ports", [])), describe(resource)
 
 
 # --- configuration and secrets ------------------------------------------------------------------------
@@ -329,8 +356,10 @@ def topic_settings(resources: list[Resource]) -> dict[str, tuple[int, dict[str, 
     return found
 
 
-def test_kafka_topics_are_exactly_those_of_schemas_topics(overlay: tuple[str, list[Resource]]) -> None:
-    expected = {spec.name: (spec.partitions, dict(spec.config)) for spec in topics.TOPICS}
+def test_kafka_topics_are_exactly_those_of_schemas_topics_and_the_router(
+    overlay: tuple[str, list[Resource]],
+) -> None:
+    expected = {spec.name: (spec.partitions, dict(spec.config)) for spec in generator().declared_topics()}
     assert topic_settings(overlay[1]) == expected
 
 
@@ -352,7 +381,7 @@ def acl_rights(user: Resource) -> dict[tuple[str, str, str], set[str]]:
 
 
 def test_kafka_users_may_do_what_their_stage_does_and_no_more() -> None:
-    resources = _render_or_skip("overlays/prod")
+    resources = render_or_skip("overlays/prod")
     rights = {stage: acl_rights(named(resources, "KafkaUser", f"popbridge-{stage}")) for stage in STAGES}
     names = {spec.name for spec in topics.TOPICS}
     for stage, granted in rights.items():
@@ -384,7 +413,7 @@ def test_kafka_users_may_do_what_their_stage_does_and_no_more() -> None:
 
 
 def test_prod_connects_with_tls_and_the_stage_scram_user() -> None:
-    resources = _render_or_skip("overlays/prod")
+    resources = render_or_skip("overlays/prod")
     for stage in (*STAGES, "ops"):
         env = environment(resources, stage)
         assert env["POPBRIDGE_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
@@ -398,7 +427,7 @@ def test_prod_connects_with_tls_and_the_stage_scram_user() -> None:
 
 
 def test_dev_connects_in_plaintext_without_credentials() -> None:
-    resources = _render_or_skip("overlays/dev")
+    resources = render_or_skip("overlays/dev")
     assert of_kind(resources, "KafkaUser") == []
     for stage in (*STAGES, "ops"):
         env = environment(resources, stage)
@@ -424,8 +453,8 @@ def test_replicas_never_exceed_the_input_partitions(overlay: tuple[str, list[Res
         assert 1 <= deployment(resources, stage)["spec"]["replicas"] <= topics.topic_spec(topic).partitions
 
 
-def test_keda_scales_on_the_lag_of_the_input_topic() -> None:
-    resources = _render_or_skip("overlays/prod")
+def test_keda_scales_on_the_lag_of_every_topic_the_stage_consumes() -> None:
+    resources = render_or_skip("overlays/prod")
     scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in of_kind(resources, "ScaledObject")}
     assert set(scaled) == {f"popbridge-{stage}" for stage in INPUT_TOPIC}
     for stage, topic in INPUT_TOPIC.items():
@@ -437,18 +466,22 @@ def test_keda_scales_on_the_lag_of_the_input_topic() -> None:
             <= spec["maxReplicaCount"]
             <= topics.topic_spec(topic).partitions
         )
-        [trigger] = spec["triggers"]
-        assert trigger["type"] == "kafka"
-        assert trigger["metadata"]["topic"] == topic
-        assert trigger["metadata"]["consumerGroup"] == SETTINGS.group(stage)
-        assert (
-            trigger["metadata"]["bootstrapServers"]
-            == environment(resources, stage)["POPBRIDGE_KAFKA_BOOTSTRAP"]
-        )
-        auth = named(resources, "TriggerAuthentication", trigger["authenticationRef"]["name"])["spec"]
-        assert {ref["name"] for ref in auth["secretTargetRef"] if ref["parameter"] == "password"} == {
-            f"popbridge-{stage}"
-        }
+        # Every topic the stage's group consumes (the lag watch's view, services.runtime.stages), so
+        # the router also scales on faust's repartition topic.
+        consumed = stage_named(SETTINGS, stage).topics
+        assert consumed[0] == topic
+        assert [t["metadata"]["topic"] for t in spec["triggers"]] == list(consumed)
+        for trigger in spec["triggers"]:
+            assert trigger["type"] == "kafka"
+            assert trigger["metadata"]["consumerGroup"] == SETTINGS.group(stage)
+            assert (
+                trigger["metadata"]["bootstrapServers"]
+                == environment(resources, stage)["POPBRIDGE_KAFKA_BOOTSTRAP"]
+            )
+            auth = named(resources, "TriggerAuthentication", trigger["authenticationRef"]["name"])["spec"]
+            assert {ref["name"] for ref in auth["secretTargetRef"] if ref["parameter"] == "password"} == {
+                f"popbridge-{stage}"
+            }
 
 
 def test_every_stage_has_a_disruption_budget(overlay: tuple[str, list[Resource]]) -> None:
@@ -480,7 +513,7 @@ def test_network_policy_confines_each_stage(overlay: tuple[str, list[Resource]],
     labels = deployment(overlay[1], stage)["spec"]["template"]["metadata"]["labels"]
     policies = [p for p in of_kind(overlay[1], "NetworkPolicy") if selects(p, labels)]
     assert any(set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"} for p in policies)
-    expected = {DNS_PORT} | KAFKA_PORTS
+    expected = {DNS_PORT} | KAFKA_PORTS[overlay[0]]
     expected |= POP3_PORTS if stage == "fetcher" else set()
     expected |= SMTP_PORTS if stage == "deliverer" else set()
     assert egress_ports(policies) == expected
@@ -501,3 +534,14 @@ def test_prometheus_scrapes_every_stage(overlay: tuple[str, list[Resource]]) -> 
     for stage in STAGES:
         labels = deployment(overlay[1], stage)["spec"]["template"]["metadata"]["labels"]
         assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_the_ops_user_writes_only_where_an_ops_command_writes() -> None:
+    resources = render_or_skip("overlays/prod")
+    rights = acl_rights(named(resources, "KafkaUser", "popbridge-ops"))
+    written = {(kind, name, pattern) for (kind, name, pattern), ops in rights.items() if "Write" in ops}
+    gen = generator()
+    expected = {("topic", name, "literal") for name in (*gen.OPS_WRITES, gen.shadow_spec(gen.SETTINGS).name)}
+    assert written == expected
+    assert {topics.FETCHED, topics.ROUTED, topics.RETRY_TOPICS[0]} <= {name for _, name, _ in written}
+    assert not any(ops & {"Create", "Delete", "Alter", "All"} for ops in rights.values())

@@ -135,7 +135,8 @@ async def test_an_endless_listing_ends_that_session_and_deletes_nothing(tmp_path
     assert result.state == "limit-exceeded"
     assert "larger than" in (result.error or "")
     assert len(server.messages) == 1
-    assert b'popbridge_pop3_failures_total{mailbox="box",state="limit-exceeded"} 1.0' in metrics.render()
+    failures = b'popbridge_mailbox_poll_failures_total{mailbox="box",state="limit-exceeded"} 1.0'
+    assert failures in metrics.render()
 
 
 async def test_a_trickling_reply_fails_at_the_command_deadline_though_bytes_keep_coming(
