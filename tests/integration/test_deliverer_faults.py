@@ -33,6 +33,7 @@ pytestmark = pytest.mark.integration
 
 COORDINATOR = "aiokafka.consumer.group_coordinator"
 MAILBOX = (
+    '[routing]\nlocal_domains = ["example.com"]\n\n'
     '[[mailboxes]]\nid = "alice"\nhost = "127.0.0.1"\nusername = "alice"\npassword_env = "POP_PW"\n'
     'recipients = ["alice@example.com"]\n'
 )

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.integration
 # A mailbox on a port nobody listens on: its passes fail (unreachable), which the fetcher lives with.
 CONFIG = (
     '[delivery]\nhost = "127.0.0.1"\nport = 25\ntls = "none"\n\n'
+    '[routing]\nlocal_domains = ["example.com"]\n\n'
     '[[mailboxes]]\nid = "alice"\nhost = "127.0.0.1"\nport = 9\ntls = "none"\nusername = "alice"\n'
     'password_env = "POP_PW"\nrecipients = ["alice@example.com"]\n'
 )
