@@ -14,8 +14,9 @@ event harmless. Kafka transactions (faust's exactly_once) are not used: see the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,6 +26,7 @@ from schemas import codec
 from schemas.events import MailFetched, RecipientsResolved
 from schemas.topics import FETCHED, MAX_MESSAGE_BYTES, ROUTED, TopicSpec, topic_spec
 from services.router.dedupe import DEFAULT_WINDOW, apply_dedupe, decode_seen, dedupe_key, encode_seen
+from services.router.faust_patches import RouterApp
 from services.router.stage import route_fetched, to_postmaster
 from services.runtime.kafka_security import KafkaSecurity, kafka_security
 from services.runtime.metrics import Metrics
@@ -33,6 +35,10 @@ from services.runtime.settings import DeploymentSettings, MailConfig
 log = logging.getLogger("popbridge.router")
 
 Clock = Callable[[], datetime]
+Sleep = Callable[[float], Awaitable[None]]
+SEND_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)  # seconds between tries of a send that failed
+_LOGGED_FAILURES = frozenset({0, 1})  # then one line every _LOG_EVERY_NTH_FAILURE: about one a minute
+_LOG_EVERY_NTH_FAILURE = 6
 _FETCH_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
 
 
@@ -95,6 +101,7 @@ def create_app(
     dedupe_window: timedelta = DEFAULT_WINDOW,
     metrics: Metrics | None = None,
     security: KafkaSecurity | None = None,
+    sleep: Sleep = asyncio.sleep,
 ) -> faust.App:
     """A fresh router app (one per process, one per test) with its agents and table registered.
 
@@ -104,7 +111,7 @@ def create_app(
     if security is None:
         security = kafka_security(settings)
     partitions = topic_spec(FETCHED).partitions
-    app = faust.App(
+    app = RouterApp(
         settings.group("router"),
         broker=faust_broker_url(settings.kafka_bootstrap),
         broker_credentials=faust_credentials(security),
@@ -143,9 +150,9 @@ def create_app(
             if resolved is None:
                 pass
             elif (key := dedupe_key(resolved)) is not None:
-                await by_message_id.send(key=key, value=codec.encode(resolved))
+                await send_durably(by_message_id, key, codec.encode(resolved), sleep=sleep)
             else:
-                await _publish(routed, resolved, metrics)
+                await _publish(routed, resolved, metrics, sleep)
             yield None
 
     @app.agent(by_message_id, name="popbridge.router.dedupe")
@@ -156,7 +163,7 @@ def create_app(
                 resolved, decode_seen(seen.get(event.key)), clock(), dedupe_window
             )
             seen[event.key] = encode_seen(remembered)
-            await _publish(routed, emitted, metrics)
+            await _publish(routed, emitted, metrics, sleep)
             yield None
 
     return app
@@ -176,8 +183,33 @@ def _route_one(value: bytes, config: MailConfig, clock: Clock) -> RecipientsReso
         return to_postmaster(fetched, config, clock(), f"{type(exc).__name__}: {exc}")
 
 
-async def _publish(routed: Any, resolved: RecipientsResolved, metrics: Metrics | None) -> None:
-    await routed.send(key=resolved.fetch_id.encode(), value=codec.encode(resolved))
+async def send_durably(topic: Any, key: bytes, value: bytes, *, sleep: Sleep = asyncio.sleep) -> None:
+    """Send one record and return once the broker acknowledged it (acks=all), trying again with backoff
+    while it fails: the event being handled is acked only after this returns, so its offset is never
+    committed past an output that is not durable. faust's `Topic.send` only queues the record and hands
+    back the delivery future; a failure there would otherwise surface after the event was acked."""
+    failures = 0
+    while True:
+        try:
+            delivery = await topic.send(key=key, value=value)
+            await delivery
+        except Exception as exc:  # any failure: the record is not durable, so the event is not done
+            delay = SEND_RETRY_DELAYS[min(failures, len(SEND_RETRY_DELAYS) - 1)]
+            if failures in _LOGGED_FAILURES or failures % _LOG_EVERY_NTH_FAILURE == 0:
+                log.warning(
+                    "sending to %s failed (%d times): %s: %s; trying again in %.1f s",
+                    topic.get_topic_name(), failures + 1, type(exc).__name__, exc, delay,
+                )
+            failures += 1
+            await sleep(delay)
+        else:
+            if failures:
+                log.info("sent to %s after %d failed tries", topic.get_topic_name(), failures)
+            return
+
+
+async def _publish(routed: Any, resolved: RecipientsResolved, metrics: Metrics | None, sleep: Sleep) -> None:
+    await send_durably(routed, resolved.fetch_id.encode(), codec.encode(resolved), sleep=sleep)
     if metrics is not None:
         metrics.routed(resolved.reason)
     log.info(
