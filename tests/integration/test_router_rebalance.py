@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +14,14 @@ import faust
 import pytest
 
 from schemas import codec
-from schemas.events import MailFetched, RecipientsResolved, fetch_id_for
+from schemas.events import MailFetched, RecipientsResolved
 from schemas.topics import FETCHED, ROUTED, TOPICS, TopicSpec
 from services.router.app import create_app, internal_topics, repartition_topic
 from services.runtime.idle import wait_until_idle
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import Outgoing
 from services.runtime.settings import DeploymentSettings, MailConfig, load_config
-from tests.integration.test_router_dedupe import CONFIG
+from tests.integration.test_router_dedupe import CONFIG, fetched
 
 pytestmark = pytest.mark.integration
 
@@ -37,17 +36,7 @@ def mail(number: int, *, message_id: bool) -> MailFetched:
         f"\tFri, 27 Nov 2026 08:00:00 +0000\r\n{mid}From: someone@outside.example\r\n"
         f"To: alice@example.com\r\nSubject: {number}\r\n\r\nbody {number}\r\n"
     ).encode()
-    uidl = f"u{number}"
-    return MailFetched(
-        fetch_id=fetch_id_for("catchall", uidl),
-        mailbox_id="catchall",
-        pop3_host="pop.isp.example.net",
-        uidl=uidl,
-        size=len(raw),
-        sha256="",
-        fetched_at=datetime.now(UTC),
-        raw=raw,
-    )
+    return fetched(f"u{number}", raw)
 
 
 class Pipeline:
@@ -70,7 +59,7 @@ class Pipeline:
         ]
         await self.log.ensure_topics([*specs, *internal_topics(self.settings)])
 
-    async def fetched(self, events: list[MailFetched]) -> None:
+    async def send_fetched(self, events: list[MailFetched]) -> None:
         async with self.log.producer() as producer:
             await producer.send_all(
                 [Outgoing(self.settings.topic(FETCHED), codec.encode(e), e.fetch_id.encode()) for e in events]
@@ -158,7 +147,7 @@ async def route_until_idle(pipeline: Pipeline, events: list[MailFetched]) -> Non
     app = pipeline.app()
     await app.start()
     try:
-        await pipeline.fetched(events)
+        await pipeline.send_fetched(events)
         await pipeline.idle()
     finally:
         await app.stop()
@@ -172,7 +161,7 @@ async def restart_with_the_seek_window_open(
     `waiting` sits on the input, hold the window open, and send `arriving`. The uidls not routed."""
     earlier = [mail(n, message_id=True) for n in range(1000, 1030)]
     await route_until_idle(pipeline, earlier)
-    await pipeline.fetched(waiting)
+    await pipeline.send_fetched(waiting)
     app = pipeline.app()
     window = SeekWindow(app, pipeline.settings.topic(FETCHED), len(waiting))
     await app.start()
@@ -181,7 +170,7 @@ async def restart_with_the_seek_window_open(
         assert window.opened.is_set()  # the window really was open
         await asyncio.sleep(0)  # the recovery goes on to resume the flow
         window.sending.set()
-        await pipeline.fetched(arriving)
+        await pipeline.send_fetched(arriving)
         await pipeline.idle()
     finally:
         await app.stop()
@@ -214,12 +203,12 @@ async def test_a_second_router_joining_mid_stream_loses_nothing(pipeline: Pipeli
     await first.start()
     apps = [first]
     try:
-        await pipeline.fetched(events[:100])
+        await pipeline.send_fetched(events[:100])
         second = pipeline.app()
         # The second joins while the first routes (and the repartitioned copies wait for dedupe).
-        await asyncio.gather(second.start(), pipeline.fetched(events[100:200]))
+        await asyncio.gather(second.start(), pipeline.send_fetched(events[100:200]))
         apps.append(second)
-        await pipeline.fetched(events[200:])
+        await pipeline.send_fetched(events[200:])
         await pipeline.idle()
     finally:
         for app in apps:
