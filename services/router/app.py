@@ -39,6 +39,7 @@ Sleep = Callable[[float], Awaitable[None]]
 SEND_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)  # seconds between tries of a send that failed
 _LOGGED_FAILURES = frozenset({0, 1})  # then one line every _LOG_EVERY_NTH_FAILURE: about one a minute
 _LOG_EVERY_NTH_FAILURE = 6
+SESSION_TIMEOUT = 10.0  # seconds
 _FETCH_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
 
 
@@ -102,10 +103,12 @@ def create_app(
     metrics: Metrics | None = None,
     security: KafkaSecurity | None = None,
     sleep: Sleep = asyncio.sleep,
+    progress: Callable[[], None] = lambda: None,
 ) -> faust.App:
     """A fresh router app (one per process, one per test) with its agents and table registered.
 
-    `security` defaults to the one the settings describe (which reads the SASL password file)."""
+    `security` defaults to the one the settings describe (which reads the SASL password file);
+    `progress` is called after each record an agent handled (the liveness probe's progress)."""
     if not settings.kafka_bootstrap:
         raise ValueError("the faust router needs Kafka bootstrap servers")
     if security is None:
@@ -128,6 +131,10 @@ def create_app(
         broker_commit_every=100,
         broker_commit_interval=1.0,
         topic_partitions=partitions,
+        # A killed replica's partitions wait for its session to expire before they move: faust's 60 s
+        # default held mail that long after a SIGKILL. 10 s is the Kafka clients' classic default.
+        broker_session_timeout=SESSION_TIMEOUT,
+        broker_heartbeat_interval=3.0,
         # Standby copies would prune keys their owner is writing; the changelog is the durable copy.
         table_standby_replicas=0,
     )
@@ -153,6 +160,7 @@ def create_app(
                 await send_durably(by_message_id, key, codec.encode(resolved), sleep=sleep)
             else:
                 await _publish(routed, resolved, metrics, sleep)
+            progress()
             yield None
 
     @app.agent(by_message_id, name="popbridge.router.dedupe")
@@ -164,6 +172,7 @@ def create_app(
             )
             seen[event.key] = encode_seen(remembered)
             await _publish(routed, emitted, metrics, sleep)
+            progress()
             yield None
 
     return app
