@@ -31,6 +31,12 @@ from services.router.stage import route_fetched, to_postmaster
 from services.runtime.kafka_security import KafkaSecurity, kafka_security
 from services.runtime.metrics import Metrics
 from services.runtime.settings import DeploymentSettings, MailConfig
+from services.runtime.stages import (
+    ROUTER_REPARTITION_CONFIG,
+    ROUTER_SEEN_TABLE,
+    router_internal_topics,
+    router_repartition_topic,
+)
 
 log = logging.getLogger("popbridge.router")
 
@@ -71,27 +77,15 @@ def faust_credentials(security: KafkaSecurity) -> faust.types.auth.CredentialsT 
 
 
 def repartition_topic(settings: DeploymentSettings) -> str:
-    return f"{settings.group('router')}-by-message-id"
+    return router_repartition_topic(settings)
 
 
-SEEN_TABLE = "seen-copies"
-_REPARTITION_CONFIG = {
-    "cleanup.policy": "delete",
-    "max.message.bytes": str(MAX_MESSAGE_BYTES),
-    "retention.ms": str(7 * 24 * 3600 * 1000),
-}
+SEEN_TABLE = ROUTER_SEEN_TABLE
 
 
 def internal_topics(settings: DeploymentSettings) -> list[TopicSpec]:
-    """The router's own topics (the repartition topic and the table's changelog), to create before the app
-    starts: faust's assignor skips a topic that does not exist yet at the first rebalance, and the agent
-    reading it then never gets a partition (a silent stall, seen in CI)."""
-    partitions = topic_spec(FETCHED).partitions
-    changelog = f"{settings.group('router')}-{SEEN_TABLE}-changelog"
-    return [
-        TopicSpec(repartition_topic(settings), partitions, dict(_REPARTITION_CONFIG)),
-        TopicSpec(changelog, partitions, {"cleanup.policy": "compact"}),
-    ]
+    """The router's own topics, created before the app starts (services.runtime.stages says why)."""
+    return router_internal_topics(settings)
 
 
 def create_app(
@@ -146,7 +140,7 @@ def create_app(
         value_type=bytes,
         internal=True,
         partitions=partitions,
-        config=dict(_REPARTITION_CONFIG),
+        config=dict(ROUTER_REPARTITION_CONFIG),
     )
     seen = app.Table(SEEN_TABLE, key_type=bytes, value_type=bytes, partitions=partitions)
 
