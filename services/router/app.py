@@ -7,9 +7,25 @@ Copies of one message land on different partitions of the fetched topic (their f
 repartitioning by Message-ID makes them meet in one dedupe agent, whose table (a compacted changelog
 topic in Kafka) survives restarts and moves with its partitions.
 
-Bytes at the boundary: agents decode and encode with msgspec. Processing is at-least-once: faust
-flushes the producer before it commits an offset, and the deliverer's ledger makes a repeated routed
-event harmless. Kafka transactions (faust's exactly_once) are not used: see the README.
+Bytes at the boundary: agents decode and encode with msgspec.
+
+Processing is at-least-once, and the rule is: an offset of fetched or by-message-id is committed only
+after every output of that record is acknowledged by the broker (acks=all). Two halves make it hold:
+
+- In our agent code: each output is sent with `send_durably`, which awaits the delivery future faust's
+  `Topic.send` returns (that call only queues the record) and tries again with backoff while it fails.
+  faust acks an event when its agent moves on to the next, so an acked event's outputs are durable; a
+  send that fails is retried, never moved past. (faust's own flush before a commit, PR #273, does not
+  cover a send that fails in the background after its event was acked.)
+- In faust itself: 0.15.3 committed past records no agent processed, in rebalances (1-2 lost mails per
+  replica join in the issue-13 runs, up to 14 after router kills) and stalled partitions for good
+  (`min(acked) - committed > 1`). `RouterApp` (services.router.faust_patches) is faust.App with a
+  subclassed Consumer and flow control that fix the four causes found; that module says which, with
+  the evidence, and why subclasses rather than a fork (the pinned release stays as released; each
+  override is tested against faust's own behaviour, so an upgrade shows which can go).
+
+The deliverer's ledger makes a repeated routed event harmless; a missing one would be a loss, so every
+doubt resolves to reading again. Kafka transactions (faust's exactly_once) are not used: see the README.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 
-from schemas.topics import FETCHED
+from schemas.topics import FETCHED, ROUTED
 from services.router.app import create_app, internal_topics, repartition_topic
 from services.runtime.connect import kafka_log
 from services.runtime.health import LagWatch, ProgressTracker, serve_health
@@ -61,6 +61,10 @@ PERMANENT_KAFKA_ERRORS = (
     UnsupportedSaslMechanismError,
 )
 _REASON_CHARS = 300
+
+class MissingTopicError(LogError):
+    """A topic the router needs is not there (yet): retried, as an operator may be creating it."""
+
 
 class RouterCannotRun(click.ClickException):
     """Kafka refuses the router for good (a login, an authorization): one line, exit code 1."""
@@ -119,6 +123,7 @@ class Supervisor:
             # faust's assignor skips a topic missing at the first rebalance and its agent then never gets
             # a partition: the internal topics exist before any app starts (also `popbridge topics create`).
             await self.kafka.ensure_topics(internal_topics(self.settings))
+            await self._check_topics()
             app = create_app(
                 self.settings, self.config, metrics=self.metrics, security=self.kafka.security,
                 progress=self.tracker.progressed,
@@ -132,6 +137,13 @@ class Supervisor:
             self.tracker.mark_ready(False)
             if app is not None:
                 await _stop_quietly(app)
+
+    async def _check_topics(self) -> None:
+        """Every topic the app reads or writes is visible with its partitions before the app starts."""
+        names = [self.settings.topic(FETCHED), self.settings.topic(ROUTED)]
+        for name in [*names, *(spec.name for spec in internal_topics(self.settings))]:
+            if not await self.kafka.partitions(name):
+                raise MissingTopicError(f"topic {name} does not exist (`popbridge topics create` makes it)")
 
     async def _until_done(self, app: faust.App) -> BaseException | None:
         waits = {asyncio.ensure_future(self.stop.wait()), asyncio.ensure_future(app.wait_until_stopped())}

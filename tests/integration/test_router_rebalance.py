@@ -50,14 +50,14 @@ class Pipeline:
         config_path.write_text(CONFIG)
         self.config: MailConfig = load_config(config_path)
 
-    async def create_topics(self, fetched_partitions: int | None = None) -> None:
+    async def create_topics(self, fetched_partitions: int | None = None, *, internal: bool = True) -> None:
         specs = [
             TopicSpec(self.settings.topic(s.name), fetched_partitions or s.partitions, s.config)
             if s.name == FETCHED
             else TopicSpec(self.settings.topic(s.name), s.partitions, s.config)
             for s in TOPICS
         ]
-        await self.log.ensure_topics([*specs, *internal_topics(self.settings)])
+        await self.log.ensure_topics([*specs, *(internal_topics(self.settings) if internal else [])])
 
     async def send_fetched(self, events: list[MailFetched]) -> None:
         async with self.log.producer() as producer:

@@ -186,3 +186,23 @@ async def test_after_its_app_crashed_the_router_starts_a_fresh_one(
     assert down.startswith("router down (CommitFailedError: ")
     assert down.endswith("); starting again in 1 s")
     assert "\n" not in down
+
+
+async def test_two_routers_cold_started_at_once_route_everything(
+    kafka_bootstrap: str, kafka_topic_prefix: str, tmp_path: Path
+) -> None:
+    pipeline = Pipeline(kafka_bootstrap, kafka_topic_prefix, tmp_path / "popbridge.toml")
+    await pipeline.create_topics(internal=False)  # as after `topics create` of an older popbridge
+    events = [mail(n, message_id=n % 3 != 0) for n in range(60)]
+    await pipeline.send_fetched(events)
+    tracker = ProgressTracker()
+
+    await asyncio.wait_for(
+        asyncio.gather(
+            supervisor(pipeline, pipeline.settings, tracker).run(),
+            supervisor(pipeline, pipeline.settings, tracker).run(),
+        ),
+        180,
+    )
+
+    assert {e.fetch_id for e in events} <= await pipeline.routed_fetch_ids()
