@@ -89,16 +89,18 @@ class SafeConsumer(AIOKafkaConsumer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._start_offset: dict[TP, int] = {}  # where reading began, for partitions with no commit
+        self._start_offset: dict[TP, int] = {}  # where reading began after the last seek to the commits
         self._healing: dict[TP, tuple[int, float]] = {}  # partition -> (offset sought back to, when)
         self._seeks: set[asyncio.Future[None]] = set()
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         committed: Mapping[TP, int] = await super().seek_to_committed()
-        fresh = [tp for tp, offset in committed.items() if offset is None or offset < 0]
-        earliest = await self.earliest_offsets(*fresh) if fresh else {}
+        # Reading starts at the committed offset, or at the log's start when there is none or retention
+        # deleted it (Kafka then resets to the earliest): below that start there is nothing to wait for.
+        earliest = await self.earliest_offsets(*committed) if committed else {}
         for tp, offset in committed.items():
-            self._start_offset[tp] = offset if tp not in fresh else earliest.get(tp, 0)
+            known = offset if offset is not None and offset >= 0 else 0
+            self._start_offset[tp] = max(known, earliest.get(tp, 0))
             self._healing.pop(tp, None)
         return committed
 
@@ -129,8 +131,7 @@ class SafeConsumer(AIOKafkaConsumer):
     async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
         # faust would count offset_from..offset_to as processed (cause 3): the hole is left to be filled
         # (by _heal_hole when nothing in flight explains it). Offsets already committed are no hole.
-        committed = self._committed_offset[tp]
-        first = max(offset_from, committed if committed is not None else self._start_offset.get(tp, 0))
+        first = max(offset_from, self._committed_offset[tp] or 0, self._start_offset.get(tp, 0))
         if first < offset_to:
             log.warning(
                 "faust skipped records %s/%d offsets %d..%d; the commit waits for them",
@@ -139,10 +140,10 @@ class SafeConsumer(AIOKafkaConsumer):
 
     def _new_offset(self, tp: TP) -> int | None:
         acked: list[int] = self._acked[tp]
+        if not acked or tp not in self._start_offset:
+            return None  # nothing done, or not sought yet: no offset to count from
         committed = self._committed_offset[tp]  # faust keeps None for "nothing committed" and for 0
-        start = committed if committed is not None else self._start_offset.get(tp)
-        if not acked or start is None:
-            return None
+        start = max(committed or 0, self._start_offset[tp])
         acked.sort()
         end, used = contiguous_end(start, acked)
         self._acked_index[tp].difference_update(acked[:used])
