@@ -51,7 +51,6 @@ HEALTHY_RUN = 60.0  # seconds an app must have run for its crash to count as a f
 # Liveness: records wait and nothing was routed for this long. A rebalance with a table to restore takes
 # seconds; a killed replica's partitions move after the 10 s session timeout (services.router.app).
 STALL_AFTER = 60.0
-LAG_POLL = 20.0  # seconds between lag polls of the liveness watch (each logs a line while Kafka is away)
 PERMANENT_KAFKA_ERRORS = (
     ClusterAuthorizationFailedError,
     GroupAuthorizationFailedError,
@@ -182,9 +181,7 @@ async def run_router(settings: DeploymentSettings, config: MailConfig, *, until_
     metrics, tracker = Metrics(), ProgressTracker(stall_after=STALL_AFTER)
     # Progress is this replica's routing (the agents call tracker.progressed): the group's commits would
     # let a healthy replica hide a stalled one. Lag without routing for STALL_AFTER fails /healthz.
-    watch = None if until_idle else LagWatch.of(
-        kafka, settings, "router", interval=LAG_POLL, progress_from_commits=False
-    )
+    watch = None if until_idle else LagWatch.of(kafka, settings, "router", progress_from_commits=False)
     port = None if until_idle else settings.http_port or None
     stop = stop_on_signals()
     async with serve_health(port, tracker, metrics, watch=watch):
