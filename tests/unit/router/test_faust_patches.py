@@ -12,7 +12,7 @@ import pytest
 from faust.types import TP
 from faust.types.tuples import ConsumerMessage
 
-from services.router.faust_patches import RouterApp, RouterFlowControl, SafeConsumer, contiguous_end
+from services.router.faust_patches import RouterApp, SafeConsumer, contiguous_end
 
 TOPIC = "popbridge.mail.fetched"
 PART = TP(TOPIC, 0)
@@ -141,12 +141,15 @@ async def test_offsets_retention_deleted_below_the_committed_one_are_not_waited_
     assert consumer._new_offset(PART) == 12
 
 
-async def test_resuming_the_flow_keeps_what_the_queues_hold() -> None:
-    app = make_app(RouterApp)
-    assert isinstance(app.flow_control, RouterFlowControl)
-    queue = app.FlowControlQueue(maxsize=10, clear_on_resume=True)
+@pytest.mark.parametrize("kind", [RouterApp, faust.App], ids=["patched", "stock"])
+async def test_resuming_the_flow_keeps_what_the_queues_hold(kind: type[faust.App]) -> None:
+    # After a rebalance faust resumes the flow once it sought to the committed offsets; what the fetcher
+    # delivered in between sits in the queues (cause 1).
+    app = make_app(kind)
+    queue = app.FlowControlQueue(maxsize=10, clear_on_resume=True)  # as faust makes a stream's queue
     queue.put_nowait(message(7))
     app.flow_control.resume()
-    assert queue.qsize() == 1
-    app.flow_control.clear()  # what a revocation does
+    assert queue.qsize() == (1 if kind is RouterApp else 0)
+    queue.put_nowait(message(8))
+    app.flow_control.clear()  # what a revocation does, patched or not
     assert queue.qsize() == 0
