@@ -183,7 +183,7 @@ async def run_router(settings: DeploymentSettings, config: MailConfig, *, until_
     # let a healthy replica hide a stalled one. Lag without routing for STALL_AFTER fails /healthz.
     watch = None if until_idle else LagWatch.of(kafka, settings, "router", progress_from_commits=False)
     port = None if until_idle else settings.http_port or None
-    stop = stop_on_signals()
+    stop = asyncio.Event() if until_idle else stop_on_signals()  # --until-idle stops by itself
     async with serve_health(port, tracker, metrics, watch=watch):
         await Supervisor(settings, config, kafka, tracker, metrics, stop, until_idle).run()
 
