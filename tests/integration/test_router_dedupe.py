@@ -67,23 +67,23 @@ def fetched(uidl: str, raw: bytes) -> MailFetched:
     )
 
 
-async def run_router_process(config: Path, settings: DeploymentSettings) -> int:
+async def start_router_process(
+    config: Path, settings: DeploymentSettings, *options: str
+) -> asyncio.subprocess.Process:
+    """`popbridge router --config CONFIG OPTIONS...` as its own OS process, as an operator runs it."""
     env = {
         **os.environ,
         "POPBRIDGE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
         "POPBRIDGE_TOPIC_PREFIX": settings.topic_prefix,
         "POPBRIDGE_GROUP_PREFIX": settings.group_prefix,
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        "router",
-        "--config",
-        str(config),
-        "--until-idle",
-        env=env,
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "router", "--config", str(config), *options, env=env
     )
+
+
+async def run_router_process(config: Path, settings: DeploymentSettings) -> int:
+    process = await start_router_process(config, settings, "--until-idle")
     return await asyncio.wait_for(process.wait(), timeout=180)
 
 

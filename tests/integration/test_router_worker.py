@@ -13,13 +13,15 @@ import faust
 import pytest
 from aiokafka.errors import CommitFailedError
 
+from schemas.topics import FETCHED, ROUTED
 from services.router import worker
 from services.router.app import create_app
 from services.router.worker import Supervisor
 from services.runtime.health import ProgressTracker
-from services.runtime.kafka import KafkaLog
+from services.runtime.kafka import KafkaConsumer, KafkaLog
 from services.runtime.metrics import Metrics
 from services.runtime.settings import DeploymentSettings
+from tests.integration.test_router_dedupe import start_router_process
 from tests.integration.test_router_rebalance import Pipeline, mail
 
 pytestmark = pytest.mark.integration
@@ -206,3 +208,32 @@ async def test_two_routers_cold_started_at_once_route_everything(
     )
 
     assert {e.fetch_id for e in events} <= await pipeline.routed_fetch_ids()
+
+
+async def test_a_router_killed_between_its_output_and_its_commit_loses_nothing(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    events = [mail(n, message_id=n % 2 == 0) for n in range(40)]
+    await pipeline.send_fetched(events)
+    config = tmp_path / "popbridge.toml"  # written by the pipeline fixture
+    watching = pipeline.log.consumer(pipeline.settings.group("watch"), [pipeline.settings.topic(ROUTED)])
+    async with watching as watcher:
+        first = await start_router_process(config, pipeline.settings)
+        try:
+            await asyncio.wait_for(first_output(watcher), 120)
+        finally:
+            first.kill()  # SIGKILL, as soon as an output is durable: its commit is at most a second later
+            await first.wait()
+    group, fetched = pipeline.settings.group("router"), pipeline.settings.topic(FETCHED)
+    assert sum((await pipeline.log.committed(group, fetched)).values()) < len(events)  # killed mid-way
+
+    again = await start_router_process(config, pipeline.settings, "--until-idle")
+    assert await asyncio.wait_for(again.wait(), 180) == 0
+
+    assert {e.fetch_id for e in events} <= await pipeline.routed_fetch_ids()
+
+
+async def first_output(watcher: KafkaConsumer) -> None:
+    """Return as soon as the router's first output reaches the routed topic."""
+    while not await watcher.fetch(timeout=1.0):
+        pass
