@@ -2,7 +2,11 @@
 records it never routed (issue 13). Each is the least invasive change that makes the rule hold:
 an input offset is committed only once every record below it was processed by an agent.
 
-What faust gets wrong, as seen on the real broker (tests/integration/test_router_rebalance.py):
+What faust gets wrong. Causes 1 and 2 were logged on the real broker with two routers (a second one
+joining mid-stream: 1 of 600 mails lost in 1 of 6 runs) and are forced in
+tests/integration/test_router_rebalance.py; causes 3 and 4 were found reading faust's code after a
+two-router run logged a jump (cause 3). Each is pinned against faust's own consumer in
+tests/unit/router/test_faust_patches.py.
 
 1. **Resume throws away what the seek just delivered.** After a rebalance faust seeks each stream
    partition to its committed offset while its fetcher already runs (`Recovery.on_recovery_completed`),
@@ -14,14 +18,14 @@ What faust gets wrong, as seen on the real broker (tests/integration/test_router
 2. **A one-offset hole at the head is committed over** (faust-streaming#606, open fix PR #707):
    `Consumer._new_offset` holds back only when `min(acked) - committed > 1`, and not at all when the
    committed offset is 0 or unknown (a new group), so a dropped or in-flight record at the head is
-   skipped. `SafeConsumer._new_offset` commits only a run of acked offsets that starts exactly at the
+   skipped; a longer hole stops the partition's commits for good (the stall of issue 13).
+   `SafeConsumer._new_offset` commits only a run of acked offsets that starts exactly at the
    committed offset (with none committed: at the partition's first offset).
 3. **A jump in delivered offsets counts as acked.** faust takes it for a compacted-topic gap
    (`_add_gap`) and marks the missing offsets, and the record after them, as processed. The router's
    inputs are neither compacted nor written in transactions, so there a jump means faust skipped
    records, or (seen in the two-router runs) a second seek reset faust's read position under a fetcher
    that had already delivered them: `SafeConsumer` lets the commit wait until they are processed.
-
 4. **A record the agent never saw is acked.** A stream that takes a record from its queue while flow
    is suspended (a rebalance began) or that was fetched under an earlier generation skips it, and
    acks it "so the lag does not grow" (`Stream._py_aiter`). Taken just as a rebalance starts, the record
