@@ -182,12 +182,13 @@ async def test_after_its_app_crashed_the_router_starts_a_fresh_one(
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(running, 60)
 
-    assert len(apps) == 2
     assert {e.fetch_id for e in after} <= await pipeline.routed_fetch_ids()
-    (down,) = [line for line in lines.lines if line.startswith("router down")]
-    assert down.startswith("router down (CommitFailedError: ")
-    assert down.endswith("); starting again in 1 s")
-    assert "\n" not in down
+    # The fresh app may meet another passing error as the group settles: each is one more line.
+    downs = [line for line in lines.lines if line.startswith("router down")]
+    assert len(apps) == 1 + len(downs)
+    assert downs[0].startswith("router down (CommitFailedError: ")
+    assert downs[0].endswith("); starting again in 1 s")
+    assert all("\n" not in down for down in downs)
 
 
 async def test_two_routers_cold_started_at_once_route_everything(
@@ -213,7 +214,7 @@ async def test_two_routers_cold_started_at_once_route_everything(
 async def test_a_router_killed_between_its_output_and_its_commit_loses_nothing(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:
-    events = [mail(n, message_id=n % 2 == 0) for n in range(40)]
+    events = [mail(n, message_id=n % 2 == 0) for n in range(400)]  # more than it routes before the kill
     await pipeline.send_fetched(events)
     config = tmp_path / "popbridge.toml"  # written by the pipeline fixture
     watching = pipeline.log.consumer(pipeline.settings.group("watch"), [pipeline.settings.topic(ROUTED)])
