@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -183,11 +184,13 @@ async def test_after_its_app_crashed_the_router_starts_a_fresh_one(
             await asyncio.wait_for(running, 60)
 
     assert {e.fetch_id for e in after} <= await pipeline.routed_fetch_ids()
-    # The fresh app may meet another passing error as the group settles: each is one more line.
+    # Other passing errors may come on the way (a topic just created is not described yet, the group
+    # settles after the crash): each is one more line, and the router goes on.
     downs = [line for line in lines.lines if line.startswith("router down")]
-    assert len(apps) == 1 + len(downs)
-    assert downs[0].startswith("router down (CommitFailedError: ")
-    assert downs[0].endswith("); starting again in 1 s")
+    crashes = [down for down in downs if down.startswith("router down (CommitFailedError: ")]
+    assert crashes
+    assert re.search(r"\); starting again in \d+ s$", crashes[0])
+    assert len(apps) >= 2
     assert all("\n" not in down for down in downs)
 
 
@@ -229,7 +232,12 @@ async def test_a_router_killed_between_its_output_and_its_commit_loses_nothing(
     assert sum((await pipeline.log.committed(group, fetched)).values()) < len(events)  # killed mid-way
 
     again = await start_router_process(config, pipeline.settings, "--until-idle")
-    assert await asyncio.wait_for(again.wait(), 180) == 0
+    try:
+        assert await asyncio.wait_for(again.wait(), 180) == 0
+    finally:
+        if again.returncode is None:  # timed out: no router is left behind
+            again.kill()
+            await again.wait()
 
     assert {e.fetch_id for e in events} <= await pipeline.routed_fetch_ids()
 
