@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -68,9 +69,10 @@ def fetched(uidl: str, raw: bytes) -> MailFetched:
 
 
 async def start_router_process(
-    config: Path, settings: DeploymentSettings, *options: str
+    config: Path, settings: DeploymentSettings, *options: str, output: IO[bytes] | None = None
 ) -> asyncio.subprocess.Process:
-    """`popbridge router --config CONFIG OPTIONS...` as its own OS process, as an operator runs it."""
+    """`popbridge router --config CONFIG OPTIONS...` as its own OS process, as an operator runs it;
+    its stdout and stderr go to `output` when given."""
     env = {
         **os.environ,
         "POPBRIDGE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
@@ -78,7 +80,8 @@ async def start_router_process(
         "POPBRIDGE_GROUP_PREFIX": settings.group_prefix,
     }
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "router", "--config", str(config), *options, env=env
+        sys.executable, "-m", "services.cli", "router", "--config", str(config), *options, env=env,
+        stdout=output, stderr=output,
     )
 
 

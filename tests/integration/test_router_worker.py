@@ -231,13 +231,18 @@ async def test_a_router_killed_between_its_output_and_its_commit_loses_nothing(
     group, fetched = pipeline.settings.group("router"), pipeline.settings.topic(FETCHED)
     assert sum((await pipeline.log.committed(group, fetched)).values()) < len(events)  # killed mid-way
 
-    again = await start_router_process(config, pipeline.settings, "--until-idle")
-    try:
-        assert await asyncio.wait_for(again.wait(), 180) == 0
-    finally:
-        if again.returncode is None:  # timed out: no router is left behind
-            again.kill()
-            await again.wait()
+    log_path = tmp_path / "router-again.log"
+    with log_path.open("wb") as output:
+        again = await start_router_process(config, pipeline.settings, "--until-idle", output=output)
+        try:
+            await asyncio.wait_for(again.wait(), 180)
+        except TimeoutError:
+            pass
+        finally:
+            if again.returncode is None:  # not idle in time: no router is left behind
+                again.kill()
+                await again.wait()
+    assert again.returncode == 0, log_path.read_text()[-5000:]
 
     assert {e.fetch_id for e in events} <= await pipeline.routed_fetch_ids()
 
