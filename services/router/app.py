@@ -7,15 +7,32 @@ Copies of one message land on different partitions of the fetched topic (their f
 repartitioning by Message-ID makes them meet in one dedupe agent, whose table (a compacted changelog
 topic in Kafka) survives restarts and moves with its partitions.
 
-Bytes at the boundary: agents decode and encode with msgspec. Processing is at-least-once: faust
-flushes the producer before it commits an offset, and the deliverer's ledger makes a repeated routed
-event harmless. Kafka transactions (faust's exactly_once) are not used: see the README.
+Bytes at the boundary: agents decode and encode with msgspec.
+
+Processing is at-least-once, and the rule is: an offset of fetched or by-message-id is committed only
+after every output of that record is acknowledged by the broker (acks=all). Two halves make it hold:
+
+- In our agent code: each output is sent with `send_durably`, which awaits the delivery future faust's
+  `Topic.send` returns (that call only queues the record) and tries again with backoff while it fails.
+  faust acks an event when its agent moves on to the next, so an acked event's outputs are durable; a
+  send that fails is retried, never moved past. (faust's own flush before a commit, PR #273, does not
+  cover a send that fails in the background after its event was acked.)
+- In faust itself: 0.15.3 committed past records no agent processed, in rebalances (1-2 lost mails per
+  replica join in the issue-13 runs, up to 14 after router kills) and stalled partitions for good
+  (`min(acked) - committed > 1`). `RouterApp` (services.router.faust_patches) is faust.App with a
+  subclassed Consumer and flow control that fix the four causes found; that module says which, with
+  the evidence, and why subclasses rather than a fork (the pinned release stays as released; each
+  override is tested against faust's own behaviour, so an upgrade shows which can go).
+
+The deliverer's ledger makes a repeated routed event harmless; a missing one would be a loss, so every
+doubt resolves to reading again. Kafka transactions (faust's exactly_once) are not used: see the README.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,14 +42,26 @@ from schemas import codec
 from schemas.events import MailFetched, RecipientsResolved
 from schemas.topics import FETCHED, MAX_MESSAGE_BYTES, ROUTED, TopicSpec, topic_spec
 from services.router.dedupe import DEFAULT_WINDOW, apply_dedupe, decode_seen, dedupe_key, encode_seen
+from services.router.faust_patches import RouterApp
 from services.router.stage import route_fetched, to_postmaster
 from services.runtime.kafka_security import KafkaSecurity, kafka_security
 from services.runtime.metrics import Metrics
 from services.runtime.settings import DeploymentSettings, MailConfig
+from services.runtime.stages import (
+    ROUTER_REPARTITION_CONFIG,
+    ROUTER_SEEN_TABLE,
+    router_internal_topics,
+    router_repartition_topic,
+)
 
 log = logging.getLogger("popbridge.router")
 
 Clock = Callable[[], datetime]
+Sleep = Callable[[float], Awaitable[None]]
+SEND_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)  # seconds between tries of a send that failed
+_LOGGED_FAILURES = frozenset({0, 1})  # then one line every _LOG_EVERY_NTH_FAILURE: about one a minute
+_LOG_EVERY_NTH_FAILURE = 6
+SESSION_TIMEOUT = 10.0  # seconds
 _FETCH_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
 
 
@@ -64,27 +93,15 @@ def faust_credentials(security: KafkaSecurity) -> faust.types.auth.CredentialsT 
 
 
 def repartition_topic(settings: DeploymentSettings) -> str:
-    return f"{settings.group('router')}-by-message-id"
+    return router_repartition_topic(settings)
 
 
-SEEN_TABLE = "seen-copies"
-_REPARTITION_CONFIG = {
-    "cleanup.policy": "delete",
-    "max.message.bytes": str(MAX_MESSAGE_BYTES),
-    "retention.ms": str(7 * 24 * 3600 * 1000),
-}
+SEEN_TABLE = ROUTER_SEEN_TABLE
 
 
 def internal_topics(settings: DeploymentSettings) -> list[TopicSpec]:
-    """The router's own topics (the repartition topic and the table's changelog), to create before the app
-    starts: faust's assignor skips a topic that does not exist yet at the first rebalance, and the agent
-    reading it then never gets a partition (a silent stall, seen in CI)."""
-    partitions = topic_spec(FETCHED).partitions
-    changelog = f"{settings.group('router')}-{SEEN_TABLE}-changelog"
-    return [
-        TopicSpec(repartition_topic(settings), partitions, dict(_REPARTITION_CONFIG)),
-        TopicSpec(changelog, partitions, {"cleanup.policy": "compact"}),
-    ]
+    """The router's own topics, created before the app starts (services.runtime.stages says why)."""
+    return router_internal_topics(settings)
 
 
 def create_app(
@@ -95,16 +112,19 @@ def create_app(
     dedupe_window: timedelta = DEFAULT_WINDOW,
     metrics: Metrics | None = None,
     security: KafkaSecurity | None = None,
+    sleep: Sleep = asyncio.sleep,
+    progress: Callable[[], None] = lambda: None,
 ) -> faust.App:
     """A fresh router app (one per process, one per test) with its agents and table registered.
 
-    `security` defaults to the one the settings describe (which reads the SASL password file)."""
+    `security` defaults to the one the settings describe (which reads the SASL password file);
+    `progress` is called after each record an agent handled (the liveness probe's progress)."""
     if not settings.kafka_bootstrap:
         raise ValueError("the faust router needs Kafka bootstrap servers")
     if security is None:
         security = kafka_security(settings)
     partitions = topic_spec(FETCHED).partitions
-    app = faust.App(
+    app = RouterApp(
         settings.group("router"),
         broker=faust_broker_url(settings.kafka_bootstrap),
         broker_credentials=faust_credentials(security),
@@ -121,6 +141,10 @@ def create_app(
         broker_commit_every=100,
         broker_commit_interval=1.0,
         topic_partitions=partitions,
+        # A killed replica's partitions wait for its session to expire before they move: faust's 60 s
+        # default held mail that long after a SIGKILL. 10 s is the Kafka clients' classic default.
+        broker_session_timeout=SESSION_TIMEOUT,
+        broker_heartbeat_interval=3.0,
         # Standby copies would prune keys their owner is writing; the changelog is the durable copy.
         table_standby_replicas=0,
     )
@@ -132,7 +156,7 @@ def create_app(
         value_type=bytes,
         internal=True,
         partitions=partitions,
-        config=dict(_REPARTITION_CONFIG),
+        config=dict(ROUTER_REPARTITION_CONFIG),
     )
     seen = app.Table(SEEN_TABLE, key_type=bytes, value_type=bytes, partitions=partitions)
 
@@ -144,9 +168,10 @@ def create_app(
                 if metrics is not None:
                     metrics.skipped("router")
             elif (key := dedupe_key(resolved)) is not None:
-                await by_message_id.send(key=key, value=codec.encode(resolved))
+                await send_durably(by_message_id, key, codec.encode(resolved), sleep=sleep)
             else:
-                await _publish(routed, resolved, metrics)
+                await _publish(routed, resolved, metrics, sleep)
+            progress()
             yield None
 
     @app.agent(by_message_id, name="popbridge.router.dedupe")
@@ -157,7 +182,8 @@ def create_app(
                 resolved, decode_seen(seen.get(event.key)), clock(), dedupe_window
             )
             seen[event.key] = encode_seen(remembered)
-            await _publish(routed, emitted, metrics)
+            await _publish(routed, emitted, metrics, sleep)
+            progress()
             yield None
 
     return app
@@ -177,8 +203,33 @@ def _route_one(value: bytes, config: MailConfig, clock: Clock) -> RecipientsReso
         return to_postmaster(fetched, config, clock(), f"{type(exc).__name__}: {exc}")
 
 
-async def _publish(routed: Any, resolved: RecipientsResolved, metrics: Metrics | None) -> None:
-    await routed.send(key=resolved.fetch_id.encode(), value=codec.encode(resolved))
+async def send_durably(topic: Any, key: bytes, value: bytes, *, sleep: Sleep = asyncio.sleep) -> None:
+    """Send one record and return once the broker acknowledged it (acks=all), trying again with backoff
+    while it fails: the event being handled is acked only after this returns, so its offset is never
+    committed past an output that is not durable. faust's `Topic.send` only queues the record and hands
+    back the delivery future; a failure there would otherwise surface after the event was acked."""
+    failures = 0
+    while True:
+        try:
+            delivery = await topic.send(key=key, value=value)
+            await delivery
+        except Exception as exc:  # any failure: the record is not durable, so the event is not done
+            delay = SEND_RETRY_DELAYS[min(failures, len(SEND_RETRY_DELAYS) - 1)]
+            if failures in _LOGGED_FAILURES or failures % _LOG_EVERY_NTH_FAILURE == 0:
+                log.warning(
+                    "sending to %s failed (%d times): %s: %s; trying again in %.1f s",
+                    topic.get_topic_name(), failures + 1, type(exc).__name__, exc, delay,
+                )
+            failures += 1
+            await sleep(delay)
+        else:
+            if failures:
+                log.info("sent to %s after %d failed tries", topic.get_topic_name(), failures)
+            return
+
+
+async def _publish(routed: Any, resolved: RecipientsResolved, metrics: Metrics | None, sleep: Sleep) -> None:
+    await send_durably(routed, resolved.fetch_id.encode(), codec.encode(resolved), sleep=sleep)
     if metrics is not None:
         metrics.routed(resolved.reason)
     log.info(

@@ -1,19 +1,45 @@
-"""`popbridge router`: runs the faust router app until stopped, or until caught up with --until-idle."""
+"""`popbridge router`: runs the faust router app until stopped, or until caught up with --until-idle.
+
+The process outlives its faust app. Whatever Kafka recovers from (the broker unreachable at start or
+later, a commit that failed in a rebalance, a coordinator that moved, a request that timed out) makes
+faust raise from `start()` or crash the running app. The worker then reports not ready, logs one line,
+waits (1 s growing to 30 s), and starts a fresh app, which resumes from the committed offsets: records
+after them are routed again, repeats the deliverer's ledger absorbs. Only a permanent error ends the
+process, with one line and a non-zero exit: the configuration (exit 2), or a login or authorization
+Kafka refuses (exit 1).
+
+    RouterCannotRun (click.ClickException, exit 1): Kafka refuses us for good
+    ConfigError (services.runtime.settings, exit 2): the configuration or environment is wrong
+    anything else from start() or as a crash reason: logged in one line, the app is started again
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
+import faust
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    IllegalSaslStateError,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+    UnsupportedSaslMechanismError,
+)
 
-from schemas.topics import FETCHED
+from schemas.topics import FETCHED, ROUTED
 from services.router.app import create_app, internal_topics, repartition_topic
 from services.runtime.connect import kafka_log
 from services.runtime.health import LagWatch, ProgressTracker, serve_health
 from services.runtime.idle import wait_until_idle
+from services.runtime.kafka import KafkaLog
+from services.runtime.log import LogError
 from services.runtime.metrics import Metrics
 from services.runtime.pipeline_gauges import pipeline_watch
 from services.runtime.settings import ConfigError, DeploymentSettings, MailConfig, load_config
@@ -21,35 +47,147 @@ from services.runtime.signals import stop_on_signals
 
 log = logging.getLogger("popbridge.router")
 
+RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds before starting again, per failure in a row
+HEALTHY_RUN = 60.0  # seconds an app must have run for its crash to count as a first failure again
+# Liveness: records wait and nothing was routed for this long. A rebalance with a table to restore takes
+# seconds; a killed replica's partitions move after the 10 s session timeout (services.router.app).
+STALL_AFTER = 60.0
+PERMANENT_KAFKA_ERRORS = (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    IllegalSaslStateError,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+    UnsupportedSaslMechanismError,
+)
+_REASON_CHARS = 300
+
+class MissingTopicError(LogError):
+    """A topic the router needs is not there (yet): retried, as an operator may be creating it."""
+
+
+class RouterCannotRun(click.ClickException):
+    """Kafka refuses the router for good (a login, an authorization): one line, exit code 1."""
+
+
+def is_permanent(reason: BaseException) -> bool:
+    """Whether starting again cannot help: a configuration error or a refusal of who we are."""
+    if isinstance(reason, (ConfigError, *PERMANENT_KAFKA_ERRORS)):
+        return True
+    return isinstance(reason, LogError) and not reason.retriable
+
+
+def describe(reason: BaseException) -> str:
+    """One line about `reason`, for the log."""
+    text = " ".join(str(reason).split()) or "no detail"
+    return f"{type(reason).__name__}: {text}"[:_REASON_CHARS]
+
+
+def restart_delay(failures_in_a_row: int) -> float:
+    return RESTART_DELAYS[min(failures_in_a_row, len(RESTART_DELAYS)) - 1]
+
+
+@dataclass
+class Supervisor:
+    """Runs one faust app after another until `stop` is set (or, with `until_idle`, all is routed)."""
+
+    settings: DeploymentSettings
+    config: MailConfig
+    kafka: KafkaLog
+    tracker: ProgressTracker
+    metrics: Metrics
+    stop: asyncio.Event
+    until_idle: bool = False
+
+    async def run(self) -> None:
+        failures = 0
+        while not self.stop.is_set():
+            started = time.monotonic()
+            reason = await self._run_once()
+            if reason is None:
+                return
+            if isinstance(reason, ConfigError):
+                raise reason
+            if is_permanent(reason):
+                raise RouterCannotRun(describe(reason))
+            failures = 1 if time.monotonic() - started >= HEALTHY_RUN else failures + 1
+            delay = restart_delay(failures)
+            log.warning("router down (%s); starting again in %.0f s", describe(reason), delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), delay)
+
+    async def _run_once(self) -> BaseException | None:
+        """Run one app to its end: None when stopped or idle, else why it ended."""
+        app: faust.App | None = None
+        try:
+            # faust's assignor skips a topic missing at the first rebalance and its agent then never gets
+            # a partition: the internal topics exist before any app starts (also `popbridge topics create`).
+            await self.kafka.ensure_topics(internal_topics(self.settings))
+            await self._check_topics()
+            app = create_app(
+                self.settings, self.config, metrics=self.metrics, security=self.kafka.security,
+                progress=self.tracker.progressed,
+            )
+            await app.start()
+            self.tracker.mark_ready()
+            return await self._until_done(app)
+        except Exception as exc:  # everything is retried unless permanent: see the module docstring
+            return exc
+        finally:
+            self.tracker.mark_ready(False)
+            if app is not None:
+                await _stop_quietly(app)
+
+    async def _check_topics(self) -> None:
+        """Every topic the app reads or writes is visible with its partitions before the app starts."""
+        names = [self.settings.topic(FETCHED), self.settings.topic(ROUTED)]
+        for name in [*names, *(spec.name for spec in internal_topics(self.settings))]:
+            if not await self.kafka.partitions(name):
+                raise MissingTopicError(f"topic {name} does not exist (`popbridge topics create` makes it)")
+
+    async def _until_done(self, app: faust.App) -> BaseException | None:
+        waits = {asyncio.ensure_future(self.stop.wait()), asyncio.ensure_future(app.wait_until_stopped())}
+        idle = asyncio.ensure_future(self._idle()) if self.until_idle else None
+        if idle is not None:
+            waits.add(idle)
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        if idle is not None and idle in done and idle.exception() is not None:
+            return idle.exception()
+        if self.stop.is_set() or (idle is not None and idle in done):
+            return None
+        return app.crash_reason or RuntimeError("the faust app stopped by itself")
+
+    async def _idle(self) -> None:
+        topics = [self.settings.topic(FETCHED), repartition_topic(self.settings)]
+        await wait_until_idle(self.kafka, self.settings.group("router"), topics)
+
+
+async def _stop_quietly(app: faust.App) -> None:
+    """Stop a (maybe crashed, maybe half-started) app; what it raises while stopping changes nothing."""
+    try:
+        await app.stop()
+    except Exception as exc:  # the next app starts from the committed offsets either way
+        log.debug("stopping the faust app: %s", describe(exc))
+
 
 async def run_router(settings: DeploymentSettings, config: MailConfig, *, until_idle: bool) -> None:
-    """Start the app, wait for a signal (or for idleness), stop the app cleanly."""
+    """Serve health and run the supervisor until a signal (or idleness, or a permanent error)."""
     if not settings.kafka_bootstrap:
         raise ConfigError("environment: POPBRIDGE_KAFKA_BOOTSTRAP: the router service needs Kafka")
     kafka = kafka_log(settings)
-    metrics, tracker = Metrics(), ProgressTracker()
-    app = create_app(settings, config, metrics=metrics, security=kafka.security)
-    # The lag watch counts moving commits as progress: a faust agent stalled after a rebalance (a known
-    # faust failure) shows as lag without progress, /healthz fails, and Kubernetes restarts the pod.
-    watch = None if until_idle else LagWatch.of(kafka, settings, "router")
+    metrics, tracker = Metrics(), ProgressTracker(stall_after=STALL_AFTER)
+    # Progress is this replica's routing (the agents call tracker.progressed): the group's commits would
+    # let a healthy replica hide a stalled one. Lag without routing for STALL_AFTER fails /healthz.
+    watch = None if until_idle else LagWatch.of(kafka, settings, "router", progress_from_commits=False)
     port = None if until_idle else settings.http_port or None
+    stop = asyncio.Event() if until_idle else stop_on_signals()  # --until-idle stops by itself
     gauges = contextlib.nullcontext() if until_idle else pipeline_watch(kafka, settings, metrics)
     async with serve_health(port, tracker, metrics, watch=watch), gauges:
-        await kafka.ensure_topics(internal_topics(settings))
-        await app.start()
-        tracker.mark_ready()
-        try:
-            if until_idle:
-                topics = [settings.topic(FETCHED), repartition_topic(settings)]
-                await wait_until_idle(kafka, settings.group("router"), topics)
-            else:
-                await _wait_for_signal()
-        finally:
-            await app.stop()
-
-
-async def _wait_for_signal() -> None:
-    await stop_on_signals().wait()
+        await Supervisor(settings, config, kafka, tracker, metrics, stop, until_idle).run()
 
 
 @click.command()

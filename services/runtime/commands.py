@@ -9,11 +9,14 @@ from services.runtime.connect import kafka_log
 from services.runtime.log import LogError
 from services.runtime.oneshot import run_bounded, timeout_option
 from services.runtime.settings import ConfigError, DeploymentSettings
+from services.runtime.stages import router_internal_topics
 
 
 def deployed_specs(settings: DeploymentSettings) -> list[TopicSpec]:
-    """schemas.topics with this deployment's topic prefix applied."""
-    return [TopicSpec(settings.topic(s.name), s.partitions, dict(s.config)) for s in TOPICS]
+    """schemas.topics with this deployment's topic prefix applied, and the faust router's own topics
+    (they must exist before the first router starts)."""
+    specs = [TopicSpec(settings.topic(s.name), s.partitions, dict(s.config)) for s in TOPICS]
+    return [*specs, *router_internal_topics(settings)]
 
 
 @click.group()

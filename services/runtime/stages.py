@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.topics import FETCHED, RETRY_TOPICS, ROUTED
+from schemas.topics import FETCHED, MAX_MESSAGE_BYTES, RETRY_TOPICS, ROUTED, TopicSpec, topic_spec
 from services.runtime.settings import DeploymentSettings
 
 
@@ -39,6 +39,27 @@ def router_repartition_topic(settings: DeploymentSettings) -> str:
     """The faust router's internal topic (services.router.app.repartition_topic; a unit test keeps the two
     equal, since the runtime may not import a service)."""
     return f"{settings.group('router')}-by-message-id"
+
+
+ROUTER_SEEN_TABLE = "seen-copies"  # the faust router's dedupe table; faust names its changelog after it
+ROUTER_REPARTITION_CONFIG = {
+    "cleanup.policy": "delete",
+    "max.message.bytes": str(MAX_MESSAGE_BYTES),
+    "retention.ms": str(7 * 24 * 3600 * 1000),
+}
+
+
+def router_internal_topics(settings: DeploymentSettings) -> list[TopicSpec]:
+    """The faust router's own topics (the repartition topic and its table's changelog), to create before
+    any router starts: faust's assignor skips a topic that does not exist yet at the first rebalance,
+    and the agent reading it then never gets a partition (a silent stall, seen in CI and in a cold
+    start of two routers at once). `popbridge topics create` and the router itself create them."""
+    partitions = topic_spec(FETCHED).partitions
+    changelog = f"{settings.group('router')}-{ROUTER_SEEN_TABLE}-changelog"
+    return [
+        TopicSpec(router_repartition_topic(settings), partitions, dict(ROUTER_REPARTITION_CONFIG)),
+        TopicSpec(changelog, partitions, {"cleanup.policy": "compact"}),
+    ]
 
 
 def declared_stages(settings: DeploymentSettings) -> tuple[Stage, ...]:

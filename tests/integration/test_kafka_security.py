@@ -8,6 +8,7 @@ router routes a MailFetched with the same credentials.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
 import shutil
@@ -27,10 +28,12 @@ from cryptography.x509.oid import NameOID
 from schemas import codec
 from schemas.events import MailFetched, RecipientsResolved, fetch_id_for
 from schemas.topics import FETCHED, ROUTED, TOPICS, TopicSpec
-from services.router.worker import run_router
+from services.router.worker import RouterCannotRun, Supervisor, run_router
 from services.runtime.connect import kafka_log
+from services.runtime.health import ProgressTracker
 from services.runtime.kafka import KafkaLogError
 from services.runtime.log import Outgoing, Record, TopicPartition
+from services.runtime.metrics import Metrics
 from services.runtime.settings import DeploymentSettings, load_config
 from tests.support.kafka import BROKER_SCRIPT, no_kafka, stop_local_broker
 
@@ -232,3 +235,24 @@ async def test_the_faust_router_routes_over_scram(
     assert [(r.fetch_id, [x.address for x in r.recipients]) for r in routed] == [
         (event.fetch_id, ["alice@example.com"])
     ]
+
+
+async def test_the_router_with_a_wrong_password_ends_at_once_in_one_line(
+    secure_broker: SecureBroker, tmp_path: Path
+) -> None:
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text(WRONG_PASSWORD)
+    settings = secure_broker.settings("SASL_PLAINTEXT", prefix=prefix(), password_file=wrong)
+    config_path = tmp_path / "popbridge.toml"
+    config_path.write_text(CONFIG)
+    supervisor = Supervisor(
+        settings, load_config(config_path), kafka_log(settings), ProgressTracker(), Metrics(), asyncio.Event()
+    )
+
+    with pytest.raises(RouterCannotRun) as caught:  # not retried: starting again cannot help
+        await asyncio.wait_for(supervisor.run(), 60)
+
+    message = caught.value.format_message()
+    assert f"login as {USER!r} refused" in message
+    assert "\n" not in message
+    assert WRONG_PASSWORD not in message

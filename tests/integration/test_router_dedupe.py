@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -67,23 +68,25 @@ def fetched(uidl: str, raw: bytes) -> MailFetched:
     )
 
 
-async def run_router_process(config: Path, settings: DeploymentSettings) -> int:
+async def start_router_process(
+    config: Path, settings: DeploymentSettings, *options: str, output: IO[bytes] | None = None
+) -> asyncio.subprocess.Process:
+    """`popbridge router --config CONFIG OPTIONS...` as its own OS process, as an operator runs it;
+    its stdout and stderr go to `output` when given."""
     env = {
         **os.environ,
         "POPBRIDGE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
         "POPBRIDGE_TOPIC_PREFIX": settings.topic_prefix,
         "POPBRIDGE_GROUP_PREFIX": settings.group_prefix,
     }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        "router",
-        "--config",
-        str(config),
-        "--until-idle",
-        env=env,
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "router", "--config", str(config), *options, env=env,
+        stdout=output, stderr=output,
     )
+
+
+async def run_router_process(config: Path, settings: DeploymentSettings) -> int:
+    process = await start_router_process(config, settings, "--until-idle")
     return await asyncio.wait_for(process.wait(), timeout=180)
 
 

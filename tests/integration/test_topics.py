@@ -14,10 +14,12 @@ from click.testing import CliRunner
 
 from schemas import codec
 from schemas.events import MailFetched, fetch_id_for
-from schemas.topics import FETCHED, TOPICS
+from schemas.topics import FETCHED, TOPICS, TopicSpec
 from services.cli import cli
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import Outgoing
+from services.runtime.settings import DeploymentSettings
+from services.runtime.stages import router_internal_topics
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +30,12 @@ async def create_topics(bootstrap: str, prefix: str) -> str:
 
 
 def _create_topics(bootstrap: str, prefix: str) -> str:
-    env = {**os.environ, "POPBRIDGE_KAFKA_BOOTSTRAP": bootstrap, "POPBRIDGE_TOPIC_PREFIX": prefix}
+    env = {
+        **os.environ,
+        "POPBRIDGE_KAFKA_BOOTSTRAP": bootstrap,
+        "POPBRIDGE_TOPIC_PREFIX": prefix,
+        "POPBRIDGE_GROUP_PREFIX": prefix,  # the router's internal topics are named after its group
+    }
     result = CliRunner().invoke(cli, ["topics", "create"], env=env)
     assert result.exit_code == 0, result.output
     return result.output
@@ -40,14 +47,17 @@ async def test_topics_create_applies_every_partition_count_and_setting(
     first = await create_topics(kafka_bootstrap, kafka_topic_prefix)
     again = await create_topics(kafka_bootstrap, kafka_topic_prefix)
 
-    assert first.count("created ") == len(TOPICS)
-    assert again.count("exists ") == len(TOPICS)
+    settings = DeploymentSettings(topic_prefix=kafka_topic_prefix, group_prefix=kafka_topic_prefix)
+    specs = [TopicSpec(kafka_topic_prefix + s.name, s.partitions, s.config) for s in TOPICS]
+    specs += router_internal_topics(settings)  # the faust router's, before any router starts
+    assert first.count("created ") == len(specs)
+    assert again.count("exists ") == len(specs)
     log = KafkaLog(kafka_bootstrap)
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
     try:
-        for spec in TOPICS:
-            name = kafka_topic_prefix + spec.name
+        for spec in specs:
+            name = spec.name
             assert len(await log.partitions(name)) == spec.partitions, name
             described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
             actual = {entry[0]: entry[1] for entry in described[0].resources[0][4]}

@@ -1,0 +1,62 @@
+"""services.router.worker: which failures end the router, and how long it waits before starting again."""
+
+from __future__ import annotations
+
+import pytest
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaConnectionError,
+    NotCoordinatorForGroupError,
+    RebalanceInProgressError,
+    RequestTimedOutError,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+)
+
+from services.router.worker import RESTART_DELAYS, describe, is_permanent, restart_delay
+from services.runtime.kafka import KafkaLogError
+from services.runtime.settings import ConfigError
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 9092)]"),
+        CommitFailedError("Commit cannot be completed since the group has already rebalanced"),
+        IllegalStateError("IllegalStateError: partition 3 is not assigned"),
+        RebalanceInProgressError(),
+        NotCoordinatorForGroupError(),
+        RequestTimedOutError(),
+        KafkaLogError("kafka: create topics: KafkaConnectionError: unreachable", retriable=True),
+        TimeoutError(),
+        RuntimeError("a faust crash we do not know yet"),
+    ],
+)
+def test_what_kafka_recovers_from_starts_the_router_again(reason: BaseException) -> None:
+    assert not is_permanent(reason)
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        ConfigError("environment: POPBRIDGE_KAFKA_SASL_PASSWORD_FILE: cannot read /run/secrets/kafka"),
+        SaslAuthenticationFailed(),
+        TopicAuthorizationFailedError(),
+        KafkaLogError("kafka: create topics: SASL PLAIN login as 'popbridge' refused", retriable=False),
+    ],
+)
+def test_a_refusal_of_who_we_are_ends_the_router(reason: BaseException) -> None:
+    assert is_permanent(reason)
+
+
+def test_a_reason_is_one_short_line() -> None:
+    reason = KafkaConnectionError("Unable to bootstrap\n  from [('127.0.0.1', 1)]" + "x" * 500)
+    line = describe(reason)
+    assert "\n" not in line
+    assert line.startswith("KafkaConnectionError: KafkaConnectionError: Unable to bootstrap from")
+    assert len(line) == 300
+
+
+def test_the_wait_grows_with_failures_in_a_row_and_stays_bounded() -> None:
+    assert [restart_delay(n) for n in range(1, 8)] == [*RESTART_DELAYS, 30.0, 30.0]
