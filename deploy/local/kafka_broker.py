@@ -433,7 +433,7 @@ def format_storage(java: str, libs: Path, properties: Path, data_dir: Path,
     extra = [argument for name, password in users
              for argument in ("--add-scram", f"{SCRAM_MECHANISM}=[name={name},password={password}]")]
     command = java_command(java, libs, "256m", STORAGE_TOOL, "format", "--ignore-formatted",
-                           "-t", cluster_id(), "-c", str(properties), *extra)
+                           f"--cluster-id={cluster_id()}", "-c", str(properties), *extra)
     result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
     if result.returncode != 0:
         output = result.stdout + result.stderr

@@ -137,6 +137,7 @@ def ops_acls() -> list[dict[str, Any]]:
     (Read on the group) or copies a window; `dlq retry` and the shadow replay write (OPS_WRITES)."""
     return [
         _acl("topic", TOPIC_PREFIX, ("Describe", READ), pattern="prefix"),
+        _acl("topic", ROUTER_INTERNAL_TOPIC_PREFIX, ("Describe", READ), pattern="prefix"),  # lag, trace
         *(_acl("topic", name, ("Describe", WRITE)) for name in (*OPS_WRITES, shadow_spec(SETTINGS).name)),
         _acl("group", f"{GROUP_PREFIX}-", ("Describe", READ), pattern="prefix"),
     ]

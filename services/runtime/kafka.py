@@ -26,6 +26,7 @@ from aiokafka.errors import (
     KafkaError,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
     UnknownMemberIdError,
     for_code,
 )
@@ -37,6 +38,7 @@ from services.runtime.kafka_security import PLAINTEXT, KafkaSecurity, kafka_secu
 from services.runtime.log import (
     REVOKE_TIMEOUT,
     LogError,
+    LogRefusedError,
     OnRevoked,
     Outgoing,
     Record,
@@ -62,6 +64,10 @@ class KafkaLogError(LogError):
     def __init__(self, message: str, *, retriable: bool) -> None:
         super().__init__(message)
         self.retriable = retriable
+
+
+class KafkaRefusedError(KafkaLogError, LogRefusedError):
+    """The cluster refused this user (ACLs)."""
 
 
 def _wrap(exc: KafkaError, doing: str) -> KafkaLogError:
@@ -240,7 +246,9 @@ class KafkaLog:
         login or a missing topic (a deployment mistake: `popbridge topics create` was not run)."""
         async with self._admin("connect") as admin:
             existing = set(await admin.list_topics())
-        missing = sorted(set(topics) - existing)
+            missing = sorted(set(topics) - existing)
+            if missing:  # a topic this user may not describe is left out of the list too
+                _refuse_unauthorized(await admin.describe_topics(missing))
         if missing:
             raise KafkaLogError(
                 f"kafka: missing topics {', '.join(missing)}: run `popbridge topics create`",
@@ -263,6 +271,7 @@ class KafkaLog:
         """The partition numbers of `topic` (empty when it does not exist)."""
         async with self._admin(f"describe {topic}") as admin:
             described = await admin.describe_topics([topic])
+        _refuse_unauthorized(described)
         return sorted(p["partition"] for t in described if t["error_code"] == 0 for p in t["partitions"])
 
     async def end_offsets(self, topic: str) -> dict[int, int]:
@@ -548,6 +557,17 @@ async def _closed(conn: AIOKafkaConnection) -> None:
 async def _stop(consumer: AIOKafkaConsumer) -> None:
     await asyncio.sleep(0)  # aiokafka's stop() right after start() re-raises a CancelledError
     await consumer.stop()
+
+
+def _refuse_unauthorized(described: Sequence[Mapping[str, Any]]) -> None:
+    """Raise (not retriable) when the broker refused to describe a topic: without its ACLs a topic looks
+    missing, and "run `popbridge topics create`" would send the operator the wrong way."""
+    refused = sorted(t["topic"] for t in described if t["error_code"] == TopicAuthorizationFailedError.errno)
+    if refused:
+        raise KafkaRefusedError(
+            f"kafka: not authorized to describe topics {', '.join(refused)}: check this user's ACLs",
+            retriable=False,
+        )
 
 
 def _record(m: ConsumerRecord[bytes, bytes]) -> Record:

@@ -38,6 +38,13 @@ class LogError(Exception):
     retriable: bool = True
 
 
+class LogRefusedError(LogError):
+    """The log refused this user what was asked (authorization). Waiting will not help, and it is not a
+    missing topic either: the user's rights must change."""
+
+    retriable = False
+
+
 @dataclass(frozen=True, order=True)
 class TopicPartition:
     topic: str

@@ -25,7 +25,7 @@ from schemas import codec
 from schemas.events import DeliveryAttempted, DeliveryDeadLettered, MailFetched, RecipientsResolved
 from schemas.topics import DEAD_LETTERS, DELIVERY_ATTEMPTS, FETCHED, ROUTED
 from services.runtime.lag import StageLag, lag_report, position
-from services.runtime.log import LogError, LogProducer, Outgoing, Record, TopicPartition
+from services.runtime.log import LogError, LogProducer, LogRefusedError, Outgoing, Record, TopicPartition
 from services.runtime.replay import PartitionWindow, ResetPlan, WindowPlan, reset_plan, to_ms, window_plan
 from services.runtime.settings import DeploymentSettings
 from services.runtime.stages import Stage
@@ -112,7 +112,7 @@ async def _ends_or_none(log: OpsLog, topic: str) -> dict[int, int] | None:
     try:
         return await log.end_offsets(topic)
     except LogError as exc:
-        if exc.retriable:
+        if exc.retriable or isinstance(exc, LogRefusedError):
             raise
         return None  # the embedded log's "unknown topic": the stage has not created it yet
 

@@ -12,7 +12,9 @@ turns that into:
   group coordinator again (aiokafka's INFO line "Discovered coordinator", which `install` lets through to
   the filter only as that signal: aiokafka's INFO lines are never written).
 
-Other aiokafka warnings (group rebalances) pass, at most `burst` per message template per `every` seconds.
+Lines reporting a refused authorization or login are dropped: the refusal also reaches the caller as an
+error, which the stage or command says in one line. Other aiokafka warnings (group rebalances) pass, at
+most `burst` per message template per `every` seconds.
 The stages' own "waiting for the broker" lines go through `BrokerOutage.failed` too, so they count as
 attempts and share the same bound. Time is injected (`clock`, monotonic seconds) for the tests.
 """
@@ -49,6 +51,16 @@ _UNREACHABLE = (
     "Unable to bootstrap",
     "Coordinator dead",
 )
+
+
+# Error names in aiokafka lines that report the broker refusing this user (ACLs, login). Such a refusal also
+# reaches the caller as a KafkaError, which the stage or command reports in one line and exits on.
+_REFUSALS = ("AuthorizationFailed", "SaslAuthenticationFailed")
+
+
+def is_refusal(message: str) -> bool:
+    """True for an aiokafka line that reports an authorization or login refusal."""
+    return any(name in message for name in _REFUSALS)
 
 
 def is_unreachable(template: str) -> bool:
@@ -149,6 +161,8 @@ class KafkaLogThrottle(logging.Filter):
             if self.broker.down and str(record.msg).startswith(RECONNECTED):
                 self.broker.recovered()
             return False  # aiokafka's INFO chatter stays out (services.runtime.logs)
+        if is_refusal(record.getMessage()):
+            return False  # the refusal reaches our code as an error, which says it in one line
         template = str(record.msg)
         if is_unreachable(template) or self.broker.down:
             return self._failure(record)

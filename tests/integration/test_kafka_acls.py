@@ -187,20 +187,7 @@ WITHOUT_ACLS = {
     "dlq list": ("dlq", "list"),
     "replay": ("replay", "router", "--from", "2026-01-01T00:00"),
 }
-# Found by this test (issue 17), in code other branches are changing: strict, so a fix shows as XPASS and
-# the mark must go.
-KNOWN_DEFECTS = {
-    "fetcher": "a KafkaLogError (ClusterAuthorizationFailed at producer start) ends in a traceback",
-    "router": "a KafkaLogError (create topic: TopicAuthorizationFailed) ends in a traceback",
-    "deliverer": "aiokafka's own ERROR log line is printed before popbridge's Error line",
-    "lag": "exits 0 and reports every topic as 'no such topic yet': unauthorized reads as missing",
-    "dlq list": "aiokafka's own ERROR log line is printed before popbridge's Error line",
-}
-CASES = [pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_DEFECTS[name], strict=True))
-         if name in KNOWN_DEFECTS else name for name in WITHOUT_ACLS]
-
-
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", list(WITHOUT_ACLS))
 def test_a_user_without_acls_fails_with_one_clear_line(
     acl_broker: AclBroker, dovecot: DovecotMailboxes, smtp_sink: SmtpSink, tmp_path: Path, name: str,
 ) -> None:

@@ -133,3 +133,14 @@ def test_connection_failures_are_recognised(template: str) -> None:
 
 def test_a_rebalance_message_is_not_an_outage() -> None:
     assert not is_unreachable("Heartbeat failed for group %s because it is rebalancing")
+
+
+def test_an_authorization_refusal_from_aiokafka_is_left_to_the_caller_s_one_line() -> None:
+    throttle = KafkaLogThrottle(BrokerOutage(clock=lambda: 0.0))
+    record = logging.LogRecord("aiokafka.producer.sender", logging.ERROR, __file__, 1,
+                               "Unexpected error during InitProducerIdRequest: %s",
+                               ("<class 'aiokafka.errors.ClusterAuthorizationFailedError'>",), None)
+    assert throttle.filter(record) is False
+    other = logging.LogRecord("aiokafka.consumer.group_coordinator", logging.WARNING, __file__, 1,
+                              "Heartbeat failed: local member_id was not recognized", (), None)
+    assert throttle.filter(other) is True
