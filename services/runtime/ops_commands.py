@@ -19,7 +19,7 @@ import click
 from services.runtime.connect import open_log
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.kafka import KafkaLog
-from services.runtime.lag import StageLag, Thresholds, breaches, lag_json, lag_text
+from services.runtime.lag import UNKNOWN, StageLag, Thresholds, lag_json, lag_status, lag_text
 from services.runtime.log import LogError
 from services.runtime.oneshot import run_bounded, timeout_option
 from services.runtime.ops import (
@@ -78,20 +78,26 @@ async def gather_lag(log: OpsLog, stages: Sequence[Stage], now: datetime) -> lis
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the table.")
 @click.option("--max-lag", type=click.IntRange(min=0), metavar="N",
-              help="Exit 1 when a stage's total lag exceeds N messages.")
+              help="Warning (exit 1) when a stage's total lag exceeds N messages.")
 @click.option("--max-age", type=click.FloatRange(min=0), metavar="SECONDS",
-              help="Exit 1 when a stage's oldest unprocessed message is older than SECONDS.")
+              help="Warning (exit 1) when a stage's oldest unprocessed message is older than SECONDS.")
+@click.option("--critical-lag", type=click.IntRange(min=0), metavar="N",
+              help="Critical (exit 2) when a stage's total lag exceeds N messages.")
+@click.option("--critical-age", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Critical (exit 2) when a stage's oldest unprocessed message is older than SECONDS.")
 @click.option("--stage", "only", multiple=True, metavar="STAGE", help="Only this stage (repeatable).")
 @timeout_option
 @click.pass_context
 def lag(
-    ctx: click.Context, *, as_json: bool, max_lag: int | None, max_age: float | None, only: tuple[str, ...],
-    timeout: float,
+    ctx: click.Context, *, as_json: bool, max_lag: int | None, max_age: float | None,
+    critical_lag: int | None, critical_age: float | None, only: tuple[str, ...], timeout: float,
 ) -> None:
     """Per stage and partition: committed offset, end offset, lag and the oldest unprocessed message's age.
 
     Retry tiers (deliverer-retry-N) are listed too; their records wait on purpose, so no threshold
-    applies to them.
+    applies to them. Exit codes, whatever the flags (a check runner's convention): 0 every stage within
+    the limits given (or none given), 1 a --max-* limit exceeded, 2 a --critical-* limit exceeded, 3 the
+    log could not be read (unreachable within --timeout, or this user refused).
     """
     settings = settings_of(ctx)
     stages = _select(declared_stages(settings), only)
@@ -99,14 +105,14 @@ def lag(
     try:
         reports = run_bounded(lambda: gather_lag(ops_log(settings), stages, now), timeout)
     except LogError as exc:
-        fail(str(exc))
-    limits = Thresholds(max_lag, max_age)
+        click.echo(f"popbridge: {exc}", err=True)
+        raise SystemExit(UNKNOWN) from None
+    limits = Thresholds(max_lag, max_age, critical_lag, critical_age)
     if as_json:
         click.echo(json.dumps(lag_json(reports, limits, now), indent=2))
     else:
         click.echo("\n".join(lag_text(reports, limits)))
-    if breaches(reports, limits):
-        raise SystemExit(1)
+    raise SystemExit(lag_status(reports, limits))
 
 
 def _select(stages: Sequence[Stage], only: Sequence[str]) -> list[Stage]:

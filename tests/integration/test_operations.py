@@ -148,6 +148,10 @@ async def test_lag_is_what_was_produced_minus_what_the_group_committed(
     assert "THRESHOLD EXCEEDED: router: lag 12 > 11" in over.stdout
     within = await popbridge(deployment, "lag", "--stage", "router", "--max-lag", "12", "--max-age", "3600")
     assert within.exit_code == 0, within.output
+    critical = await popbridge(deployment, "lag", "--stage", "router", "--max-lag", "1",
+                               "--critical-lag", "11")
+    assert critical.exit_code == 2
+    assert "CRITICAL: router: lag 12 > 11" in critical.stdout
 
 
 # --- replay ----------------------------------------------------------------------------------------

@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from services.router.app import repartition_topic
-from services.runtime.lag import PartitionLag, StageLag, Thresholds, breaches, lag_json, lag_report, lag_text
+from services.runtime.lag import (
+    CRITICAL,
+    OK,
+    WARNING,
+    PartitionLag,
+    StageLag,
+    Thresholds,
+    breaches,
+    lag_json,
+    lag_report,
+    lag_status,
+    lag_text,
+)
 from services.runtime.log import TopicPartition
 from services.runtime.settings import DeploymentSettings
 from services.runtime.stages import declared_stages, router_repartition_topic, stage_named
@@ -86,3 +98,20 @@ def test_the_deliverer_and_its_retry_tiers_are_declared() -> None:
     assert not stages["deliverer"].waits
     assert stages["deliverer-retry-1"].group == "popbridge-deliverer-retry-1"
     assert stages["deliverer-retry-1"].waits
+
+
+def test_the_exit_status_is_the_worst_limit_exceeded_whatever_the_flags() -> None:
+    stages = [stage("deliverer", 50, 1200.0), stage("deliverer-retry-1", 900, 90000.0, waits=True)]
+    assert lag_status(stages, Thresholds()) == OK  # no limits: a report, never an alarm
+    assert lag_status(stages, Thresholds(max_lag=100)) == OK
+    assert lag_status(stages, Thresholds(max_lag=10)) == WARNING
+    assert lag_status(stages, Thresholds(max_lag=10, critical_age=600)) == CRITICAL
+    assert lag_status(stages, Thresholds(critical_lag=100, critical_age=3600)) == OK  # retry tiers wait
+
+
+def test_the_json_report_says_its_status_and_which_stages_thresholds_apply_to() -> None:
+    document = lag_json([stage("router", 5, 12.5), stage("deliverer-retry-1", 9, 99.0, waits=True)],
+                        Thresholds(max_lag=1, critical_lag=4), NOW)
+    assert document["status"] == "critical"
+    assert document["critical"] == ["router: lag 5 > 4"]
+    assert [s["thresholds_apply"] for s in document["stages"]] == [True, False]
