@@ -1,4 +1,4 @@
-"""Throughput of the embedded log (services/runtime/embedded.py): send and consume, 1 KB and 100 KB values.
+"""Throughput of the embedded log (services/runtime/embedded/): send and consume, 1 KB and 100 KB values.
 
     /work/venv/bin/python bench/embedded_log.py [--records N] [--dir PATH] [--synchronous FULL|NORMAL]
 

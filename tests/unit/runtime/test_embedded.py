@@ -1,4 +1,4 @@
-"""services/runtime/embedded.py: the SQLite log a one-machine install runs on."""
+"""services/runtime/embedded/: the SQLite log a one-machine install runs on."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from services.runtime.embedded import (
     DB_NAME,
     EmbeddedLog,
     EmbeddedLogError,
-    _process_gone,
     assign,
     partition_for_key,
 )
+from services.runtime.embedded.groups import process_gone
 from services.runtime.log import Log, LogConsumer, Outgoing, Record, TopicPartition, next_offsets
 from services.runtime.ops import OpsLog
 
@@ -525,11 +525,11 @@ def test_a_member_whose_process_is_gone_is_dead_at_once() -> None:
         time.sleep(0.01)
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        assert _process_gone(f"{host}:{exited.pid}")
-        assert _process_gone(f"{host}:{zombie.pid}")
-        assert not _process_gone(f"{host}:{running.pid}")
-        assert not _process_gone(f"{host}:{os.getpid()}")
-        assert not _process_gone(f"another-{host}:{exited.pid}")
+        assert process_gone(f"{host}:{exited.pid}")
+        assert process_gone(f"{host}:{zombie.pid}")
+        assert not process_gone(f"{host}:{running.pid}")
+        assert not process_gone(f"{host}:{os.getpid()}")
+        assert not process_gone(f"another-{host}:{exited.pid}")
     finally:
         running.kill()
         running.wait()
