@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Awaitable
-from typing import TypeVar
+from types import TracebackType
+from typing import Self, TypeVar
 
 T = TypeVar("T")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+_logger = logging.getLogger(__name__)
 
 
 def stop_on_signals() -> asyncio.Event:
@@ -20,6 +24,35 @@ def stop_on_signals() -> asyncio.Event:
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     return stop
+
+
+class StopSignals:
+    """SIGTERM and SIGINT handlers in the running loop: the first sets `stop`, says so in one line, and
+    stays in `received` (for an exit code). As a context manager the handlers are removed on exit, for a
+    command that may run more than once in a process (`popbridge run` from tests)."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.received: signal.Signals | None = None
+        self._loop = asyncio.get_running_loop()
+        for signum in STOP_SIGNALS:
+            self._loop.add_signal_handler(signum, self._receive, signum)
+
+    def _receive(self, signum: signal.Signals) -> None:
+        if self.received is None:
+            _logger.info("%s received: stopping at the next safe point", signum.name)
+            self.received = signum
+            self.stop.set()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for signum in STOP_SIGNALS:
+            with contextlib.suppress(ValueError, RuntimeError):  # the loop may be closing already
+                self._loop.remove_signal_handler(signum)
 
 
 async def until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:

@@ -46,7 +46,7 @@ from services.runtime.log import LogError
 from services.runtime.metrics import Metrics
 from services.runtime.pipeline_gauges import DEFAULT_INTERVAL, pipeline_watch
 from services.runtime.settings import DeploymentSettings, MailConfig, load_config
-from services.runtime.signals import STOP_SIGNALS, until_stopped
+from services.runtime.signals import StopSignals, until_stopped
 from services.runtime.stages import stages_run_by
 
 log = logging.getLogger("popbridge.run")
@@ -219,23 +219,10 @@ class Pipeline:
 
 async def run_until_signal(pipeline: Pipeline, *, until_idle: bool) -> RunSummary:
     """Run the pipeline; SIGTERM or SIGINT stops it after the batches in hand are committed."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def stopping(signum: signal.Signals) -> None:
-        if not stop.is_set():
-            log.info("%s received: stopping at the next safe point", signum.name)
-            pipeline.summary.stopped_by = signum
-            stop.set()
-
-    for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, stopping, signum)
-    try:
-        return await pipeline.run(until_idle=until_idle, stop=stop)
-    finally:
-        for signum in STOP_SIGNALS:
-            with contextlib.suppress(ValueError, RuntimeError):
-                loop.remove_signal_handler(signum)
+    with StopSignals() as signals:
+        summary = await pipeline.run(until_idle=until_idle, stop=signals.stop)
+    summary.stopped_by = signals.received
+    return summary
 
 
 def log_error_in(exc: BaseException) -> LogError | None:

@@ -53,10 +53,10 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_signal_sets_the_stop_event_and_the_process_ends_cleanly(signum: signal.Signals) -> None:
-    # A child process, so the signal never reaches pytest itself.
-    with subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True,
+def signalled(script: str, signum: signal.Signals) -> tuple[str, int]:
+    """Run `script` in a child process (so the signal never reaches pytest itself), send it `signum`
+    once it printed "ready", and return what it printed after that and its exit code."""
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                           cwd=Path(__file__).resolve().parents[3]) as child:
         try:
             assert child.stdout is not None
@@ -65,4 +65,27 @@ def test_a_stop_signal_sets_the_stop_event_and_the_process_ends_cleanly(signum: 
             out, _ = child.communicate(timeout=20)
         finally:
             child.kill()  # no-op once it exited; ends it when an assertion failed first
-    assert (out, child.returncode) == ("stopped\n", 0)
+    return out, child.returncode
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_sets_the_stop_event_and_the_process_ends_cleanly(signum: signal.Signals) -> None:
+    assert signalled(CHILD, signum) == ("stopped\n", 0)
+
+STOP_SIGNALS_CHILD = """
+import asyncio, signal
+from services.runtime.signals import StopSignals
+
+async def main() -> None:
+    with StopSignals() as signals:
+        print("ready", flush=True)
+        await signals.stop.wait()
+    print(signals.received.name, signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signals_names_the_signal_and_removes_its_handlers(signum: signal.Signals) -> None:
+    assert signalled(STOP_SIGNALS_CHILD, signum) == (f"{signum.name} True\n", 0)
