@@ -26,7 +26,7 @@ COMMANDS = {
     "deliverer": "services.deliverer.commands:deliverer",
     "dlq": "services.deliverer.commands:dlq",
     "run": "services.single.run:run",
-    "demo": "services.single.demo:demo",
+    "demo": "services.demo.demo:demo",
     "lag": "services.runtime.ops_commands:lag",
     "replay": "services.runtime.ops_commands:replay",
     "replay-shadow": "services.router.shadow:replay_shadow",  # hidden: `popbridge replay router --shadow`

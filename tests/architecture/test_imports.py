@@ -2,6 +2,8 @@
 
 - `schemas` imports only msgspec and the standard library;
 - no service imports another service: what two share lives in `schemas` or `services.runtime`;
+- the composition roots are imported by nobody: `services.single` (`popbridge run`) only by the demo
+  built on it, `services.demo` not at all (services.cli loads both commands lazily, by name);
 - the pure "decide" modules load no I/O or framework library, not even transitively.
 """
 
@@ -17,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("fetcher", "router", "deliverer")
+COMPOSITION_ROOTS = ("single", "demo")
 
 PURE_MODULES = [
     "services.router.headers",
@@ -92,7 +95,7 @@ def test_schemas_import_only_msgspec_and_the_standard_library() -> None:
 def test_no_service_imports_another_service(service: str) -> None:
     others = {f"services.{other}" for other in SERVICES if other != service} | {
         "services.cli",
-        "services.single",
+        *(f"services.{root}" for root in COMPOSITION_ROOTS),
     }
     offenders = {
         f"{path.relative_to(ROOT)}: {name}"
@@ -108,9 +111,31 @@ def test_runtime_imports_no_service() -> None:
         f"{path.relative_to(ROOT)}: {name}"
         for path in python_files("services.runtime")
         for name in imported_modules(path)
-        if any(name.startswith(f"services.{s}") for s in (*SERVICES, "single")) or name == "services.cli"
+        if any(name.startswith(f"services.{s}") for s in (*SERVICES, *COMPOSITION_ROOTS))
+        or name == "services.cli"
     }
     assert not offenders
+
+
+def _importers(module: str, *, besides: str) -> set[str]:
+    """The files of `schemas` and `services`, outside the package `besides`, that import `module`."""
+    return {
+        f"{path.relative_to(ROOT)}: {name}"
+        for package in ("schemas", "services")
+        for path in python_files(package)
+        if not path.is_relative_to(ROOT / besides.replace(".", "/"))
+        for name in imported_modules(path)
+        if name == module or name.startswith(module + ".")
+    }
+
+
+def test_the_runner_is_imported_only_by_the_demo_built_on_it() -> None:
+    importers = _importers("services.single", besides="services.single")
+    assert not {line for line in importers if not line.startswith("services/demo/")}
+
+
+def test_the_demo_is_imported_by_nobody() -> None:
+    assert not _importers("services.demo", besides="services.demo")
 
 
 def test_pure_modules_load_no_io_or_framework_library() -> None:

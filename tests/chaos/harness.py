@@ -31,9 +31,9 @@ from typing import Any
 from schemas import codec
 from schemas.events import DeliveryDeadLettered
 from schemas.topics import DEAD_LETTERS
+from services.demo.dovecot import dovecot_binary
 from services.runtime.kafka import KafkaLog
 from services.runtime.settings import DeploymentSettings
-from services.single.demo_dovecot import dovecot_binary
 from tests.chaos import mail
 from tests.chaos.accounting import Kill, Observations, account
 from tests.chaos.observe import KafkaState, journal_copies, read_kafka, token_of, tokens_in_maildirs

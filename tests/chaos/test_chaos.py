@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from services.single.demo_dovecot import dovecot_binary
+from services.demo.dovecot import dovecot_binary
 from tests.chaos.harness import Options, run
 from tests.chaos.report import Report, failures, table
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services.single.demo_dovecot import dovecot_binary
+from services.demo.dovecot import dovecot_binary
 
 pytestmark = pytest.mark.integration
 

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from services.single.demo_dovecot import dovecot_binary, group_alive
+from services.demo.dovecot import dovecot_binary, group_alive
 
 HOST = "127.0.0.1"
 TLS_HOSTNAME = "localhost"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from services.single.demo_pop3 import stored_form, stuffed
+from services.demo.pop3 import stored_form, stuffed
 
 HOST = "127.0.0.1"
 LOGIN = "victim"

@@ -1,7 +1,7 @@
 """`popbridge demo`: the whole pipeline on this machine, with throwaway servers, in a few seconds.
 
-A POP3 server on loopback holds a catch-all mailbox filled with sample mail (services.single.samples):
-Dovecot when it is installed, else the built-in one (demo_pop3). A small SMTP receiver (demo_smtp) plays
+A POP3 server on loopback holds a catch-all mailbox filled with sample mail (services.demo.samples):
+Dovecot when it is installed, else the built-in one (pop3.py). A small SMTP receiver (smtp.py) plays
 the organisation's mail server. `popbridge run --until-idle` then runs on the embedded log in a temporary
 data directory, and the demo prints who received each message and why. Everything it started is stopped
 and the temporary directory removed, whatever happens.
@@ -28,14 +28,14 @@ import click
 from schemas import codec
 from schemas.events import RecipientsResolved
 from schemas.topics import ROUTED
+from services.demo.dovecot import DemoDovecot, DovecotError, dovecot_binary
+from services.demo.pop3 import DemoPop3Server
+from services.demo.samples import DEMO_USER, PASSWORD_ENV, Sample, config_toml, samples
+from services.demo.smtp import DemoSmtpServer, ReceivedMail
 from services.runtime.connect import open_log
 from services.runtime.log import Log
 from services.runtime.settings import DeploymentSettings, load_config
-from services.single.demo_dovecot import DemoDovecot, DovecotError, dovecot_binary
-from services.single.demo_pop3 import DemoPop3Server
-from services.single.demo_smtp import DemoSmtpServer, ReceivedMail
 from services.single.run import Pipeline, RunSummary
-from services.single.samples import DEMO_USER, PASSWORD_ENV, Sample, config_toml, samples
 
 LOCAL_DOMAIN = "example.com"
 

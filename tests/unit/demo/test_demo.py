@@ -1,4 +1,4 @@
-"""services/single/demo.py and samples.py: each sample goes where its case says, and the whole demo runs
+"""services/demo/demo.py and samples.py: each sample goes where its case says, and the whole demo runs
 in-process against the built-in POP3 server."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from services.demo.demo import healthy, render, run_demo
+from services.demo.samples import config_toml, samples
 from services.router.rules import resolve
 from services.runtime.settings import load_config
-from services.single.demo import healthy, render, run_demo
-from services.single.samples import config_toml, samples
 
 EXPECTED = {
     "Bcc: dave is named only in Delivered-To": ("dave@example.com",),

@@ -1,11 +1,11 @@
-"""services/single/demo_pop3.py: the demo's POP3 server, driven by popbridge's own POP3 client."""
+"""services/demo/pop3.py: the demo's POP3 server, driven by popbridge's own POP3 client."""
 
 from __future__ import annotations
 
 import pytest
 
+from services.demo.pop3 import DemoPop3Server, stored_form
 from services.fetcher.pop3 import Pop3AuthError, Pop3Client
-from services.single.demo_pop3 import DemoPop3Server, stored_form
 
 MESSAGES = [b"Subject: one\n\n.leading dot\nend\n", b"Subject: two\r\n\r\nbody"]
 

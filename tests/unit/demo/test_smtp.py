@@ -1,10 +1,10 @@
-"""services/single/demo_smtp.py: the demo's SMTP receiver, fed by popbridge's own SMTP transport."""
+"""services/demo/smtp.py: the demo's SMTP receiver, fed by popbridge's own SMTP transport."""
 
 from __future__ import annotations
 
 from services.deliverer.smtp import SmtpTransport
+from services.demo.smtp import DemoSmtpServer
 from services.runtime.settings import SmtpTarget
-from services.single.demo_smtp import DemoSmtpServer
 
 MESSAGE = b"Subject: hi\r\n\r\n.a line with a leading dot\r\nbye\r\n"
 
