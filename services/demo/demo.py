@@ -62,8 +62,11 @@ class DemoResult:
 class Pop3Prop(Protocol):
     """What the demo needs of its POP3 server: an address, and how many messages it still holds."""
 
-    host: str
-    port: int
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
 
     @property
     def remaining(self) -> int: ...
