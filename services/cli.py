@@ -1,8 +1,9 @@
 """The `popbridge` command: one click group whose subcommands load lazily from the services.
 
 This is the only module that reads the environment: `POPBRIDGE_*` variables become a
-`DeploymentSettings` on the click context object (`ctx.obj`), and the environment mapping is handed to
-the commands that resolve referenced secrets. A `ConfigError` anywhere becomes one line and exit code 2.
+`DeploymentSettings` on the click context object (a `services.runtime.context.CommandContext`), with the
+environment mapping for the commands that resolve referenced secrets. A `ConfigError` anywhere becomes one
+line and exit code 2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import click
 
+from services.runtime.context import CommandContext
 from services.runtime.logs import setup_logging
 from services.runtime.settings import ConfigError, DeploymentSettings
 
@@ -90,15 +92,7 @@ def cli(ctx: click.Context) -> None:
     settings = deployment_settings(environ)
     json_logs = {"json": True, "text": False}.get(environ.get("POPBRIDGE_LOG_FORMAT", ""))
     setup_logging(settings.log_level, json_lines=json_logs)
-    ctx.obj = Context(settings=settings, environ=environ)
-
-
-class Context:
-    """What every command receives: deployment settings and the environment for secret references."""
-
-    def __init__(self, settings: DeploymentSettings, environ: dict[str, str]) -> None:
-        self.settings = settings
-        self.environ = environ
+    ctx.obj = CommandContext(settings=settings, environ=environ)
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -1,7 +1,7 @@
 """`popbridge deliverer` (the delivery stage) and `popbridge dlq list | show | retry` (its dead letters).
 
-Both read the deployment settings from `ctx.obj` (set by services.cli; used duck-typed, as services do
-not import the CLI) and open the log with services.runtime.connect.open_log. A config mistake raises
+Both take the deployment settings from the typed command context (services.runtime.context, set by
+services.cli) and open the log with services.runtime.connect.open_log. A config mistake raises
 ConfigError (one line, exit code 2); a log that refuses is one line and exit code 1. The `dlq` commands
 give up after `--timeout` seconds without an answer (one line, exit code 3: services.runtime.oneshot);
 the `deliverer` waits for the broker instead. The SMTP password is read here, from `password_env` or
@@ -32,6 +32,7 @@ from services.deliverer.service import Counts, Deliverer
 from services.deliverer.smtp import SmtpTransport, TokenSource
 from services.runtime.broker_wait import broker_ready
 from services.runtime.connect import open_log
+from services.runtime.context import CommandContext, pass_command_context
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.health import LagWatch, ProgressTracker, serve_health
 from services.runtime.kafka import KafkaLog
@@ -42,15 +43,6 @@ from services.runtime.pipeline_gauges import pipeline_watch
 from services.runtime.secrets import read_secret, read_token
 from services.runtime.settings import DeploymentSettings, MailConfig, SmtpTarget, load_config
 from services.runtime.signals import stop_on_signals
-
-
-def _deployment(ctx: click.Context) -> tuple[DeploymentSettings, Mapping[str, str]]:
-    settings = getattr(ctx.obj, "settings", None)
-    if not isinstance(settings, DeploymentSettings):
-        raise click.UsageError("run this command as `popbridge ...` (no deployment settings on the context)")
-    environ: Mapping[str, str] = getattr(ctx.obj, "environ", {})
-    return settings, environ
-
 
 T = TypeVar("T")
 
@@ -99,10 +91,10 @@ def _bounded(work: Callable[[], Awaitable[T]], timeout: float, *, retry: bool = 
               help="The mail configuration (TOML); its [delivery] table names the server.")
 @click.option("--until-idle", is_flag=True,
               help="Exit once the routed topic is read to its end and no retry is due.")
-@click.pass_context
-def deliverer(ctx: click.Context, config_path: Path, until_idle: bool) -> None:
+@pass_command_context
+def deliverer(context: CommandContext, config_path: Path, until_idle: bool) -> None:
     """Deliver routed messages to the organisation's SMTP/LMTP server, one copy per recipient."""
-    settings, environ = _deployment(ctx)
+    settings, environ = context.settings, context.environ
     config = load_config(config_path)
     target = config.delivery
     password, token = smtp_password(target, environ), smtp_token(target, environ)
@@ -193,10 +185,11 @@ def dlq() -> None:
 @dlq.command("list")
 @click.option("--all", "show_all", is_flag=True, help="Also those delivered since by a retry.")
 @timeout_option
-@click.pass_context
-def dlq_list(ctx: click.Context, show_all: bool, timeout: float) -> None:
+@pass_command_context
+def dlq_list(
+    context: CommandContext, show_all: bool, timeout: float) -> None:
     """One line per dead letter: id, when, recipient, server reply."""
-    settings, _ = _deployment(ctx)
+    settings = context.settings
     letters = _bounded(lambda: dead_letters(open_log(settings), settings), timeout)
     for letter in letters:
         if show_all or not letter.delivered_since:
@@ -216,10 +209,11 @@ def summary(letter: DeadLetter) -> str:
 @click.argument("letter_id")
 @click.option("--recipient", help="Only the copy for this recipient.")
 @timeout_option
-@click.pass_context
-def dlq_show(ctx: click.Context, letter_id: str, recipient: str | None, timeout: float) -> None:
+@pass_command_context
+def dlq_show(
+    context: CommandContext, letter_id: str, recipient: str | None, timeout: float) -> None:
     """The details of a dead letter: why it failed, what the server said, which message it is."""
-    settings, _ = _deployment(ctx)
+    settings = context.settings
     letters = _bounded(lambda: dead_letters(open_log(settings), settings), timeout)
     for letter in _matching(letters, letter_id, recipient):
         click.echo(describe(letter))
@@ -251,14 +245,14 @@ def describe(letter: DeadLetter) -> str:
 @click.option("--recipient", help="Only the copy for this recipient.")
 @click.option("--all", "retry_all", is_flag=True, help="Every open dead letter.")
 @timeout_option
-@click.pass_context
+@pass_command_context
 def dlq_retry(
-    ctx: click.Context, letter_id: str | None, recipient: str | None, retry_all: bool, timeout: float
+    context: CommandContext, letter_id: str | None, recipient: str | None, retry_all: bool, timeout: float
 ) -> None:
     """Try dead letters again: they go back to the first retry tier, with a fresh maximum age."""
     if not retry_all and not letter_id:
         raise click.UsageError("name a dead letter id, or use --all")
-    settings, _ = _deployment(ctx)
+    settings = context.settings
     log = open_log(settings)
     letters = _bounded(lambda: dead_letters(log, settings), timeout)
     chosen = letters if retry_all else _matching(letters, letter_id or "", recipient)
