@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from services.cli import cli, deployment_settings
-from services.deliverer.commands import dlq
+from services.ops.dlq import dlq
 from services.runtime.context import CommandContext
 from tests.support.deliverer import deployment, publish, routed_event
 from tests.support.smtp import SmtpSink

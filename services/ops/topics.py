@@ -5,10 +5,10 @@ from __future__ import annotations
 import click
 
 from schemas.topics import TOPICS, TopicSpec
+from services.ops.oneshot import run_bounded, timeout_option
 from services.runtime.connect import kafka_log
 from services.runtime.context import CommandContext, pass_command_context
 from services.runtime.log import LogError
-from services.runtime.oneshot import run_bounded, timeout_option
 from services.runtime.settings import ConfigError, DeploymentSettings
 from services.runtime.stages import router_internal_topics
 
