@@ -21,7 +21,7 @@ from typing import Protocol
 
 from schemas.events import DeliveryAttempted, DeliveryDeadLettered, MailFetched, RecipientsResolved
 from schemas.topics import DEAD_LETTERS, DELIVERY_ATTEMPTS, FETCHED, ROUTED
-from services.ops.reader import events
+from services.ops.reader import events, read_chunks
 from services.ops.replay import PartitionWindow, ResetPlan, WindowPlan, reset_plan, to_ms, window_plan
 from services.ops.trace import Step, TracedEvent, TraceQuery, step_of, timelines
 from services.runtime.log import LogProducer, Outgoing, TopicPartition
@@ -84,8 +84,8 @@ async def copy_window(log: CopyLog, plan: WindowPlan, *, chunk: int = 100) -> di
 
 async def _copy(log: OpsLog, producer: LogProducer, window: PartitionWindow, chunk: int) -> int:
     copied = 0
-    for start in range(window.start, window.end, chunk):
-        records = await log.read(window.topic, window.partition, start, min(window.end, start + chunk))
+    chunks = read_chunks(log, window.topic, window.partition, window.start, window.end, chunk=chunk)
+    async for records in chunks:
         await producer.send_all([Outgoing(window.topic, r.value, key=r.key) for r in records])
         copied += len(records)
     return copied
