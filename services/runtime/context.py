@@ -2,8 +2,9 @@
 
 `services.cli` builds one `CommandContext` per run (settings from `POPBRIDGE_*`, the environment for
 secret references, and what the composition root wires in); a command takes it with `@pass_command_context`
-instead of reading `ctx.obj`. A command run without the group (no object on the click context) is a usage
-error, one line.
+instead of reading `ctx.obj`. A command invoked outside the group must be given one (a test does:
+`CliRunner().invoke(command, obj=CommandContext(...))`); without it click raises RuntimeError, a
+programming error rather than a user's.
 """
 
 from __future__ import annotations
