@@ -2,6 +2,8 @@
 
 - `schemas` imports only msgspec and the standard library;
 - no service imports another service: what two share lives in `schemas` or `services.runtime`;
+- `services.ops` (the operator commands) imports `schemas` and `services.runtime` only, and nothing
+  but the composition root (`services.cli`) imports it;
 - the pure "decide" modules load no I/O or framework library, not even transitively.
 """
 
@@ -30,8 +32,10 @@ PURE_MODULES = [
     "services.deliverer.outcome",
     "services.deliverer.trace",
     "services.runtime.lag",
-    "services.runtime.replay",
-    "services.runtime.trace",
+    "services.ops.lag",
+    "services.ops.replay",
+    "services.ops.trace",
+    "services.ops.dead_letters",
     "services.runtime.stages",
 ]
 # Never loaded by a decide module, not even through another module.
@@ -88,29 +92,37 @@ def test_schemas_import_only_msgspec_and_the_standard_library() -> None:
     assert not offenders
 
 
+def imports_of(paths: list[Path], forbidden: tuple[str, ...]) -> set[str]:
+    """`path: module` for every import in `paths` of a module in or under a `forbidden` package."""
+    return {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in paths
+        for name in imported_modules(path)
+        if any(name == f or name.startswith(f + ".") for f in forbidden)
+    }
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_no_service_imports_another_service(service: str) -> None:
-    others = {f"services.{other}" for other in SERVICES if other != service} | {
-        "services.cli",
-        "services.single",
-    }
-    offenders = {
-        f"{path.relative_to(ROOT)}: {name}"
-        for path in python_files(f"services.{service}")
-        for name in imported_modules(path)
-        if any(name == o or name.startswith(o + ".") for o in others)
-    }
-    assert not offenders
+    others = tuple(f"services.{other}" for other in SERVICES if other != service)
+    forbidden = (*others, "services.cli", "services.single", "services.ops")
+    assert not imports_of(python_files(f"services.{service}"), forbidden)
 
 
 def test_runtime_imports_no_service() -> None:
-    offenders = {
-        f"{path.relative_to(ROOT)}: {name}"
-        for path in python_files("services.runtime")
-        for name in imported_modules(path)
-        if any(name.startswith(f"services.{s}") for s in (*SERVICES, "single")) or name == "services.cli"
-    }
-    assert not offenders
+    forbidden = (*(f"services.{s}" for s in SERVICES), "services.single", "services.ops", "services.cli")
+    assert not imports_of(python_files("services.runtime"), forbidden)
+
+
+def test_ops_imports_only_schemas_and_the_runtime() -> None:
+    forbidden = (*(f"services.{s}" for s in SERVICES), "services.single", "services.cli")
+    assert not imports_of(python_files("services.ops"), forbidden)
+
+
+def test_only_the_composition_root_imports_ops() -> None:
+    outside = [path for path in python_files("services")
+               if not path.is_relative_to(ROOT / "services" / "ops") and path != ROOT / "services" / "cli.py"]
+    assert not imports_of(outside, ("services.ops",))
 
 
 def test_pure_modules_load_no_io_or_framework_library() -> None:

@@ -29,7 +29,7 @@ from services.runtime.embedded import (
     partition_for_key,
 )
 from services.runtime.log import Log, LogConsumer, Outgoing, Record, TopicPartition, next_offsets
-from services.runtime.ops import OpsLog
+from services.runtime.ops_log import OpsLog
 
 TOPIC = "mail"
 
