@@ -26,8 +26,8 @@ from typing import Any
 import yaml
 
 from schemas import topics
+from services.ops.shadow import shadow_spec
 from services.router.app import internal_topics
-from services.router.shadow import shadow_spec
 from services.runtime.settings import DeploymentSettings
 
 BASE = Path(__file__).resolve().parents[1] / "k8s" / "base"

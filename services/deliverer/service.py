@@ -257,17 +257,25 @@ class Deliverer:
             self.metrics.skipped("deliverer", sum(job is None for _, job in items))
         jobs = [job for job in (self._claim(job) for _, job in items if job is not None) if job is not None]
         try:
-            results = await asyncio.gather(*(self._attempt(job) for job in jobs))
-            await self._publish([out for result in results for out in self._outgoing(result)])
+            results = await asyncio.gather(*(self._attempt_and_record(job) for job in jobs))
         finally:
             for job in jobs:
                 self._in_flight.difference_update((job.routed.fetch_id, r) for r in job.recipients)
         for result in results:
             self.counts.add(result)
             self._observe(result)
-            for entry in result.delivered:
-                self._ledger.add(entry)
         await self._notify([dead for result in results for dead in result.dead])
+
+    async def _attempt_and_record(self, job: Job) -> Followups:
+        """One job's attempt, and what follows it made durable at once, not with the rest of the batch:
+        a copy the server accepted reaches the ledger milliseconds later, so a kill of this process
+        sends again only the copies whose SMTP transaction (or ledger write) was under way, never every
+        copy the batch had delivered before (seen in the chaos suite: one kill, 30 copies twice)."""
+        result = await self._attempt(job)
+        await self._publish(self._outgoing(result))
+        for entry in result.delivered:
+            self._ledger.add(entry)
+        return result
 
     async def _publish(self, records: list[Outgoing]) -> None:
         """Make what followed the attempts durable, sending again while the broker is away: the copies

@@ -20,6 +20,7 @@ from services.fetcher.sharing import Handover, MemoryRefresh, Passes, hold_assig
 from services.fetcher.status import Timing
 from services.runtime.broker_wait import Backoff, broker_ready, sleep_or_stop, unwrapped
 from services.runtime.connect import kafka_log
+from services.runtime.context import CommandContext, pass_command_context
 from services.runtime.health import ProgressTracker, serve_health
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import Log, LogError
@@ -190,11 +191,10 @@ async def serve_fetcher(
     "--config", "config_path", type=click.Path(path_type=Path), required=True, help="Mail config (TOML)."
 )
 @click.option("--once", is_flag=True, help="One pass over every mailbox, then exit.")
-@click.pass_obj
-def fetcher(obj: object, config_path: Path, once: bool) -> None:
+@pass_command_context
+def fetcher(context: CommandContext, config_path: Path, once: bool) -> None:
     """Poll the POP3 mailboxes and publish each message to the fetched topic."""
-    settings: DeploymentSettings = obj.settings  # type: ignore[attr-defined]  # services.cli.Context
-    environ: dict[str, str] = obj.environ  # type: ignore[attr-defined]
+    settings, environ = context.settings, context.environ
     config = load_config(config_path)
     if not settings.kafka_bootstrap:
         raise ConfigError("environment: POPBRIDGE_KAFKA_BOOTSTRAP is not set")

@@ -72,3 +72,12 @@ def to_postmaster(event: MailFetched, config: MailConfig, now: datetime, detail:
         routed_at=now,
         raw=event.raw,
     )
+
+
+def route_or_postmaster(event: MailFetched, config: MailConfig, now: datetime) -> RecipientsResolved:
+    """What the router would publish now: the decision, or the postmaster when routing fails (as the router
+    does). The shadow replay (services.ops.shadow) gets it from services.cli as the context's `reroute`."""
+    try:
+        return route_fetched(event, config, now)
+    except Exception as exc:  # the router's own fallback (services.router.app): never lose the message
+        return to_postmaster(event, config, now, f"{type(exc).__name__}: {exc}")

@@ -36,6 +36,7 @@ from aiokafka.errors import (
 from schemas.topics import FETCHED, ROUTED
 from services.router.app import create_app, internal_topics, repartition_topic
 from services.runtime.connect import kafka_log
+from services.runtime.context import CommandContext, pass_command_context
 from services.runtime.health import LagWatch, ProgressTracker, serve_health
 from services.runtime.idle import wait_until_idle
 from services.runtime.kafka import KafkaLog
@@ -195,8 +196,7 @@ async def run_router(settings: DeploymentSettings, config: MailConfig, *, until_
     "--config", "config_path", type=click.Path(path_type=Path), required=True, help="Mail config (TOML)."
 )
 @click.option("--until-idle", is_flag=True, help="Exit once every fetched message is routed and committed.")
-@click.pass_obj
-def router(obj: object, config_path: Path, until_idle: bool) -> None:
+@pass_command_context
+def router(context: CommandContext, config_path: Path, until_idle: bool) -> None:
     """Route fetched messages to their local recipients (faust-streaming app)."""
-    settings: DeploymentSettings = obj.settings  # type: ignore[attr-defined]  # services.cli.Context
-    asyncio.run(run_router(settings, load_config(config_path), until_idle=until_idle))
+    asyncio.run(run_router(context.settings, load_config(config_path), until_idle=until_idle))

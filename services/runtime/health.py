@@ -43,7 +43,7 @@ from aiohttp import web
 
 from services.runtime.log import LogError, TopicPartition
 from services.runtime.metrics import Metrics
-from services.runtime.ops import OpsLog, stage_lag
+from services.runtime.ops_log import OpsLog, stage_lag
 from services.runtime.outage import BROKER
 from services.runtime.settings import ConfigError, DeploymentSettings
 from services.runtime.stages import Stage, stages_run_by

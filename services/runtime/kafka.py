@@ -402,7 +402,7 @@ class KafkaLog:
         finally:
             await consumer.stop()
 
-    # Admin operations for the ops commands (services.runtime.ops: lag, replay, trace). The embedded log
+    # Admin operations for the ops commands (services.runtime.ops_log, used by services.ops). The embedded log
     # (services.runtime.embedded) has the same methods, so the ops code runs against either.
 
     async def start_offsets(self, topic: str) -> dict[int, int]:

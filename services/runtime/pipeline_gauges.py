@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from schemas.topics import DEAD_LETTERS
 from services.runtime.log import LogError
 from services.runtime.metrics import Metrics
-from services.runtime.ops import OpsLog, stage_lag
+from services.runtime.ops_log import OpsLog, stage_lag
 from services.runtime.settings import DeploymentSettings
 from services.runtime.stages import declared_stages
 
@@ -31,7 +31,7 @@ log = logging.getLogger("popbridge.metrics")
 
 DEFAULT_INTERVAL = 30.0  # seconds: the lag watch's and the PodMonitor's interval
 # Costs per poll: per stage topic a few offset lookups and one single-record read per lagging partition
-# (services.runtime.ops), plus two offset lookups for the dead letters.
+# (services.runtime.ops_log), plus two offset lookups for the dead letters.
 
 
 async def topic_records(ops: OpsLog, topic: str) -> int:

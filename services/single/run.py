@@ -38,6 +38,7 @@ from services.fetcher.commands import run_fetcher
 from services.fetcher.service import PassResult
 from services.router.loop import RouterCounts, RouterLoop
 from services.runtime.connect import open_log
+from services.runtime.context import CommandContext, pass_command_context
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.health import HealthServer, LagWatch, ProgressTracker, serve_health
 from services.runtime.idle import is_idle
@@ -247,8 +248,8 @@ def log_error_in(exc: BaseException) -> LogError | None:
     is_flag=True,
     help="One fetch pass, then route and deliver until nothing is left to do now; then exit.",
 )
-@click.pass_obj
-def run(obj: object, config_path: Path, until_idle: bool) -> None:
+@pass_command_context
+def run(context: CommandContext, config_path: Path, until_idle: bool) -> None:
     """Fetch, route and deliver in one process.
 
     The log is the embedded one (SQLite in POPBRIDGE_DATA_DIR, default ~/.local/share/popbridge), or
@@ -256,8 +257,7 @@ def run(obj: object, config_path: Path, until_idle: bool) -> None:
     on either log: run one `popbridge run` per deployment, and not next to `popbridge router` (they
     share the router's consumer group). Topics are created on start.
     """
-    settings: DeploymentSettings = obj.settings  # type: ignore[attr-defined]  # services.cli.Context
-    environ: dict[str, str] = obj.environ  # type: ignore[attr-defined]
+    settings, environ = context.settings, context.environ
     config = load_config(config_path)
     pipeline = Pipeline(open_log(settings), settings, config, environ, health_port=settings.http_port or None)
     try:

@@ -4,6 +4,8 @@
 - no service imports another service: what two share lives in `schemas` or `services.runtime`;
 - the composition roots are imported by nobody: `services.single` (`popbridge run`) only by the demo
   built on it, `services.demo` not at all (services.cli loads both commands lazily, by name);
+- `services.ops` (the operator commands) imports `schemas` and `services.runtime` only, and nothing
+  but the composition root (`services.cli`) imports it;
 - the pure "decide" modules load no I/O or framework library, not even transitively.
 """
 
@@ -19,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("fetcher", "router", "deliverer")
-COMPOSITION_ROOTS = ("single", "demo")
+COMPOSITION_ROOTS = ("services.single", "services.demo")  # besides services.cli
 
 PURE_MODULES = [
     "services.router.headers",
@@ -33,8 +35,10 @@ PURE_MODULES = [
     "services.deliverer.outcome",
     "services.deliverer.trace",
     "services.runtime.lag",
-    "services.runtime.replay",
-    "services.runtime.trace",
+    "services.ops.lag",
+    "services.ops.replay",
+    "services.ops.trace",
+    "services.ops.dead_letters",
     "services.runtime.stages",
 ]
 # Never loaded by a decide module, not even through another module.
@@ -91,51 +95,51 @@ def test_schemas_import_only_msgspec_and_the_standard_library() -> None:
     assert not offenders
 
 
+def imports_of(paths: list[Path], forbidden: tuple[str, ...]) -> set[str]:
+    """`path: module` for every import in `paths` of a module in or under a `forbidden` package."""
+    return {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in paths
+        for name in imported_modules(path)
+        if any(name == f or name.startswith(f + ".") for f in forbidden)
+    }
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_no_service_imports_another_service(service: str) -> None:
-    others = {f"services.{other}" for other in SERVICES if other != service} | {
-        "services.cli",
-        *(f"services.{root}" for root in COMPOSITION_ROOTS),
-    }
-    offenders = {
-        f"{path.relative_to(ROOT)}: {name}"
-        for path in python_files(f"services.{service}")
-        for name in imported_modules(path)
-        if any(name == o or name.startswith(o + ".") for o in others)
-    }
-    assert not offenders
+    others = tuple(f"services.{other}" for other in SERVICES if other != service)
+    forbidden = (*others, "services.cli", *COMPOSITION_ROOTS, "services.ops")
+    assert not imports_of(python_files(f"services.{service}"), forbidden)
 
 
 def test_runtime_imports_no_service() -> None:
-    offenders = {
-        f"{path.relative_to(ROOT)}: {name}"
-        for path in python_files("services.runtime")
-        for name in imported_modules(path)
-        if any(name.startswith(f"services.{s}") for s in (*SERVICES, *COMPOSITION_ROOTS))
-        or name == "services.cli"
-    }
-    assert not offenders
+    forbidden = (*(f"services.{s}" for s in SERVICES), *COMPOSITION_ROOTS,
+                 "services.ops", "services.cli")
+    assert not imports_of(python_files("services.runtime"), forbidden)
 
 
-def _importers(module: str, *, besides: str) -> set[str]:
-    """The files of `schemas` and `services`, outside the package `besides`, that import `module`."""
-    return {
-        f"{path.relative_to(ROOT)}: {name}"
-        for package in ("schemas", "services")
-        for path in python_files(package)
-        if not path.is_relative_to(ROOT / besides.replace(".", "/"))
-        for name in imported_modules(path)
-        if name == module or name.startswith(module + ".")
-    }
+def test_ops_imports_only_schemas_and_the_runtime() -> None:
+    forbidden = (*(f"services.{s}" for s in SERVICES), *COMPOSITION_ROOTS, "services.cli")
+    assert not imports_of(python_files("services.ops"), forbidden)
+
+
+def test_only_the_composition_root_imports_ops() -> None:
+    outside = [path for path in python_files("services")
+               if not path.is_relative_to(ROOT / "services" / "ops") and path != ROOT / "services" / "cli.py"]
+    assert not imports_of(outside, ("services.ops",))
+
+
+def _outside(*packages: str) -> list[Path]:
+    return [path for path in python_files("services")
+            if not any(path.is_relative_to(ROOT / p.replace(".", "/")) for p in packages)]
 
 
 def test_the_runner_is_imported_only_by_the_demo_built_on_it() -> None:
-    importers = _importers("services.single", besides="services.single")
-    assert not {line for line in importers if not line.startswith("services/demo/")}
+    assert not imports_of(_outside("services.single", "services.demo"), ("services.single",))
 
 
 def test_the_demo_is_imported_by_nobody() -> None:
-    assert not _importers("services.demo", besides="services.demo")
+    assert not imports_of(_outside("services.demo"), ("services.demo",))
 
 
 def test_pure_modules_load_no_io_or_framework_library() -> None:

@@ -109,6 +109,7 @@ class ChaosRun:
         self.settings = DeploymentSettings(topic_prefix="chaos.", group_prefix="chaos")
         self.stopping = False
         self._pending_mail: list[tuple[float, mail.Planned]] = []
+        self._outage_mail: list[mail.Planned] = []  # arrives while the broker is down (see _schedule_mail)
         self._journal_offset = 0
         self._open_data: dict[str, tuple[str, int | None]] = {}  # session -> (token, client pid)
         self._session_pids: dict[str, int | None] = {}
@@ -257,7 +258,11 @@ trusted_received_hosts = ["{mail.TRUSTED_HOST}"]
                 self.dovecot.deliver(self._login(box), raw)
 
     def _schedule_mail(self, planned: list[mail.Planned]) -> None:
-        """The rest of the mail arrives in batches every 2 s over the first 60% of the fault phase."""
+        """The rest of the mail arrives in batches every 2 s over the first 60% of the fault phase, except
+        a few messages kept for the broker's outage: they arrive while it is down, so there is work
+        waiting when it returns and the recovery time is measured whenever the outage falls."""
+        keep = max(5, len(planned) // 50) if len(planned) > 10 else 0
+        planned, self._outage_mail = planned[: len(planned) - keep], planned[len(planned) - keep :]
         batches = max(1, int(self.options.duration * 0.6 / 2))
         for index, message in enumerate(planned):
             self._pending_mail.append(((index * batches // max(1, len(planned))) * 2.0, message))
@@ -312,8 +317,9 @@ trusted_received_hosts = ["{mail.TRUSTED_HOST}"]
             if current is None and time.monotonic() - started >= self.options.duration:
                 break
             time.sleep(TICK)
-        self._deliver_mail([m for _, m in self._pending_mail])
+        self._deliver_mail([m for _, m in self._pending_mail] + self._outage_mail)
         self._pending_mail.clear()
+        self._outage_mail = []
         self.timeline.note("fault phase over")
 
     def _run_until(self, done: Wait, limit: float) -> bool:
@@ -457,6 +463,8 @@ trusted_received_hosts = ["{mail.TRUSTED_HOST}"]
         self.broker.begin("stop")
         yield self._broker_done("stop")
         self.timeline.broker_steps["stop_finished_at"] = time.time()
+        self._deliver_mail(self._outage_mail)
+        self._outage_mail = []
         yield self._after(max(0.0, fault.down - (time.time() - self.timeline.broker_stopped_at)))
         self.timeline.note("broker: starting again")
         self.timeline.broker_steps["start_began_at"] = time.time()

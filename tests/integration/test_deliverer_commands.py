@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from services.cli import Context, cli, deployment_settings
-from services.deliverer.commands import dlq
+from services.cli import cli, deployment_settings
+from services.ops.dlq import dlq
+from services.runtime.context import CommandContext
 from tests.support.deliverer import deployment, publish, routed_event
 from tests.support.smtp import SmtpSink
 
@@ -59,7 +60,7 @@ def test_deliverer_until_idle_then_dlq_list_show_and_retry(
     assert run.exit_code == 0, run.output
     assert "1 delivered, 0 deferred, 1 failed" in run.output
 
-    obj = Context(settings=deployment_settings(environ), environ=environ)
+    obj = CommandContext(settings=deployment_settings(environ), environ=environ)
     listed = runner.invoke(dlq, ["list"], obj=obj, catch_exceptions=False)
     assert listed.exit_code == 0
     assert event.fetch_id[:12] in listed.output

@@ -29,7 +29,7 @@ from schemas.events import (
 )
 from schemas.topics import DEAD_LETTERS, DELIVERY_ATTEMPTS, FETCHED, ROUTED, TopicSpec, topic_spec
 from services.cli import cli
-from services.router.shadow import shadow_topic
+from services.ops.shadow import shadow_topic
 from services.router.stage import route_fetched
 from services.runtime.health import LagWatch, ProgressTracker, serve_health
 from services.runtime.kafka import KafkaLog

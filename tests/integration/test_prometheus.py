@@ -199,14 +199,25 @@ async def test_dashboard_queries_return_series_and_the_lag_alert_fires_and_resol
             # although the deliverer itself exports nothing now (the other stages report its lag).
             prometheus.set_targets(targets)
             dovecot.deliver_many(kafka_user, [message(5), message(6)])
-            firing = await eventually(lambda: prometheus.firing(LAG_ALERT), "the lag alert fires", timeout=90)
-            assert [labels["stage"] for labels in firing] == ["deliverer"]
+            # (The router's alert may fire for a moment too: the shortened rule fires after 2 s of any lag,
+            # and routing the new mail can take that long on a loaded machine. It is the deliverer's we
+            # wait for, and it must stay the only one once the router caught up.)
+            await eventually(lambda: _firing_for(prometheus, "deliverer"), "the lag alert fires", timeout=90)
+            await eventually(lambda: _firing_only_for(prometheus, "deliverer"), "only for the deliverer")
             assert len(smtp_sink.messages) == 5  # nothing was delivered meanwhile
 
             async with deliverer(log, settings, kafka_config) as port:
                 prometheus.set_targets({**targets, "deliverer": port})
                 await asyncio.to_thread(smtp_sink.wait_for, 7, 120)
                 await eventually(lambda: _none_firing(prometheus), "the lag alert resolves", timeout=90)
+
+
+async def _firing_for(prometheus: Prometheus, stage: str) -> bool:
+    return stage in {labels["stage"] for labels in await prometheus.firing(LAG_ALERT)}
+
+
+async def _firing_only_for(prometheus: Prometheus, stage: str) -> bool:
+    return [labels["stage"] for labels in await prometheus.firing(LAG_ALERT)] == [stage]
 
 
 async def _none_firing(prometheus: Prometheus) -> bool:

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
+from services.ops.oneshot import UnreachableError, within
 from services.runtime.broker_wait import Backoff, first_log_error, unwrapped, wait_until
 from services.runtime.log import LogError
-from services.runtime.oneshot import UnreachableError, within
 from services.runtime.outage import BrokerOutage
 
 

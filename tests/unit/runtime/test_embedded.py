@@ -22,7 +22,7 @@ import pytest
 from schemas.topics import MIB, TopicSpec
 from services.runtime.embedded import DB_NAME, EmbeddedLog, EmbeddedLogError, partition_for_key
 from services.runtime.log import Log, Outgoing
-from services.runtime.ops import OpsLog
+from services.runtime.ops_log import OpsLog
 from tests.support.embedded_log import TOPIC, FakeClock, keyed, new_log, produce, read, values
 
 

@@ -12,7 +12,7 @@ import pytest
 from services.runtime.health import LagWatch, ProgressTracker, is_live, serve_health
 from services.runtime.log import LogError, TopicPartition
 from services.runtime.metrics import Metrics
-from services.runtime.ops import OpsLog
+from services.runtime.ops_log import OpsLog
 from services.runtime.settings import ConfigError, DeploymentSettings
 from services.runtime.stages import stages_run_by
 

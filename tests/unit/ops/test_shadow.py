@@ -1,4 +1,4 @@
-"""services/router/shadow.py: comparing re-routed decisions, and a shadow run on the embedded log."""
+"""services/ops/shadow.py: comparing re-routed decisions, and a shadow run on the embedded log."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 from schemas import codec
 from schemas.events import MailFetched, Recipient, RecipientsResolved
 from schemas.topics import FETCHED, ROUTED, topic_spec
-from services.router.shadow import Decision, Rerouted, compare, report_text, shadow_replay, shadow_spec
-from services.router.stage import route_fetched
+from services.ops.shadow import Decision, Rerouted, compare, report_text, shadow_replay, shadow_spec
+from services.router.stage import route_fetched, route_or_postmaster
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.log import Outgoing
 from services.runtime.settings import DeploymentSettings, Mailbox, MailConfig, RoutingRules, SmtpTarget
@@ -97,7 +97,8 @@ async def test_a_shadow_run_on_the_embedded_log_lists_the_changed_message_and_wr
             await producer.send_all([keyed(FETCHED, m) for m in batch])
             await producer.send_all([keyed(ROUTED, route_fetched(m, old_rules, T)) for m in batch])
             clock.now += 3600
-    report = await shadow_replay(log, settings, new_rules, since=T + timedelta(minutes=30), until=None)
+    since = T + timedelta(minutes=30)
+    report = await shadow_replay(log, settings, new_rules, route_or_postmaster, since=since, until=None)
     assert report.rerouted == 2  # f0 was fetched before --from
     assert [(c.message.fetch_id, c.old.addresses, c.message.new.addresses) for c in report.changes] == [
         ("f2", ("bob@example.com",), ("postmaster@example.com",))

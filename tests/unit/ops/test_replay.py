@@ -1,4 +1,4 @@
-"""services/runtime/replay.py: reading the time, planning the offset reset and the window copy."""
+"""services/ops/replay.py: reading the time, planning the offset reset and the window copy."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from services.ops.replay import parse_time, plan_text, reset_plan, to_ms, window_plan, window_text
 from services.runtime.log import TopicPartition
-from services.runtime.replay import parse_time, plan_text, reset_plan, to_ms, window_plan, window_text
 
 SINCE = datetime(2026, 11, 27, 8, tzinfo=UTC)
 

@@ -1,4 +1,4 @@
-"""services/runtime/ops_commands.py: usage mistakes are refused before anything is read or changed."""
+"""services/ops/commands.py: usage mistakes are refused before anything is read or changed."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_a_usage_mistake_is_exit_code_2_with_a_message(args: list[str], message:
     assert message in result.output
 
 
-def test_the_shadow_command_is_hidden_from_the_help() -> None:
-    result = CliRunner().invoke(cli, ["--help"])
-    assert "replay-shadow" not in result.output
-    assert "replay" in result.output
+def test_the_shadow_diff_is_an_option_of_replay_not_a_command_of_its_own() -> None:
+    assert "replay-shadow" not in CliRunner().invoke(cli, ["--help"]).output
+    assert CliRunner().invoke(cli, ["replay-shadow", "--from", "2026-11-27"]).exit_code == 2
+    assert "--shadow" in CliRunner().invoke(cli, ["replay", "--help"]).output

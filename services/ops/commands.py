@@ -1,8 +1,8 @@
-"""`popbridge lag`, `popbridge replay` and `popbridge trace`: the operator's view into the pipeline.
+"""`popbridge lag`, `popbridge replay` (with `--shadow`) and `popbridge trace`: thin click commands.
 
-Exit codes: 0 fine; 1 a `lag` threshold is exceeded, a replay is refused, nothing was found to trace, or
-the log refuses (a permanent error); 2 a usage or configuration mistake; 3 the log cannot be reached within
-`--timeout` seconds (services.runtime.oneshot).
+Exit codes: 0 fine; 1 a replay is refused, nothing was found to trace, or the log refuses (a permanent
+error); 2 a usage or configuration mistake; 3 the log cannot be reached within `--timeout` seconds
+(services.ops.oneshot). `lag` has its own check-runner contract (its docstring).
 """
 
 from __future__ import annotations
@@ -16,27 +16,21 @@ from typing import Any, NoReturn
 
 import click
 
+from services.ops.actions import collect_trace, copy_window, execute_replay, plan_replay, plan_window
+from services.ops.lag import UNKNOWN, Thresholds, lag_json, lag_status, lag_text
+from services.ops.oneshot import run_bounded, timeout_option
+from services.ops.replay import ResetPlan, parse_time, plan_text, window_text
+from services.ops.shadow import report_text, shadow_replay
+from services.ops.trace import trace_json, trace_text
 from services.runtime.connect import open_log
+from services.runtime.context import CommandContext, Reroute, pass_command_context
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.kafka import KafkaLog
-from services.runtime.lag import UNKNOWN, StageLag, Thresholds, lag_json, lag_status, lag_text
+from services.runtime.lag import StageLag
 from services.runtime.log import LogError
-from services.runtime.oneshot import run_bounded, timeout_option
-from services.runtime.ops import (
-    OpsLog,
-    collect_trace,
-    copy_window,
-    execute_replay,
-    plan_replay,
-    plan_window,
-    stage_lag,
-)
-from services.runtime.replay import ResetPlan, parse_time, plan_text, window_text
-from services.runtime.settings import DeploymentSettings
+from services.runtime.ops_log import OpsLog, stage_lag
+from services.runtime.settings import DeploymentSettings, load_config
 from services.runtime.stages import Stage, declared_stages
-from services.runtime.trace import trace_json, trace_text
-
-SHADOW_COMMAND = "replay-shadow"  # services.cli.COMMANDS: the router's shadow replay (services.router.shadow)
 
 
 def ops_log(settings: DeploymentSettings) -> KafkaLog | EmbeddedLog:
@@ -45,11 +39,6 @@ def ops_log(settings: DeploymentSettings) -> KafkaLog | EmbeddedLog:
     if not isinstance(log, KafkaLog | EmbeddedLog):
         raise TypeError(f"{log!r} has no admin operations for the ops commands")
     return log
-
-
-def settings_of(ctx: click.Context) -> DeploymentSettings:
-    settings: DeploymentSettings = ctx.obj.settings  # services.cli.Context
-    return settings
 
 
 def fail(message: str) -> NoReturn:
@@ -87,9 +76,9 @@ async def gather_lag(log: OpsLog, stages: Sequence[Stage], now: datetime) -> lis
               help="Critical (exit 2) when a stage's oldest unprocessed message is older than SECONDS.")
 @click.option("--stage", "only", multiple=True, metavar="STAGE", help="Only this stage (repeatable).")
 @timeout_option
-@click.pass_context
+@pass_command_context
 def lag(
-    ctx: click.Context, *, as_json: bool, max_lag: int | None, max_age: float | None,
+    context: CommandContext, *, as_json: bool, max_lag: int | None, max_age: float | None,
     critical_lag: int | None, critical_age: float | None, only: tuple[str, ...], timeout: float,
 ) -> None:
     """Per stage and partition: committed offset, end offset, lag and the oldest unprocessed message's age.
@@ -99,7 +88,7 @@ def lag(
     the limits given (or none given), 1 a --max-* limit exceeded, 2 a --critical-* limit exceeded, 3 the
     log could not be read (unreachable within --timeout, or this user refused).
     """
-    settings = settings_of(ctx)
+    settings = context.settings
     stages = _select(declared_stages(settings), only)
     now = datetime.now(UTC)
     try:
@@ -142,9 +131,9 @@ def _select(stages: Sequence[Stage], only: Sequence[str]) -> list[Stage]:
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
               help="Mail config (TOML), for --shadow.")
 @timeout_option
-@click.pass_context
+@pass_command_context
 def replay(
-    ctx: click.Context, *, stage_name: str, since: datetime, until: datetime | None, execute: bool,
+    context: CommandContext, *, stage_name: str, since: datetime, until: datetime | None, execute: bool,
     shadow: bool, config_path: Path | None, timeout: float,
 ) -> None:
     """Have STAGE process its input again from --from.
@@ -155,12 +144,12 @@ def replay(
     With --to: re-publish the input records of [--from, --to) (same key and value) to the same input
       topic while the stage keeps running; the deliverer's ledger keeps a recipient from a second copy.
     """
-    settings = settings_of(ctx)
+    settings = context.settings
     stage = _replayable(settings, stage_name)
     if until is not None and until <= since:
         raise click.BadParameter("--to must be later than --from", param_hint="--to")
     if shadow:
-        _shadow(ctx, stage, since, until, execute=execute, config=config_path)
+        _shadow(context, stage, since, until, execute=execute, config=config_path)
     elif until is not None:
         _replay_window(settings, stage, since, until, execute=execute, timeout=timeout)
     else:
@@ -227,21 +216,30 @@ def _replayable(settings: DeploymentSettings, name: str) -> Stage:
 
 
 def _shadow(
-    ctx: click.Context, stage: Stage, since: datetime, until: datetime | None, *, execute: bool,
+    context: CommandContext, stage: Stage, since: datetime, until: datetime | None, *, execute: bool,
     config: Path | None,
 ) -> None:
-    """Hand over to the router's shadow replay through the command group (the runtime imports no service)."""
+    """Re-route the window into the shadow topic with the current rules and list what would change."""
     if stage.name != "router":
         raise click.BadParameter("--shadow replays the router only", param_hint="STAGE")
     if execute:
         raise click.BadParameter("--shadow changes nothing: drop --execute", param_hint="--execute")
     if config is None:
         raise click.BadParameter("--shadow needs the mail configuration file", param_hint="--config")
-    root = ctx.find_root().command
-    command = root.get_command(ctx, SHADOW_COMMAND) if isinstance(root, click.Group) else None
-    if command is None:
-        raise click.UsageError(f"the shadow replay command ({SHADOW_COMMAND}) is not installed")
-    ctx.invoke(command, since=since, until=until, config_path=config)
+    reroute = _reroute_of(context)
+    settings, mail = context.settings, load_config(config)
+    try:  # not bounded by --timeout: the run reads the whole routed topic (services.ops.shadow)
+        run = shadow_replay(ops_log(settings), settings, mail, reroute, since=since, until=until)
+        report = asyncio.run(run)
+    except LogError as exc:
+        fail(str(exc))
+    click.echo("\n".join(report_text(report, since, until)))
+
+
+def _reroute_of(context: CommandContext) -> Reroute:
+    if context.reroute is None:
+        raise click.UsageError("--shadow needs the router's decision function (run it as `popbridge replay`)")
+    return context.reroute
 
 
 # --- trace -----------------------------------------------------------------------------------------
@@ -251,14 +249,14 @@ def _shadow(
 @click.argument("ident", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the timeline.")
 @timeout_option
-@click.pass_context
-def trace(ctx: click.Context, ident: str, as_json: bool, timeout: float) -> None:
+@pass_command_context
+def trace(context: CommandContext, ident: str, as_json: bool, timeout: float) -> None:
     """The timeline of one message across the topics; ID is a fetch id or a Message-ID.
 
     Reads the fetched, routed, delivery-attempt and dead-letter topics from their beginning: it takes a
     while on a busy system.
     """
-    settings = settings_of(ctx)
+    settings = context.settings
     try:
         found = run_bounded(lambda: collect_trace(ops_log(settings), settings, ident), timeout)
     except LogError as exc:

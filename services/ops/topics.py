@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 
 from schemas.topics import TOPICS, TopicSpec
+from services.ops.oneshot import run_bounded, timeout_option
 from services.runtime.connect import kafka_log
+from services.runtime.context import CommandContext, pass_command_context
 from services.runtime.log import LogError
-from services.runtime.oneshot import run_bounded, timeout_option
 from services.runtime.settings import ConfigError, DeploymentSettings
 from services.runtime.stages import router_internal_topics
 
@@ -26,10 +27,10 @@ def topics() -> None:
 
 @topics.command("create")
 @timeout_option
-@click.pass_obj
-def create(obj: object, timeout: float) -> None:
+@pass_command_context
+def create(context: CommandContext, timeout: float) -> None:
     """Create every topic with its partition count and settings (existing topics are left alone)."""
-    settings: DeploymentSettings = obj.settings  # type: ignore[attr-defined]  # services.cli.Context
+    settings = context.settings
     if not settings.kafka_bootstrap:
         raise ConfigError("environment: POPBRIDGE_KAFKA_BOOTSTRAP is not set")
     specs = deployed_specs(settings)

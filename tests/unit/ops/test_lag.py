@@ -1,23 +1,13 @@
-"""services/runtime/lag.py and stages.py: lag figures, thresholds and the stages they cover."""
+"""services/runtime/lag.py, services/ops/lag.py, services/runtime/stages.py: lag figures, thresholds and
+the stages they cover."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from services.ops.lag import CRITICAL, OK, WARNING, Thresholds, breaches, lag_json, lag_status, lag_text
 from services.router.app import repartition_topic
-from services.runtime.lag import (
-    CRITICAL,
-    OK,
-    WARNING,
-    PartitionLag,
-    StageLag,
-    Thresholds,
-    breaches,
-    lag_json,
-    lag_report,
-    lag_status,
-    lag_text,
-)
+from services.runtime.lag import PartitionLag, StageLag, lag_report
 from services.runtime.log import TopicPartition
 from services.runtime.settings import DeploymentSettings
 from services.runtime.stages import declared_stages, router_repartition_topic, stage_named

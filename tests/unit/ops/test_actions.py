@@ -1,4 +1,5 @@
-"""services/runtime/ops.py on the embedded log: the same lag and replay as on Kafka, for one machine."""
+"""services/ops/actions.py and services/runtime/ops_log.py on the embedded log: the same lag and replay
+as on Kafka, for one machine."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from schemas.topics import RETRY_TOPICS, ROUTED, TopicSpec, topic_spec
+from services.ops.actions import copy_window, execute_replay, plan_replay, plan_window
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.health import LagWatch, ProgressTracker
 from services.runtime.log import LogError, Outgoing, TopicPartition
 from services.runtime.metrics import Metrics
-from services.runtime.ops import copy_window, execute_replay, plan_replay, plan_window, stage_lag
+from services.runtime.ops_log import stage_lag
 from services.runtime.settings import DeploymentSettings
 from services.runtime.stages import Stage
 

@@ -1,7 +1,8 @@
 """Shadow replay of the router: re-route history with the CURRENT rules and list who would now get what.
 
 `popbridge replay router --from TIME [--to TIME] --shadow --config FILE` reads the fetched records of the
-window with ranged reads (no consumer group), routes each with the pure `route_fetched`, writes the
+window with ranged reads (no consumer group), routes each with the router's pure decision (a `Reroute`
+wired in by services.cli: services.router.stage.route_or_postmaster), writes the
 results to the shadow topic (`<prefix>popbridge.mail.routed.shadow`, which no stage reads) and compares
 them with the latest RecipientsResolved per fetch id on the real routed topic. Nothing users see changes:
 the real routed topic, the router's group and the deliverer are not touched.
@@ -14,28 +15,21 @@ plus the whole routed topic (14 days, message bodies included) are read once.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Protocol
-
-import click
 
 from schemas import codec
 from schemas.events import MailFetched, RecipientsResolved
 from schemas.topics import DAY_MS, FETCHED, ROUTED, TopicSpec, topic_spec
-from services.router.stage import route_fetched, to_postmaster
-from services.runtime.log import LogError, LogProducer, Outgoing
-from services.runtime.ops import OpsLog, read_range
-from services.runtime.ops_commands import fail, ops_log, settings_of, time_option
-from services.runtime.replay import to_ms
-from services.runtime.settings import DeploymentSettings, MailConfig, load_config
-
-log = logging.getLogger("popbridge.router.shadow")
+from services.ops.reader import events, read_range
+from services.ops.replay import to_ms
+from services.runtime.context import Reroute
+from services.runtime.log import LogProducer, Outgoing
+from services.runtime.ops_log import OpsLog
+from services.runtime.settings import DeploymentSettings, MailConfig
 
 SHADOW_SUFFIX = ".shadow"
 SHADOW_RETENTION_DAYS = 7
@@ -107,14 +101,6 @@ class ShadowReport:
     rules_versions: tuple[str, ...] = ()
 
 
-def reroute(event: MailFetched, config: MailConfig, now: datetime) -> RecipientsResolved:
-    """What the router would publish now (a routing failure goes to the postmaster, as in the router)."""
-    try:
-        return route_fetched(event, config, now)
-    except Exception as exc:  # the router's own fallback (services.router.app): never lose the message
-        return to_postmaster(event, config, now, f"{type(exc).__name__}: {exc}")
-
-
 def compare(
     rerouted: Sequence[Rerouted], old: Mapping[str, Decision], topic: str, undecodable: int = 0
 ) -> ShadowReport:
@@ -172,6 +158,7 @@ class _Window:
     """One shadow run: the fetched records of [since, until) routed with `config`, and what came of it."""
 
     config: MailConfig
+    reroute: Reroute
     since: datetime
     until: datetime | None
     now: Callable[[], datetime]
@@ -184,20 +171,20 @@ class _Window:
         except codec.EventDecodeError:
             self.undecodable += 1
             return None
-        resolved = reroute(fetched, self.config, self.now())
+        resolved = self.reroute(fetched, self.config, self.now())
         self.rerouted.append(Rerouted(fetched.fetch_id, fetched.mailbox_id, resolved.message_id,
                                       Decision.of(resolved)))
         return resolved
 
 
 async def shadow_replay(
-    log_: ShadowLog, settings: DeploymentSettings, config: MailConfig, *, since: datetime,
+    log_: ShadowLog, settings: DeploymentSettings, config: MailConfig, reroute: Reroute, *, since: datetime,
     until: datetime | None, now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> ShadowReport:
     """Re-route the fetched records of [since, until) into the shadow topic and compare (module docstring)."""
     target = shadow_spec(settings)
     await log_.ensure_topics([target])
-    window = _Window(config, since, until, now)
+    window = _Window(config, reroute, since, until, now)
     async with log_.producer() as producer:
         async for batch in _rerouted_batches(log_, settings.topic(FETCHED), window):
             await producer.send_all(
@@ -230,27 +217,7 @@ async def latest_decisions(log_: OpsLog, topic: str, fetch_ids: set[str]) -> dic
     """The latest real decision per fetch id (all events of a fetch id share a partition, so the last one
     read is the latest)."""
     found: dict[str, Decision] = {}
-    async for record in log_.scan(topic):
-        try:
-            event = codec.decode(record.value, RecipientsResolved)
-        except codec.EventDecodeError:
-            continue
+    async for _, event in events(log_, topic, (RecipientsResolved,)):
         if event.fetch_id in fetch_ids:
             found[event.fetch_id] = Decision.of(event)
     return found
-
-
-@click.command(hidden=True)
-@click.option("--from", "since", required=True, metavar="TIME", callback=time_option)
-@click.option("--to", "until", metavar="TIME", callback=time_option)
-@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
-@click.pass_context
-def replay_shadow(ctx: click.Context, since: datetime, until: datetime | None, config_path: Path) -> None:
-    """The router's shadow replay; run it as `popbridge replay router --shadow`."""
-    settings = settings_of(ctx)
-    config = load_config(config_path)
-    try:
-        report = asyncio.run(shadow_replay(ops_log(settings), settings, config, since=since, until=until))
-    except LogError as exc:
-        fail(str(exc))
-    click.echo("\n".join(report_text(report, since, until)))

@@ -1,4 +1,4 @@
-"""services/runtime/trace.py: finding a message's records and telling its story."""
+"""services/ops/trace.py: finding a message's records and telling its story."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from schemas.events import (
     Recipient,
     RecipientsResolved,
 )
-from services.runtime.log import Record
-from services.runtime.trace import (
+from services.ops.trace import (
     Step,
     TraceQuery,
     header_message_id,
@@ -23,6 +22,7 @@ from services.runtime.trace import (
     trace_json,
     trace_text,
 )
+from services.runtime.log import Record
 
 T = datetime(2026, 11, 27, 8, tzinfo=UTC)
 RAW = b"Message-ID:\r\n <m1@sender.example>\r\nSubject: hi\r\n\r\nMessage-ID: <not-this@body>\r\n"
