@@ -271,11 +271,17 @@ class Deliverer:
         a copy the server accepted reaches the ledger milliseconds later, so a kill of this process
         sends again only the copies whose SMTP transaction (or ledger write) was under way, never every
         copy the batch had delivered before (seen in the chaos suite: one kill, 30 copies twice)."""
-        result = await self._attempt(job)
-        await self._publish(self._outgoing(result))
-        for entry in result.delivered:
-            self._ledger.add(entry)
-        return result
+        try:
+            result = await self._attempt(job)
+            await self._publish(self._outgoing(result))
+            for entry in result.delivered:
+                self._ledger.add(entry)
+            return result
+        finally:
+            # Released with its own outcome, not at the end of the batch: the retry just published may
+            # fall due while the batch's other jobs still run, and a tier loop of this process must not
+            # take the pair for in flight then (it would skip the retry and commit past it: a loss).
+            self._in_flight.difference_update((job.routed.fetch_id, r) for r in job.recipients)
 
     async def _publish(self, records: list[Outgoing]) -> None:
         """Make what followed the attempts durable, sending again while the broker is away: the copies

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 
 from schemas.topics import ROUTED
+from services.deliverer.outcome import Verdict
 from services.deliverer.retry import RetryPolicy
 from services.deliverer.service import Counts, Deliverer
 from services.deliverer.smtp import SmtpTransport
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import LogError, Outgoing
 from services.runtime.settings import DeploymentSettings
-from tests.support.deliverer import deployment, publish, routed_event, smtp_target
+from tests.support.deliverer import FakeClock, deployment, publish, routed_event, smtp_target
 from tests.support.kafka import start_local_broker, stop_local_broker
 from tests.support.smtp import ReceivedMessage, SmtpSink
 
@@ -229,3 +230,52 @@ async def test_a_deliverer_started_before_the_broker_waits_for_it_then_delivers(
         rest = (await asyncio.wait_for(stage.communicate(), 60))[1].decode()
     assert stage.returncode == 0, rest
     assert "Traceback" not in rest
+
+
+class HeldTransport:
+    """A destination that defers `defer@` once and holds every copy for `slow@` until `release` is set:
+    a batch whose other job runs long after the deferred one ended."""
+
+    server = "held.test:25"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.second_try = asyncio.Event()
+        self.tries: Counter[str] = Counter()
+
+    async def deliver(self, sender: str, recipients: Sequence[str], message: bytes) -> dict[str, Verdict]:
+        verdicts = {}
+        for recipient in recipients:
+            self.tries[recipient] += 1
+            if recipient.startswith("slow@"):
+                await self.release.wait()
+            if recipient.startswith("defer@") and self.tries[recipient] == 1:
+                verdicts[recipient] = Verdict("deferred", 451, "4.2.0", "try again later")
+                continue
+            if recipient.startswith("defer@"):
+                self.second_try.set()
+            verdicts[recipient] = Verdict("delivered", 250, "2.0.0", "queued")
+        return verdicts
+
+
+async def test_a_retry_due_while_its_batch_still_runs_is_attempted_not_skipped(
+    kafka_bootstrap: str, kafka_topic_prefix: str
+) -> None:
+    # Seen in the chaos runs: a deferred copy's retry fell due while another copy of the same batch was
+    # still in its SMTP transaction; the retry tier took the pair for "in flight" in this process, skipped
+    # the retry and committed past it. The copy was never tried again (lost).
+    settings, log = await deployment(kafka_bootstrap, kafka_topic_prefix)
+    await publish(log, settings, routed_event("u1", ["defer@example.com"]),
+                  routed_event("u2", ["slow@example.com"]))
+    transport, stop = HeldTransport(), asyncio.Event()
+    stage = Deliverer(log, settings, transport, clock=FakeClock(), poll_seconds=0.2,
+                      policy=RetryPolicy(delays=(0.0,)))  # due at once: while slow@ is still held
+    task = asyncio.create_task(stage.run(stop=stop))
+    try:
+        await asyncio.wait_for(transport.second_try.wait(), timeout=60)
+        assert transport.tries["slow@example.com"] == 1  # the batch is still running
+    finally:
+        transport.release.set()
+        stop.set()
+        await asyncio.wait({task}, timeout=60)
+    assert task.result().delivered == 2
