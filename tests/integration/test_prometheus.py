@@ -193,7 +193,8 @@ async def test_dashboard_queries_return_series_and_the_lag_alert_fires_and_resol
                     await eventually(lambda expr=expr: series_of(prometheus, expr), f"{title}: {expr}")
                 skipped = await series_of(prometheus, 'popbridge_records_skipped_total{stage="router"}')
                 assert [float(s["value"][1]) for s in skipped] == [1.0]
-                assert await prometheus.firing(LAG_ALERT) == []
+                # Drained, nothing fires (under load the 2 s rule may fire for a moment while mail flows).
+                await eventually(lambda: _none_firing(prometheus), "no lag alert once drained")
 
             # The deliverer stops; new mail is fetched and routed and waits for it: the alert fires,
             # although the deliverer itself exports nothing now (the other stages report its lag).
