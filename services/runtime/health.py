@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -45,6 +46,7 @@ from services.runtime.log import LogError, TopicPartition
 from services.runtime.metrics import Metrics
 from services.runtime.ops_log import OpsLog, stage_lag
 from services.runtime.outage import BROKER
+from services.runtime.polling import polling
 from services.runtime.settings import ConfigError, DeploymentSettings
 from services.runtime.stages import Stage, stages_run_by
 
@@ -155,11 +157,6 @@ class LagWatch:
         if len(working) < len(reports):
             metrics.retries_in_flight.set(sum(r.total for r in reports if r.waits))
 
-    async def run(self, tracker: ProgressTracker, metrics: Metrics) -> None:
-        while True:
-            await self.poll(tracker, metrics)
-            await asyncio.sleep(self.interval)
-
     async def poll(self, tracker: ProgressTracker, metrics: Metrics) -> None:
         """One poll; when the log cannot be read, the gauges keep their last values and the failure is
         logged (within the broker outage's bound of lines)."""
@@ -218,7 +215,6 @@ async def serve_health(
 ) -> AsyncIterator[HealthServer]:
     """Serve /healthz, /readyz and /metrics on `port` (0: any free port; None: no server) and run the lag
     watch, for the duration of the block. `host` None listens on every interface, as probes need."""
-    watcher: asyncio.Task[None] | None = None
     runner: web.AppRunner | None = None
     try:
         bound: int | None = None
@@ -231,12 +227,9 @@ async def serve_health(
                 raise ConfigError(f"environment: POPBRIDGE_HTTP_PORT: cannot listen on {port}: "
                                   f"{exc.strerror or exc}") from None
             bound = int(runner.addresses[0][1])
-        watcher = asyncio.create_task(watch.run(tracker, metrics)) if watch else None
-        yield HealthServer(bound)
+        watching = polling(partial(watch.poll, tracker, metrics), watch.interval) if watch else None
+        async with watching or contextlib.nullcontext():
+            yield HealthServer(bound)
     finally:
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
         if runner is not None:
             await runner.cleanup()

@@ -19,11 +19,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from functools import partial
 
 from schemas.topics import DEAD_LETTERS
 from services.runtime.log import LogError
 from services.runtime.metrics import Metrics
 from services.runtime.ops_log import OpsLog, stage_lag
+from services.runtime.polling import polling
 from services.runtime.settings import DeploymentSettings
 from services.runtime.stages import declared_stages
 
@@ -48,13 +50,11 @@ async def poll_pipeline(ops: OpsLog, settings: DeploymentSettings, metrics: Metr
     metrics.dead_letter_records.set(await topic_records(ops, settings.topic(DEAD_LETTERS)))
 
 
-async def _watch(ops: OpsLog, settings: DeploymentSettings, metrics: Metrics, interval: float) -> None:
-    while True:
-        try:
-            await poll_pipeline(ops, settings, metrics)
-        except LogError as exc:  # the broker is away, or a topic not created yet: keep the last values
-            log.warning("pipeline gauges not read: %s", exc)
-        await asyncio.sleep(interval)
+async def _poll_logged(ops: OpsLog, settings: DeploymentSettings, metrics: Metrics) -> None:
+    try:
+        await poll_pipeline(ops, settings, metrics)
+    except LogError as exc:  # the broker is away, or a topic not created yet: keep the last values
+        log.warning("pipeline gauges not read: %s", exc)
 
 
 @contextlib.asynccontextmanager
@@ -62,10 +62,5 @@ async def pipeline_watch(
     ops: OpsLog, settings: DeploymentSettings, metrics: Metrics, *, interval: float = DEFAULT_INTERVAL
 ) -> AsyncIterator[None]:
     """Keep the pipeline gauges current (every `interval` seconds) for the duration of the block."""
-    task = asyncio.create_task(_watch(ops, settings, metrics, interval))
-    try:
+    async with polling(partial(_poll_logged, ops, settings, metrics), interval):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
