@@ -25,6 +25,7 @@ from schemas.topics import DEAD_LETTERS
 from services.runtime.log import LogError
 from services.runtime.metrics import Metrics
 from services.runtime.ops_log import OpsLog, stage_lag
+from services.runtime.outage import BROKER
 from services.runtime.polling import polling
 from services.runtime.settings import DeploymentSettings
 from services.runtime.stages import declared_stages
@@ -54,7 +55,10 @@ async def _poll_logged(ops: OpsLog, settings: DeploymentSettings, metrics: Metri
     try:
         await poll_pipeline(ops, settings, metrics)
     except LogError as exc:  # the broker is away, or a topic not created yet: keep the last values
-        log.warning("pipeline gauges not read: %s", exc)
+        if exc.retriable:  # an outage: within its bound of lines (services.runtime.outage)
+            BROKER.failed(f"pipeline gauges not read: {exc}")
+        else:
+            log.warning("pipeline gauges not read: %s", exc)
 
 
 @contextlib.asynccontextmanager
