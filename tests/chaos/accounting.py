@@ -86,6 +86,7 @@ class Duplicate:
     recipient: str
     copies: int
     causes: tuple[str, ...]  # one per extra copy
+    fetch_ids: tuple[str, ...] = ()  # of each copy, in arrival order: a second fetch id is a dedupe miss
 
     @property
     def explained(self) -> bool:
@@ -123,7 +124,8 @@ def account(seen: Observations) -> Accounting:
     }
     misrouted = tuple(c for c in seen.copies if c.recipient not in seen.expected.get(c.token, frozenset()))
     duplicates = tuple(
-        Duplicate(token=token, recipient=rcpt, copies=len(copies), causes=_causes(seen, copies))
+        Duplicate(token=token, recipient=rcpt, copies=len(copies), causes=_causes(seen, copies),
+                  fetch_ids=tuple(c.fetch_id for c in copies))
         for (token, rcpt), copies in sorted(by_pair.items())
         if len(copies) > 1
     )

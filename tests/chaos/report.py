@@ -51,7 +51,8 @@ def build_report(
             "unexplained": sum(1 for d in duplicates if not d.explained),
             "causes": dict(Counter(c.split(":")[0] for d in duplicates for c in d.causes)),
             "list": [
-                {"token": d.token, "recipient": d.recipient, "copies": d.copies, "causes": list(d.causes)}
+                {"token": d.token, "recipient": d.recipient, "copies": d.copies, "causes": list(d.causes),
+                 "fetch_ids": list(d.fetch_ids)}
                 for d in duplicates
             ],
         },
