@@ -61,7 +61,14 @@ def time_option(_: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 async def gather_lag(log: OpsLog, stages: Sequence[Stage], now: datetime) -> list[StageLag]:
-    return list(await asyncio.gather(*(stage_lag(log, stage, now) for stage in stages)))
+    """Every stage's lag, read concurrently. When reads fail (a refused user fails them all), the first
+    failure is raised and the others are collected with it: left unretrieved, asyncio would print each
+    one's traceback."""
+    results = await asyncio.gather(*(stage_lag(log, stage, now) for stage in stages), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return [result for result in results if isinstance(result, StageLag)]
 
 
 @click.command()
