@@ -18,7 +18,7 @@ import click
 
 from services.ops.actions import collect_trace, copy_window, execute_replay, plan_replay, plan_window
 from services.ops.lag import UNKNOWN, Thresholds, lag_json, lag_status, lag_text
-from services.ops.oneshot import run_bounded, timeout_option
+from services.ops.oneshot import gather_or_raise, run_bounded, timeout_option
 from services.ops.replay import ResetPlan, parse_time, plan_text, window_text
 from services.ops.shadow import report_text, shadow_replay
 from services.ops.trace import trace_json, trace_text
@@ -61,14 +61,7 @@ def time_option(_: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 async def gather_lag(log: OpsLog, stages: Sequence[Stage], now: datetime) -> list[StageLag]:
-    """Every stage's lag, read concurrently. When reads fail (a refused user fails them all), the first
-    failure is raised and the others are collected with it: left unretrieved, asyncio would print each
-    one's traceback."""
-    results = await asyncio.gather(*(stage_lag(log, stage, now) for stage in stages), return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return [result for result in results if isinstance(result, StageLag)]
+    return await gather_or_raise(*(stage_lag(log, stage, now) for stage in stages))
 
 
 @click.command()

@@ -7,10 +7,9 @@ within `--timeout` seconds is one line and exit code 3 (services.ops.oneshot).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import click
 
@@ -19,7 +18,7 @@ from schemas.events import DeliveryDeadLettered, Event, RecipientDelivered, Retr
 from schemas.topics import DEAD_LETTERS, DELIVERED, RETRY_TOPICS
 from services.ops.commands import ops_log
 from services.ops.dead_letters import DeadLetter, describe, latest_dead_letters, matching, summary
-from services.ops.oneshot import run_bounded, timeout_option
+from services.ops.oneshot import gather_or_raise, run_bounded, timeout_option
 from services.ops.reader import events
 from services.runtime.context import CommandContext, pass_command_context
 from services.runtime.embedded import EmbeddedLog
@@ -42,11 +41,12 @@ def _bounded(work: Callable[[], Awaitable[T]], timeout: float, *, retry: bool = 
 
 async def dead_letters(log: OpsLog, settings: DeploymentSettings) -> list[DeadLetter]:
     """Every dead letter on the topic, latest record per (fetch id, recipient), oldest first."""
-    letters, delivered = await asyncio.gather(
-        _all(log, settings.topic(DEAD_LETTERS), DeliveryDeadLettered),
-        _all(log, settings.topic(DELIVERED), RecipientDelivered),
-    )
-    return latest_dead_letters(letters, (event for _, event in delivered))
+    letters = _all(log, settings.topic(DEAD_LETTERS), DeliveryDeadLettered)
+    delivered = _all(log, settings.topic(DELIVERED), RecipientDelivered)
+    both: list[object] = await gather_or_raise(letters, delivered)
+    read_letters = cast(list[tuple[int, DeliveryDeadLettered]], both[0])
+    read_delivered = cast(list[tuple[int, RecipientDelivered]], both[1])
+    return latest_dead_letters(read_letters, (event for _, event in read_delivered))
 
 
 async def _all(log: OpsLog, topic: str, wanted: type[E]) -> list[tuple[int, E]]:
