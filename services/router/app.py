@@ -34,6 +34,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -44,6 +45,7 @@ from schemas.topics import FETCHED, MAX_MESSAGE_BYTES, ROUTED, TopicSpec, topic_
 from services.router.dedupe import DEFAULT_WINDOW, apply_dedupe, decode_seen, dedupe_key, encode_seen
 from services.router.faust_patches import RouterApp
 from services.router.stage import route_fetched, to_postmaster
+from services.router.state import EXPIRE_EVERY, SeenCopiesTable, expire_partition, prune_at_ms
 from services.runtime.kafka_security import KafkaSecurity, kafka_security
 from services.runtime.metrics import Metrics
 from services.runtime.settings import DeploymentSettings, MailConfig
@@ -114,11 +116,15 @@ def create_app(
     security: KafkaSecurity | None = None,
     sleep: Sleep = asyncio.sleep,
     progress: Callable[[], None] = lambda: None,
+    state_dir: Path | None = None,
 ) -> faust.App:
     """A fresh router app (one per process, one per test) with its agents and table registered.
 
     `security` defaults to the one the settings describe (which reads the SASL password file);
-    `progress` is called after each record an agent handled (the liveness probe's progress)."""
+    `progress` is called after each record an agent handled (the liveness probe's progress);
+    `state_dir` holds the dedupe table's partitions on disk (services.router.state). None keeps the
+    table in memory, rebuilt from the whole changelog at each start: the old way, kept for the bench's
+    comparison only."""
     if not settings.kafka_bootstrap:
         raise ValueError("the faust router needs Kafka bootstrap servers")
     if security is None:
@@ -130,7 +136,7 @@ def create_app(
         broker_credentials=faust_credentials(security),
         autodiscover=False,
         web_enabled=False,
-        store="memory://",
+        store="memory://",  # the default; the dedupe table brings its own store (services.router.state)
         key_serializer="raw",
         value_serializer="raw",
         processing_guarantee="at_least_once",
@@ -158,7 +164,9 @@ def create_app(
         partitions=partitions,
         config=dict(ROUTER_REPARTITION_CONFIG),
     )
-    seen = app.Table(SEEN_TABLE, key_type=bytes, value_type=bytes, partitions=partitions)
+    seen = _seen_table(app, partitions, state_dir, dedupe_window)
+    if isinstance(seen, SeenCopiesTable):
+        _expire_on_a_timer(app, seen, by_message_id, clock, dedupe_window)
 
     @app.agent(fetched, name="popbridge.router.route")
     async def route(stream: Any) -> AsyncIterator[None]:
@@ -187,6 +195,35 @@ def create_app(
             yield None
 
     return app
+
+
+def _seen_table(app: faust.App, partitions: int, state_dir: Path | None, window: timedelta) -> Any:
+    if state_dir is None:
+        return app.Table(SEEN_TABLE, key_type=bytes, value_type=bytes, partitions=partitions)
+    table = SeenCopiesTable(
+        app, name=SEEN_TABLE, key_type=bytes, value_type=bytes, partitions=partitions,
+        beacon=app.tables.beacon, directory=state_dir, prune_at=prune_at_ms(window),
+    )
+    return app.tables.add(table)
+
+
+def _expire_on_a_timer(
+    app: faust.App, seen: SeenCopiesTable, source: Any, clock: Clock, window: timedelta
+) -> None:
+    """Every EXPIRE_EVERY seconds, prune the due entries of the partitions this replica processes; not
+    while a rebalance or a restore is under way (a partition may be moving)."""
+    topics = {source.get_topic_name(), seen.changelog_topic.get_topic_name()}
+
+    @app.timer(EXPIRE_EVERY, name="popbridge.router.expire")  # type: ignore[untyped-decorator]  # faust's
+    async def expire() -> None:
+        if app.in_recovery or not app.flow_control.is_active():
+            return
+        now = clock()
+        active = app.assignor.assigned_actives()
+        for partition in sorted({tp.partition for tp in active if tp.topic in topics}):
+            deleted = expire_partition(seen, partition, now, window)
+            if deleted:
+                log.info("dedupe: %d entries past the window deleted from partition %d", deleted, partition)
 
 
 def _route_one(value: bytes, config: MailConfig, clock: Clock) -> RecipientsResolved | None:

@@ -66,7 +66,7 @@ def apply_dedupe(
 ) -> tuple[RecipientsResolved, SeenBodies]:
     """The event to emit (recipients already routed by another copy moved to `suppressed`) and the new
     table value. Entries older than `window` are forgotten."""
-    fresh = {digest: copy for digest, copy in seen.items() if now - copy.first_seen <= window}
+    fresh = prune(seen, now, window)
     digest = body_digest(resolved.raw)
     earlier = fresh.get(digest)
     routed_by = dict(earlier.routed_by) if earlier else {}
@@ -82,6 +82,16 @@ def apply_dedupe(
     fresh[digest] = SeenCopy(routed_by=routed_by, first_seen=earlier.first_seen if earlier else now)
     emitted = msgspec.structs.replace(resolved, recipients=tuple(keep), suppressed=tuple(suppressed))
     return emitted, fresh
+
+
+def prune(seen: SeenBodies, now: datetime, window: timedelta = DEFAULT_WINDOW) -> SeenBodies:
+    """The bodies of `seen` still inside the window (empty: the whole entry has expired)."""
+    return {digest: copy for digest, copy in seen.items() if now - copy.first_seen <= window}
+
+
+def oldest_seen(seen: SeenBodies) -> datetime | None:
+    """When the oldest body of an entry was first seen: the entry needs pruning `window` after that."""
+    return min((copy.first_seen for copy in seen.values()), default=None)
 
 
 def _suppressed(recipient: Recipient, other_fetch_id: str) -> Recipient:

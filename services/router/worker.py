@@ -18,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     UnsupportedSaslMechanismError,
 )
+from faust.exceptions import ConsistencyError
 
 from schemas.topics import FETCHED, ROUTED
 from services.router.app import create_app, internal_topics, repartition_topic
@@ -99,25 +103,34 @@ class Supervisor:
     metrics: Metrics
     stop: asyncio.Event
     until_idle: bool = False
+    state_dir: Path | None = None  # None: the one `state_directory` gives for the settings
 
     async def run(self) -> None:
+        if self.state_dir is not None:
+            return await self._run(self.state_dir)
+        with state_directory(self.settings) as state_dir:
+            return await self._run(state_dir)
+
+    async def _run(self, state_dir: Path) -> None:
         failures = 0
         while not self.stop.is_set():
             started = time.monotonic()
-            reason = await self._run_once()
+            reason = await self._run_once(state_dir)
             if reason is None:
                 return
             if isinstance(reason, ConfigError):
                 raise reason
             if is_permanent(reason):
                 raise RouterCannotRun(describe(reason))
+            if isinstance(reason, ConsistencyError):
+                discard_state(state_dir, reason)
             failures = 1 if time.monotonic() - started >= HEALTHY_RUN else failures + 1
             delay = restart_delay(failures)
             log.warning("router down (%s); starting again in %.0f s", describe(reason), delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), delay)
 
-    async def _run_once(self) -> BaseException | None:
+    async def _run_once(self, state_dir: Path) -> BaseException | None:
         """Run one app to its end: None when stopped or idle, else why it ended."""
         app: faust.App | None = None
         try:
@@ -127,7 +140,7 @@ class Supervisor:
             await self._check_topics()
             app = create_app(
                 self.settings, self.config, metrics=self.metrics, security=self.kafka.security,
-                progress=self.tracker.progressed,
+                progress=self.tracker.progressed, state_dir=state_dir,
             )
             await app.start()
             self.tracker.mark_ready()
@@ -165,6 +178,31 @@ class Supervisor:
     async def _idle(self) -> None:
         topics = [self.settings.topic(FETCHED), repartition_topic(self.settings)]
         await wait_until_idle(self.kafka, self.settings.group("router"), topics)
+
+
+def discard_state(state_dir: Path, reason: BaseException) -> None:
+    """The local state is ahead of its changelog (faust's check: a changelog topic deleted and created
+    again): drop it, so the next app restores every partition from the changelog as it is now."""
+    log.warning("router state in %s does not match its changelog (%s); deleting it, the next start "
+                "restores it from the changelog", state_dir, describe(reason))  # fmt: skip
+    for path in state_dir.glob("*.sqlite3*"):
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def state_directory(settings: DeploymentSettings) -> Iterator[Path]:
+    """Where the router keeps its dedupe table's partitions: `<POPBRIDGE_DATA_DIR>/router`, kept across
+    restarts (a restart then reads only the changelog's tail); without a data directory, a temporary
+    one removed at exit (each start restores from the whole changelog, on disk, not in memory)."""
+    if settings.data_dir:
+        yield Path(settings.data_dir).expanduser() / "router"
+        return
+    temporary = Path(tempfile.mkdtemp(prefix="popbridge-router-"))
+    log.info("no POPBRIDGE_DATA_DIR: router state in %s until exit, restored from the changelog", temporary)
+    try:
+        yield temporary
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 async def _stop_quietly(app: faust.App) -> None:
