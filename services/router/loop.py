@@ -2,13 +2,14 @@
 
     fetched --(consume, group `<prefix>-router`)--> route_fetched --> apply_dedupe --> routed
                                                                           |
-                                     seen-copies (compacted, key: Message-ID) <--+
+                                          the dedupe table (services.router.seen_store) <--+
 
-faust cannot run on the embedded log, so `popbridge run` uses this loop. The dedupe table lives in the log
-itself: each change is written to the compacted `popbridge.router.seen-copies` topic in the same
-`send_all` as the routed event, and the table is rebuilt with `Log.scan` when the loop starts. One loop
-holds the whole table, so run one loop per deployment (copies of one message sit on different
-partitions of the fetched topic; two loops would each see only some of them).
+faust cannot run on the embedded log, so `popbridge run` uses this loop. The dedupe table lives with
+the log (services.router.seen_store): on the embedded log, an indexed table in its file, read per
+Message-ID of each batch; on Kafka, the compacted `seen-copies` topic. A batch's table changes are
+stored before its routed events are sent. One loop holds the whole table, so run one loop per
+deployment (copies of one message sit on different partitions of the fetched topic; two loops would
+each see only some of them). Entries past the window are deleted every EXPIRE_EVERY seconds.
 
 Processing is at-least-once: offsets are committed only once the routed events and the table changes
 of the batch are durable. A batch re-read after a crash routes each copy again under its own fetch id,
@@ -24,32 +25,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-
-import msgspec
+from functools import partial
+from typing import TypeVar
 
 from schemas import codec
 from schemas.events import MailFetched, RecipientsResolved
-from schemas.topics import FETCHED, ROUTED, ROUTER_SEEN_COPIES
-from services.router.dedupe import (
-    DEFAULT_WINDOW,
-    SeenBodies,
-    apply_dedupe,
-    decode_seen,
-    dedupe_key,
-    encode_seen,
-)
+from schemas.topics import FETCHED, ROUTED
+from services.router.dedupe import DEFAULT_WINDOW, SeenBodies, apply_dedupe, dedupe_key
+from services.router.seen_store import SeenStore, SeenTable, load_table, open_seen_store
 from services.router.stage import route_fetched, to_postmaster
-from services.runtime.log import Log, LogError, LogProducer, Outgoing, Record, next_offsets
+from services.runtime.log import Log, LogError, Outgoing, Record, next_offsets
 from services.runtime.metrics import Metrics
 from services.runtime.settings import DeploymentSettings, MailConfig
 
 log = logging.getLogger("popbridge.router")
+T = TypeVar("T")
 
 Clock = Callable[[], datetime]
-SeenTable = dict[bytes, SeenBodies]
+__all__ = ["RouterCounts", "RouterLoop", "SeenTable", "load_table", "route_record"]
+EXPIRE_EVERY = 60.0  # seconds between two passes deleting dedupe entries past the window
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)  # seconds between tries of a send the log could not make durable
 
 
@@ -80,15 +78,22 @@ def route_record(
     record: Record, config: MailConfig, table: SeenTable, now: datetime, window: timedelta = DEFAULT_WINDOW
 ) -> Routed | None:
     """Route and dedupe one fetched record against `table` (updated in place); None for a bad record."""
+    routed = route_only(record, config, now)
+    if routed is None or routed.failed:
+        return routed
+    return dedupe(routed.event, table, now, window)
+
+
+def route_only(record: Record, config: MailConfig, now: datetime) -> Routed | None:
+    """Route one fetched record, not yet deduplicated; None for a bad record."""
     fetched = _decode(record)
     if fetched is None:
         return None
     try:
-        resolved = route_fetched(fetched, config, now)
+        return Routed(route_fetched(fetched, config, now))
     except Exception as exc:  # a bug in the core must not stop the stream or lose the message
         log.exception("fetch_id=%s: routing failed, sending to the postmaster", fetched.fetch_id)
         return Routed(to_postmaster(fetched, config, now, f"{type(exc).__name__}: {exc}"), failed=True)
-    return _dedupe(resolved, table, now, window)
 
 
 def _decode(record: Record) -> MailFetched | None:
@@ -100,7 +105,8 @@ def _decode(record: Record) -> MailFetched | None:
     return None
 
 
-def _dedupe(resolved: RecipientsResolved, table: SeenTable, now: datetime, window: timedelta) -> Routed:
+def dedupe(resolved: RecipientsResolved, table: SeenTable, now: datetime, window: timedelta) -> Routed:
+    """Dedupe one routed message against `table` (updated in place)."""
     key = dedupe_key(resolved)
     if key is None:
         return Routed(resolved)
@@ -111,44 +117,6 @@ def _dedupe(resolved: RecipientsResolved, table: SeenTable, now: datetime, windo
         return Routed(resolved)
     table[key] = remembered
     return Routed(emitted, (key, remembered))
-
-
-def outgoing(routed: Routed, settings: DeploymentSettings) -> list[Outgoing]:
-    """The records one routed message writes: the table change first, then the routed event."""
-    event = routed.event
-    records = []
-    if routed.seen is not None:
-        key, value = routed.seen
-        records.append(Outgoing(settings.topic(ROUTER_SEEN_COPIES), encode_seen(value), key))
-    records.append(Outgoing(settings.topic(ROUTED), codec.encode(event), event.fetch_id.encode()))
-    return records
-
-
-def load_table(values: Iterable[tuple[bytes | None, bytes]], now: datetime, window: timedelta) -> SeenTable:
-    """The dedupe table from the compacted topic's records in log order (the latest per key wins);
-    entries older than `window` are dropped, unreadable ones skipped."""
-    table: SeenTable = {}
-    for key, value in values:
-        if key is None:
-            continue
-        seen = _decode_seen(key, value)
-        if seen is None:
-            continue
-        fresh = {digest: copy for digest, copy in seen.items() if now - copy.first_seen <= window}
-        if fresh:
-            table[key] = fresh
-        else:
-            table.pop(key, None)
-    return table
-
-
-def _decode_seen(key: bytes, value: bytes) -> SeenBodies | None:
-    try:
-        return decode_seen(value)
-    except msgspec.DecodeError as exc:
-        problem = str(exc)
-    log.error("seen-copies record for %r skipped: %s", key, problem)
-    return None
 
 
 @dataclass
@@ -167,38 +135,60 @@ class RouterLoop:
 
     async def run(self, *, until_idle: bool = False, stop: asyncio.Event | None = None) -> RouterCounts:
         stop = stop or asyncio.Event()
-        table = await self._load_table()
         fetched = self.settings.topic(FETCHED)
-        async with self.log.producer() as producer, self.log.consumer(
+        seen = await open_seen_store(self.log, self.settings, self.clock(), self.dedupe_window)
+        async with seen, self.log.producer() as producer, self.log.consumer(
             self.settings.group("router"), [fetched]
         ) as consumer:
+            expire_at = 0.0
             while not stop.is_set():
+                if time.monotonic() >= expire_at:
+                    await self._expire(seen)
+                    expire_at = time.monotonic() + EXPIRE_EVERY
                 records = await consumer.fetch(self.poll_seconds, self.batch_size)
                 if records:
-                    await self._send(producer, self._route_batch(records, table), stop)
+                    changes, out = await self._route_batch(records, seen)
+                    stored = await self._durably(partial(seen.store, changes), stop)
+                    await self._durably(partial(producer.send_all, [*stored, *out]), stop)
                     await consumer.commit(next_offsets(records))
                 elif until_idle and await consumer.caught_up():
                     break
         return self.counts
 
-    async def _load_table(self) -> SeenTable:
-        records = self.log.scan(self.settings.topic(ROUTER_SEEN_COPIES))
-        table = load_table([(r.key, r.value) async for r in records], self.clock(), self.dedupe_window)
-        log.info("router: dedupe table loaded, %d Message-IDs", len(table))
-        return table
+    async def _expire(self, seen: SeenStore) -> None:
+        try:
+            deleted = await seen.expire(self.clock())
+        except LogError as exc:  # the next pass tries again; routing goes on
+            log.warning("router: deleting expired dedupe entries failed: %s", exc)
+            return
+        if deleted:
+            log.info("router: %d dedupe entries past the window deleted", deleted)
 
-    def _route_batch(self, records: Sequence[Record], table: SeenTable) -> list[Outgoing]:
+    async def _route_batch(
+        self, records: Sequence[Record], seen: SeenStore
+    ) -> tuple[dict[bytes, SeenBodies], list[Outgoing]]:
+        """The batch's table changes and routed events. The table entries of the batch's Message-IDs are
+        read first, in one lookup; copies within the batch see each other's changes."""
+        now = self.clock()
+        routed = [(record, route_only(record, self.config, now)) for record in records]
+        keys = [key for _, r in routed if r is not None and not r.failed
+                and (key := dedupe_key(r.event)) is not None]  # fmt: skip
+        table = await self._durably(partial(seen.lookup, keys), None)
+        changes: dict[bytes, SeenBodies] = {}
         out: list[Outgoing] = []
-        for record in records:
-            routed = route_record(record, self.config, table, self.clock(), self.dedupe_window)
-            if routed is None:
+        for _, one in routed:
+            if one is None:
                 self.counts.skipped += 1
                 if self.metrics is not None:
                     self.metrics.skipped("router")
                 continue
-            self._count(routed)
-            out += outgoing(routed, self.settings)
-        return out
+            done = one if one.failed else dedupe(one.event, table, now, self.dedupe_window)
+            if done.seen is not None:
+                changes[done.seen[0]] = done.seen[1]
+            self._count(done)
+            event = done.event
+            out.append(Outgoing(self.settings.topic(ROUTED), codec.encode(event), event.fetch_id.encode()))
+        return changes, out
 
     def _count(self, routed: Routed) -> None:
         event = routed.event
@@ -213,15 +203,15 @@ class RouterLoop:
             event.rules_version or "-",
         )
 
-    async def _send(self, producer: LogProducer, records: list[Outgoing], stop: asyncio.Event) -> None:
-        """Make the batch durable; a retriable log error is tried again (the batch is not committed)."""
-        for delay in (*RETRY_DELAYS, None):
+    async def _durably(self, action: Callable[[], Awaitable[T]], stop: asyncio.Event | None) -> T:
+        """Run `action` (a send to the log, a table read or write); a retriable log error is tried again
+        (the batch is not committed meanwhile)."""
+        for delay in RETRY_DELAYS:
             try:
-                await producer.send_all(records)
+                return await action()
             except LogError as exc:
-                if not exc.retriable or delay is None or stop.is_set():
+                if not exc.retriable or (stop is not None and stop.is_set()):
                     raise
                 log.warning("router: the log did not take the batch, retrying in %.1f s: %s", delay, exc)
                 await asyncio.sleep(delay)
-            else:
-                return
+        return await action()
