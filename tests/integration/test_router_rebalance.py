@@ -49,6 +49,8 @@ class Pipeline:
         self.log = KafkaLog(bootstrap)
         config_path.write_text(CONFIG)
         self.config: MailConfig = load_config(config_path)
+        self.state_root = config_path.parent / "router-state"
+        self._apps = 0
 
     async def create_topics(self, fetched_partitions: int | None = None, *, internal: bool = True) -> None:
         specs = [
@@ -78,8 +80,12 @@ class Pipeline:
         scan = self.log.scan(self.settings.topic(ROUTED))
         return {codec.decode(r.value, RecipientsResolved).fetch_id async for r in scan}
 
-    def app(self) -> faust.App:
-        return create_app(self.settings, self.config)
+    def app(self, state_dir: Path | None = None, **options: Any) -> faust.App:
+        """A router app, as the worker builds it; its state on disk in `state_dir`, by default a fresh
+        directory (a replica on a new node: its table is restored from the changelog)."""
+        self._apps += 1
+        directory = state_dir or self.state_root / f"app-{self._apps}"
+        return create_app(self.settings, self.config, state_dir=directory, **options)
 
 
 @pytest.fixture
