@@ -2,7 +2,7 @@
 (services.router.state) beside the old in-memory table (faust's `memory://`), in the same run.
 
     .venv/bin/python bench/scale_router.py --bootstrap 127.0.0.1:9092 [--per-day 200000] [--days 7]
-                                           [--sizes 100000,400000] [--no-memory]
+                                           [--sizes 20000,400000] [--full-up-to 50000]
 
 For each history size N (entries in the window; the full target is 7 days x 200k messages/day = 1.4M),
 the changelog of a fresh deployment (own topic prefix) is filled straight from a producer with N
@@ -12,6 +12,10 @@ process (so RSS is its own), three ways:
     memory     the old table: faust's memory:// store, rebuilt from the whole changelog at each start
     cold       the on-disk store without local state (a new node): the whole changelog, into SQLite
     warm       the on-disk store with the state the cold run left (a restart): only the changelog tail
+
+Above --full-up-to entries only `warm` runs, on local state written while filling (see `fill`): faust
+restores about 300 records a second here (it hands records over one by one), so a full replay of 1.4M
+entries would take over an hour, for the old memory:// start as for a cold one.
 
 "ready" is from `app.start()` to faust's Recovery reporting the table restored (the router then routes);
 it includes joining the consumer group (~3 s of faust's rebalance here). RSS is VmRSS once ready, peak
@@ -24,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -41,6 +46,8 @@ sys.path.insert(0, str(REPO))
 from schemas.topics import TOPICS, TopicSpec  # noqa: E402 - after the path is set
 from services.router.app import create_app, internal_topics  # noqa: E402
 from services.router.dedupe import SeenCopy, encode_seen  # noqa: E402
+from services.router.state import TABLE, open_partition_file, prune_at_ms  # noqa: E402
+from services.runtime import state_table  # noqa: E402
 from services.runtime.kafka import KafkaLog  # noqa: E402
 from services.runtime.settings import DeploymentSettings, load_config  # noqa: E402
 
@@ -80,8 +87,15 @@ def entry(n: int, now: datetime, window: timedelta) -> tuple[bytes, bytes]:
     return f"<{n}.{uuid.uuid4().hex[:8]}@bench.example>".encode(), encode_seen(seen)
 
 
-async def fill(bootstrap: str, prefix: str, entries: int, window: timedelta) -> float:
-    """Create the deployment's topics and write `entries` changelog records; returns seconds taken."""
+async def fill(
+    bootstrap: str, prefix: str, entries: int, window: timedelta, seed_state: Path | None = None
+) -> float:
+    """Create the deployment's topics and write `entries` changelog records; returns seconds taken.
+
+    With `seed_state`, each record is also written into the local state there, as the router's store
+    would have applied it (same file, same offset checkpoint): a replica restarting after it had
+    routed that history. Restoring it through faust takes about as long as the memory:// start (both
+    replay every record), which is not feasible at the full size on this machine."""
     settings = settings_for(bootstrap, prefix)
     log = KafkaLog(bootstrap)
     specs = [TopicSpec(settings.topic(s.name), s.partitions, dict(s.config)) for s in TOPICS]
@@ -93,16 +107,40 @@ async def fill(bootstrap: str, prefix: str, entries: int, window: timedelta) -> 
     now = datetime.now(UTC)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=20, max_batch_size=512 * 1024)
     await producer.start()
+    files: dict[int, sqlite3.Connection] = {}
+    prune_at = prune_at_ms(window)
     try:
         for base in range(0, entries, CHUNK):
-            sends = [
-                await producer.send(changelog, key=key, value=value)
-                for key, value in (entry(n, now, window) for n in range(base, min(base + CHUNK, entries)))
-            ]
-            await asyncio.gather(*sends)
+            records = [entry(n, now, window) for n in range(base, min(base + CHUNK, entries))]
+            sends = [await producer.send(changelog, key=key, value=value) for key, value in records]
+            written = await asyncio.gather(*sends)
+            if seed_state is not None:
+                seed(files, seed_state, changelog, records, written=written, prune_at=prune_at)
     finally:
         await producer.stop()
+        for conn in files.values():
+            conn.close()
     return time.monotonic() - started
+
+
+def seed(
+    files: dict[int, sqlite3.Connection], directory: Path, changelog: str, records: list[tuple[bytes, bytes]],
+    *, written: list[Any], prune_at: Any,
+) -> None:
+    """Apply one chunk of changelog records to the local state, with their offsets."""
+    by_partition: dict[int, list[tuple[bytes, bytes | None, int]]] = {}
+    last: dict[int, int] = {}
+    for (key, value), meta in zip(records, written, strict=True):
+        by_partition.setdefault(meta.partition, []).append((key, value, prune_at(value)))
+        last[meta.partition] = max(meta.offset, last.get(meta.partition, -1))
+    for partition, changes in by_partition.items():
+        if partition not in files:
+            files[partition] = open_partition_file(directory / f"{changelog}-{partition}.sqlite3")
+        conn = files[partition]
+        conn.execute("BEGIN")
+        state_table.write(conn, TABLE, changes)
+        state_table.set_applied_offset(conn, TABLE, partition, last[partition])
+        conn.execute("COMMIT")
 
 
 def rss_kib() -> dict[str, int]:
@@ -129,7 +167,8 @@ async def child(bootstrap: str, prefix: str, state_dir: str) -> dict[str, Any]:
         await asyncio.wait_for(tables.recovery.completed.wait(), 3600)
         ready = time.monotonic() - started
         memory = rss_kib()
-        entries = len(app.tables["seen-copies"])
+        seen: Any = app.tables["seen-copies"]
+        entries = len(seen)
         await app.stop()
     return {"ready_s": round(ready, 2), "rss_mib": memory["VmRSS"] // 1024,
             "peak_rss_mib": memory["VmHWM"] // 1024, "entries": entries}  # fmt: skip
@@ -144,14 +183,16 @@ def run_child(bootstrap: str, prefix: str, state_dir: str) -> dict[str, Any]:
     return result
 
 
-def measure(bootstrap: str, entries: int, window: timedelta, with_memory: bool) -> dict[str, Any]:
+def measure(bootstrap: str, entries: int, window: timedelta, full: bool) -> dict[str, Any]:
+    """`full`: memory, cold and warm (the cold run leaves the warm run's state); otherwise only warm, on
+    state seeded while filling."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}-"
-    filled = asyncio.run(fill(bootstrap, prefix, entries, window))
-    row: dict[str, Any] = {"entries": entries, "fill_s": round(filled, 1)}
     with tempfile.TemporaryDirectory(prefix="router-state-") as state:
-        if with_memory:
+        filled = asyncio.run(fill(bootstrap, prefix, entries, window, None if full else Path(state)))
+        row: dict[str, Any] = {"entries": entries, "fill_s": round(filled, 1)}
+        if full:
             row["memory"] = run_child(bootstrap, prefix, "")
-        row["cold"] = run_child(bootstrap, prefix, state)
+            row["cold"] = run_child(bootstrap, prefix, state)
         row["warm"] = run_child(bootstrap, prefix, state)
         row["disk_mib"] = sum(p.stat().st_size for p in Path(state).rglob("*") if p.is_file()) // 2**20
     return row
@@ -164,7 +205,8 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=7, help="the dedupe window in days")
     parser.add_argument("--sizes", default="", help="history sizes to measure, e.g. 100000,400000 "
                         "(default: days x per-day)")  # fmt: skip
-    parser.add_argument("--no-memory", action="store_true", help="skip the old memory:// figures")
+    parser.add_argument("--full-up-to", type=int, default=50_000, help="sizes up to this also get the "
+                        "memory:// and cold figures (each replays every record through faust)")  # fmt: skip
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--state", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,7 +220,7 @@ def main() -> None:
     print("entries   fill s | memory: ready s  RSS  peak (MiB) | cold: ready s  RSS  peak | warm: ready s RSS"
           "  peak | disk MiB")  # fmt: skip
     for size in sizes:
-        row = measure(args.bootstrap, size, window, not args.no_memory)
+        row = measure(args.bootstrap, size, window, size <= args.full_up_to)
         cells = [f"{row['entries']:>8} {row['fill_s']:>8}"]
         for mode in ("memory", "cold", "warm"):
             m = row.get(mode)

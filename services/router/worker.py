@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import shutil
 import tempfile
@@ -66,6 +67,7 @@ PERMANENT_KAFKA_ERRORS = (
     UnsupportedSaslMechanismError,
 )
 _REASON_CHARS = 300
+MAX_STATE_SLOTS = 16  # router replicas sharing one data directory (one machine, tests, chaos runs)
 
 class MissingTopicError(LogError):
     """A topic the router needs is not there (yet): retried, as an operator may be creating it."""
@@ -193,16 +195,39 @@ def discard_state(state_dir: Path, reason: BaseException) -> None:
 def state_directory(settings: DeploymentSettings) -> Iterator[Path]:
     """Where the router keeps its dedupe table's partitions: `<POPBRIDGE_DATA_DIR>/router`, kept across
     restarts (a restart then reads only the changelog's tail); without a data directory, a temporary
-    one removed at exit (each start restores from the whole changelog, on disk, not in memory)."""
-    if settings.data_dir:
-        yield Path(settings.data_dir).expanduser() / "router"
+    one removed at exit (each start restores from the whole changelog, on disk, not in memory).
+
+    Each replica locks its directory for its lifetime (the kernel drops the lock when the process dies,
+    even by SIGKILL). A second replica on the same machine and data directory takes `router-2`, and so
+    on: two processes never write one partition's file (in Kubernetes each pod has its own volume)."""
+    if not settings.data_dir:
+        temporary = Path(tempfile.mkdtemp(prefix="popbridge-router-"))
+        log.info("no POPBRIDGE_DATA_DIR: router state in %s until exit, restored from the changelog",
+                 temporary)  # fmt: skip
+        try:
+            yield temporary
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
         return
-    temporary = Path(tempfile.mkdtemp(prefix="popbridge-router-"))
-    log.info("no POPBRIDGE_DATA_DIR: router state in %s until exit, restored from the changelog", temporary)
+    base = Path(settings.data_dir).expanduser()
+    with contextlib.ExitStack() as held:
+        for slot in range(1, MAX_STATE_SLOTS + 1):
+            directory = base / ("router" if slot == 1 else f"router-{slot}")
+            if _lock(directory, held):
+                yield directory
+                return
+        raise ConfigError(f"environment: POPBRIDGE_DATA_DIR: {MAX_STATE_SLOTS} routers already use {base}")
+
+
+def _lock(directory: Path, held: contextlib.ExitStack) -> bool:
+    """Take the directory's lock, kept until `held` closes; False when another process holds it."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = held.enter_context((directory / "LOCK").open("a"))
     try:
-        yield temporary
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 async def _stop_quietly(app: faust.App) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from aiokafka.errors import (
     CommitFailedError,
@@ -13,10 +15,18 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     TopicAuthorizationFailedError,
 )
+from faust.exceptions import ConsistencyError
 
-from services.router.worker import RESTART_DELAYS, describe, is_permanent, restart_delay
+from services.router.worker import (
+    RESTART_DELAYS,
+    describe,
+    discard_state,
+    is_permanent,
+    restart_delay,
+    state_directory,
+)
 from services.runtime.kafka import KafkaLogError
-from services.runtime.settings import ConfigError
+from services.runtime.settings import ConfigError, DeploymentSettings
 
 
 @pytest.mark.parametrize(
@@ -60,3 +70,24 @@ def test_a_reason_is_one_short_line() -> None:
 
 def test_the_wait_grows_with_failures_in_a_row_and_stays_bounded() -> None:
     assert [restart_delay(n) for n in range(1, 8)] == [*RESTART_DELAYS, 30.0, 30.0]
+
+
+def test_replicas_sharing_a_data_directory_each_lock_their_own_state_directory(tmp_path: Path) -> None:
+    settings = DeploymentSettings(data_dir=str(tmp_path))
+    with state_directory(settings) as first, state_directory(settings) as second:
+        assert (first, second) == (tmp_path / "router", tmp_path / "router-2")
+    with state_directory(settings) as again:  # the first's lock was released: its state is reused
+        assert again == tmp_path / "router"
+
+
+def test_without_a_data_directory_the_state_lives_in_a_temporary_directory_until_exit() -> None:
+    with state_directory(DeploymentSettings()) as temporary:
+        assert temporary.is_dir()
+    assert not temporary.exists()
+
+
+def test_state_ahead_of_its_changelog_is_deleted(tmp_path: Path) -> None:
+    (tmp_path / "c-0.sqlite3").write_bytes(b"x")
+    (tmp_path / "c-0.sqlite3-wal").write_bytes(b"x")
+    discard_state(tmp_path, ConsistencyError("persisted offset 10 > highwater 3"))
+    assert list(tmp_path.iterdir()) == []
