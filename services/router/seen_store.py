@@ -2,7 +2,8 @@
 
 - On the embedded log: an indexed table in the log's own file (services.runtime.embedded.state), read
   per Message-ID for each batch and pruned through its index: memory does not grow with history, and
-  a start reads nothing ahead.
+  a start reads nothing ahead (except once, after an upgrade: the topic earlier releases kept the
+  table in is imported into the empty table, a chunk at a time).
 - On Kafka (`popbridge run` with a broker): the compacted `seen-copies` topic, read whole into memory
   at start, each change written with the batch's routed events. Kept as it was: the Kubernetes
   deployment runs the faust router, whose table lives on disk per partition (services.router.state).
@@ -15,7 +16,7 @@ again under its own fetch id, which dedupe never suppresses.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
@@ -26,13 +27,14 @@ from schemas.topics import ROUTER_SEEN_COPIES
 from services.router.dedupe import SeenBodies, decode_seen, encode_seen, oldest_seen, prune
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.embedded.state import EmbeddedState
-from services.runtime.log import Log, Outgoing
+from services.runtime.log import Log, Outgoing, Record
 from services.runtime.settings import DeploymentSettings
 
 log = logging.getLogger("popbridge.router")
 
 EMBEDDED_TABLE = "router_seen_copies"  # the table's name in the embedded log's file
 EXPIRE_BATCH = 1000  # entries pruned per pass
+IMPORT_CHUNK = 500  # entries per transaction when importing the topic of earlier releases
 SeenTable = dict[bytes, SeenBodies]
 
 
@@ -55,15 +57,41 @@ def prune_at_ms(seen: SeenBodies, window: timedelta) -> int:
 
 
 class EmbeddedSeenStore:
-    """The table in the embedded log's file; open it with `async with`."""
+    """The table in the embedded log's file; open it with `async with`.
 
-    def __init__(self, data_dir: Path, window: timedelta) -> None:
+    `earlier` (the compacted topic where releases before this one kept the table) is imported, a chunk
+    at a time, when the table is empty: an upgrade keeps its dedupe history."""
+
+    def __init__(
+        self, data_dir: Path, window: timedelta, *, earlier: AsyncIterator[Record] | None = None,
+        now: datetime | None = None,
+    ) -> None:
         self._state = EmbeddedState(data_dir, EMBEDDED_TABLE)
         self._window = window
+        self._earlier = earlier
+        self._now = now
 
     async def __aenter__(self) -> EmbeddedSeenStore:
         await self._state.__aenter__()
+        if self._earlier is not None and self._now is not None and await self._state.count() == 0:
+            await self._import(self._earlier, self._now)
         return self
+
+    async def _import(self, records: AsyncIterator[Record], now: datetime) -> None:
+        imported = 0
+        chunk: dict[bytes, SeenBodies] = {}
+        async for record in records:
+            seen = prune(_decoded(record.key, record.value) or {}, now, self._window) if record.key else {}
+            if seen and record.key is not None:
+                chunk[record.key] = seen
+            if len(chunk) >= IMPORT_CHUNK:
+                imported += len(chunk)
+                await self.store(chunk)
+                chunk = {}
+        imported += len(chunk)
+        await self.store(chunk)
+        if imported:
+            log.info("router: %d dedupe entries imported from the seen-copies topic", imported)
 
     async def __aexit__(self, *exc: object) -> None:
         await self._state.__aexit__(None, None, None)
@@ -124,9 +152,10 @@ async def open_seen_store(
     log_: Log, settings: DeploymentSettings, now: datetime, window: timedelta
 ) -> EmbeddedSeenStore | TopicSeenStore:
     """The store for `log_` (not yet entered)."""
-    if isinstance(log_, EmbeddedLog):
-        return EmbeddedSeenStore(log_.data_dir, window)
     topic = settings.topic(ROUTER_SEEN_COPIES)
+    if isinstance(log_, EmbeddedLog):
+        earlier = log_.scan(topic) if await log_.partitions(topic) else None
+        return EmbeddedSeenStore(log_.data_dir, window, earlier=earlier, now=now)
     table = load_table([(r.key, r.value) async for r in log_.scan(topic)], now, window)
     log.info("router: dedupe table loaded, %d Message-IDs", len(table))
     return TopicSeenStore(table, topic, window)
@@ -147,7 +176,7 @@ def load_table(values: Iterable[tuple[bytes | None, bytes]], now: datetime, wind
     return table
 
 
-def _decoded(key: bytes, value: bytes) -> SeenBodies | None:
+def _decoded(key: bytes | None, value: bytes) -> SeenBodies | None:
     try:
         return decode_seen(value)
     except msgspec.DecodeError as exc:

@@ -7,10 +7,12 @@ import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
-from services.router.dedupe import SeenCopy
+from schemas.topics import ROUTER_SEEN_COPIES
+from services.router.dedupe import SeenCopy, body_digest, encode_seen
 from services.router.loop import RouterLoop
 from services.router.seen_store import EMBEDDED_TABLE, EmbeddedSeenStore
 from services.runtime.embedded import DB_NAME
+from services.runtime.log import Outgoing
 from tests.unit.router.test_loop import CONFIG, SETTINGS, T, copy_of, fetched, new_log, publish
 
 WEEK = timedelta(days=7)
@@ -74,3 +76,18 @@ async def test_a_restart_after_the_window_routes_a_late_copy_again(tmp_path: Pat
     counts = await loop.run(until_idle=True)
 
     assert (counts.routed, counts.suppressed) == (1, 0)
+
+
+async def test_an_upgrade_imports_the_table_earlier_releases_kept_in_the_topic(tmp_path: Path) -> None:
+    log = await new_log(tmp_path)
+    digest = body_digest(copy_of("alice"))
+    earlier = {digest: SeenCopy(routed_by={"alice@example.com": "f1"}, first_seen=T)}
+    async with log.producer() as producer:  # what the loop of earlier releases wrote
+        await producer.send(Outgoing("t." + ROUTER_SEEN_COPIES, encode_seen(earlier), b"m1@sender.example"))
+    await publish(log, fetched("f2", copy_of("alice")))
+
+    async with EmbeddedSeenStore(tmp_path, WEEK, earlier=log.scan("t." + ROUTER_SEEN_COPIES), now=T) as store:
+        assert await store.count() == 1
+    counts = await RouterLoop(log, SETTINGS, CONFIG, clock=lambda: T, poll_seconds=0.05).run(until_idle=True)
+
+    assert (counts.routed, counts.suppressed) == (1, 1)  # f1 routed alice before the upgrade
