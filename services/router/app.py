@@ -5,7 +5,9 @@
 
 Copies of one message land on different partitions of the fetched topic (their fetch ids differ);
 repartitioning by Message-ID makes them meet in one dedupe agent, whose table (a compacted changelog
-topic in Kafka) survives restarts and moves with its partitions.
+topic in Kafka) survives restarts and moves with its partitions. Each replica keeps its partitions of
+the table on local disk with the changelog offset applied (services.router.state), so a restart reads
+only the changelog's tail; entries past the window are deleted on a timer.
 
 Bytes at the boundary: agents decode and encode with msgspec.
 
