@@ -40,6 +40,7 @@ from faust.types import TP, EventT
 
 from services.router.dedupe import DEFAULT_WINDOW, decode_seen, encode_seen, oldest_seen, prune
 from services.runtime import state_table
+from services.runtime.embedded.files import create_private
 
 log = logging.getLogger("popbridge.router")
 
@@ -47,6 +48,7 @@ TABLE = "seen_copies"  # the table's name inside each partition file
 EXPIRE_EVERY = 60.0  # seconds between two expiry passes
 EXPIRE_BATCH = 1000  # entries pruned per partition and pass: 1.4M a day at 6 partitions, far above the intake
 _PAGE = 500  # entries per read when iterating a partition
+WAL_LIMIT = 8 * 1024 * 1024  # bytes the write-ahead log is truncated back to after a checkpoint
 
 PruneAt = Callable[[bytes], int]  # a stored value -> when it next needs pruning (epoch ms)
 
@@ -78,10 +80,11 @@ def open_partition_file(path: Path) -> sqlite3.Connection:
 
 
 def _open(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    create_private(path)  # Message-IDs and addresses: the owner's only (0700 directory, 0600 file)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")  # the WAL shrinks back after a checkpoint
         # NORMAL: a committed write survives a kill of the process (the WAL is in the kernel's pages); a
         # power cut may lose the last ones, changes and offset together, and the changelog has them.
         conn.execute("PRAGMA synchronous = NORMAL")
