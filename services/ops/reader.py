@@ -1,34 +1,97 @@
-"""The one way an operator command reads a topic: no consumer group, bounded by partition and offsets.
+"""The one way an operator command reads a topic: no consumer group, bounded by partition, offsets and time.
 
-`events` reads a whole topic (its beginning up to its end at the time of the call, through
-`OpsLog.scan`) and yields the records that decode as one of the wanted events; `read_chunks` and
-`read_range` read one partition between two offsets, `chunk` offsets per read. None joins a consumer
-group, so an operator's read commits nothing and needs no group permission. A record that does not
-decode is skipped: a foreign record is not part of any message's story.
+- `keyed` reads the one partition a key lives on (services.ops.locate plans it), within a time window
+  turned into offsets by the log's time index, and yields only that key's records: `popbridge trace`
+  and `dlq show`/`retry` of a full fetch id read this way.
+- `windowed` reads every partition of a topic within a time window: `dlq list` (bounded by `--since`)
+  and a trace by Message-ID that the router's by-message-id topic cannot answer.
+- `events` reads a whole topic (its beginning up to its end at the time of the call, `OpsLog.scan`): the
+  shadow replay's input, and the old trace path the scale benchmark measures against.
+- `read_chunks` and `read_range` read one partition between two offsets, `chunk` offsets per read.
+
+None joins a consumer group, so an operator's read commits nothing and needs no group permission. A
+record that does not decode is skipped: a foreign record is not part of any message's story.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import TypeVar
 
 from schemas import codec
 from schemas.events import Event
-from services.runtime.log import Record
+from services.ops.locate import CHUNK, KeyRead, Window, spans
+from services.runtime.log import LogError, LogRefusedError, Record
 from services.runtime.ops_log import OpsLog
 
 E = TypeVar("E", bound=Event)
 
 
-async def events(log: OpsLog, topic: str, wanted: tuple[type[E], ...]) -> AsyncIterator[tuple[Record, E]]:
-    """Every record of `topic` holding one of the `wanted` events, with that event, in log order."""
-    async for record in log.scan(topic):
+def decoded(records: Iterable[Record], wanted: tuple[type[E], ...]) -> list[tuple[Record, E]]:
+    """The records that hold one of the `wanted` events, with that event."""
+    found: list[tuple[Record, E]] = []
+    for record in records:
         try:
             event = codec.decode_any(record.value)
         except codec.EventDecodeError:
             continue
         if isinstance(event, wanted):
-            yield record, event
+            found.append((record, event))
+    return found
+
+
+async def events(log: OpsLog, topic: str, wanted: tuple[type[E], ...]) -> AsyncIterator[tuple[Record, E]]:
+    """Every record of `topic` holding one of the `wanted` events, with that event, in log order."""
+    async for record in log.scan(topic):
+        for pair in decoded((record,), wanted):
+            yield pair
+
+
+async def partition_counts(log: OpsLog, topics: Iterable[str]) -> dict[str, int]:
+    """Per topic, its partition count; 0 for a topic not created (yet)."""
+    counts: dict[str, int] = {}
+    for topic in topics:
+        try:
+            counts[topic] = len(await log.end_offsets(topic))
+        except LogError as exc:
+            if exc.retriable or isinstance(exc, LogRefusedError):
+                raise
+            counts[topic] = 0  # the embedded log's "unknown topic"
+    return counts
+
+
+async def offset_bounds(log: OpsLog, topic: str, window: Window) -> dict[int, tuple[int, int]]:
+    """Per partition, the offsets [start, end) of the records appended within `window`; the end is fixed
+    now (what is written later is outside the read)."""
+    ends = await log.end_offsets(topic)
+    if not ends:
+        return {}
+    starts = (await log.start_offsets(topic) if window.since_ms is None
+              else await log.offsets_for_time(topic, window.since_ms))
+    stops = ends if window.until_ms is None else await log.offsets_for_time(topic, window.until_ms)
+    return {p: (starts.get(p, end), min(stops.get(p, end), end)) for p, end in ends.items()}
+
+
+async def keyed(
+    log: OpsLog, read: KeyRead, *, newest_first: bool = False, chunk: int = CHUNK
+) -> AsyncIterator[Record]:
+    """The records keyed `read.key` on `read.partition` within `read.window`, in log order (or newest first).
+    Keys are compared before anything is decoded."""
+    bounds = await offset_bounds(log, read.topic, read.window)
+    start, end = bounds.get(read.partition, (0, 0))
+    for a, b in spans(start, end, chunk, newest_first=newest_first):
+        records = await log.read(read.topic, read.partition, a, b)
+        for record in reversed(records) if newest_first else records:
+            if record.key == read.key:
+                yield record
+
+
+async def windowed(log: OpsLog, topic: str, window: Window, *, chunk: int = CHUNK) -> AsyncIterator[Record]:
+    """Every record of `topic` appended within `window`, partition by partition, in log order."""
+    for partition, (start, end) in sorted((await offset_bounds(log, topic, window)).items()):
+        async for records in read_chunks(log, topic, partition, start, end, chunk=chunk):
+            for record in records:
+                yield record
 
 
 async def read_chunks(
