@@ -29,9 +29,17 @@ Partitioner = Callable[[bytes, int], int]
 # Records of later stages are appended after the fetched record, but the anchor is the fetcher's clock
 # (`fetched_at`, kept by a replayed copy) and the bound is the broker's: allow this much disagreement.
 CLOCK_SKEW = timedelta(minutes=15)
-# Offsets per ranged read: a bounded batch (its bytes are at most this many records, each up to the
-# topics' 64 MiB limit; mail averages far less). A Kafka ranged read costs one consumer start (~0.1 s).
+# Offsets per ranged read. A Kafka ranged read costs a client start (0.1 s, far more on a busy machine),
+# so a read of small records grows (x4, up to MAX_CHUNK offsets) while it stays under a quarter of
+# READ_BUDGET bytes, and shrinks (halves, down to CHUNK) above it: a read holds about the budget, plus
+# at most one record more than it (the topics allow 64 MiB records).
 CHUNK = 500
+MAX_CHUNK = 50_000
+READ_BUDGET = 16 * 1024 * 1024
+# How long after its fetch a message's events are looked for, unless --until says otherwise: the
+# deliverer's default maximum age of a retry (5 days) plus two days of router lag and tier delays.
+# Attempts after a late `dlq retry` fall outside; `--until` reaches them.
+HORIZON = timedelta(days=7)
 
 
 def murmur2(data: bytes) -> int:
@@ -91,10 +99,15 @@ class Window:
     since_ms: int | None = None
     until_ms: int | None = None
 
-    def anchored(self, fetched_ms: int, skew: timedelta = CLOCK_SKEW) -> Window:
-        """The window for the events after a fetch at `fetched_ms` (the fetcher's clock, see CLOCK_SKEW)."""
+    def anchored(
+        self, fetched_ms: int, skew: timedelta = CLOCK_SKEW, horizon: timedelta = HORIZON
+    ) -> Window:
+        """The window for the events after a fetch at `fetched_ms` (the fetcher's clock, see CLOCK_SKEW):
+        from the fetch to `horizon` after it, unless the window given ends (`--until`) or starts later."""
         start = fetched_ms - skew // timedelta(milliseconds=1)
-        return Window(start if self.since_ms is None else max(start, self.since_ms), self.until_ms)
+        end = fetched_ms + horizon // timedelta(milliseconds=1)
+        return Window(start if self.since_ms is None else max(start, self.since_ms),
+                      end if self.until_ms is None else self.until_ms)
 
 
 # --- reads -----------------------------------------------------------------------------------------
@@ -119,7 +132,10 @@ def key_reads(
             if count > 0]
 
 
-def spans(start: int, end: int, chunk: int = CHUNK, *, newest_first: bool = False) -> list[tuple[int, int]]:
-    """The ranged reads [a, b) covering offsets [start, end), `chunk` offsets each, oldest or newest first."""
-    found = [(a, min(a + chunk, end)) for a in range(start, end, chunk)]
-    return found[::-1] if newest_first else found
+def next_chunk(chunk: int, read_bytes: int, budget: int = READ_BUDGET) -> int:
+    """The offsets of the next ranged read, after one of `chunk` offsets returned `read_bytes`."""
+    if read_bytes > budget:
+        return max(CHUNK, chunk // 2)
+    if read_bytes * 4 <= budget:
+        return min(MAX_CHUNK, chunk * 4)
+    return chunk

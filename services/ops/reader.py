@@ -15,12 +15,13 @@ record that does not decode is skipped: a foreign record is not part of any mess
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from typing import TypeVar
 
 from schemas import codec
 from schemas.events import Event
-from services.ops.locate import CHUNK, KeyRead, Window, spans
+from services.ops.locate import CHUNK, KeyRead, Window, next_chunk
 from services.runtime.log import LogError, LogRefusedError, Record
 from services.runtime.ops_log import OpsLog
 
@@ -48,27 +49,32 @@ async def events(log: OpsLog, topic: str, wanted: tuple[type[E], ...]) -> AsyncI
 
 
 async def partition_counts(log: OpsLog, topics: Iterable[str]) -> dict[str, int]:
-    """Per topic, its partition count; 0 for a topic not created (yet)."""
-    counts: dict[str, int] = {}
-    for topic in topics:
-        try:
-            counts[topic] = len(await log.end_offsets(topic))
-        except LogError as exc:
-            if exc.retriable or isinstance(exc, LogRefusedError):
-                raise
-            counts[topic] = 0  # the embedded log's "unknown topic"
-    return counts
+    """Per topic, its partition count; 0 for a topic not created (yet). The topics are asked at once (a
+    Kafka lookup costs a client start)."""
+    names = list(topics)
+    return dict(zip(names, await asyncio.gather(*(_count(log, t) for t in names)), strict=True))
+
+
+async def _count(log: OpsLog, topic: str) -> int:
+    try:
+        return len(await log.end_offsets(topic))
+    except LogError as exc:
+        if exc.retriable or isinstance(exc, LogRefusedError):
+            raise
+        return 0  # the embedded log's "unknown topic"
 
 
 async def offset_bounds(log: OpsLog, topic: str, window: Window) -> dict[int, tuple[int, int]]:
     """Per partition, the offsets [start, end) of the records appended within `window`; the end is fixed
     now (what is written later is outside the read)."""
-    ends = await log.end_offsets(topic)
-    if not ends:
-        return {}
-    starts = (await log.start_offsets(topic) if window.since_ms is None
-              else await log.offsets_for_time(topic, window.since_ms))
-    stops = ends if window.until_ms is None else await log.offsets_for_time(topic, window.until_ms)
+    # asked at once: on Kafka each lookup starts a client
+    since = window.since_ms
+    first = log.start_offsets(topic) if since is None else log.offsets_for_time(topic, since)
+    lookups = [log.end_offsets(topic), first]
+    if window.until_ms is not None:
+        lookups.append(log.offsets_for_time(topic, window.until_ms))
+    ends, starts, *until = await asyncio.gather(*lookups)
+    stops = until[0] if until else ends
     return {p: (starts.get(p, end), min(stops.get(p, end), end)) for p, end in ends.items()}
 
 
@@ -77,10 +83,9 @@ async def keyed(
 ) -> AsyncIterator[Record]:
     """The records keyed `read.key` on `read.partition` within `read.window`, in log order (or newest first).
     Keys are compared before anything is decoded."""
-    bounds = await offset_bounds(log, read.topic, read.window)
-    start, end = bounds.get(read.partition, (0, 0))
-    for a, b in spans(start, end, chunk, newest_first=newest_first):
-        records = await log.read(read.topic, read.partition, a, b)
+    start, end = (await offset_bounds(log, read.topic, read.window)).get(read.partition, (0, 0))
+    async for records in growing_reads(log, read.topic, read.partition, start, end,
+                                           newest_first=newest_first, chunk=chunk):
         for record in reversed(records) if newest_first else records:
             if record.key == read.key:
                 yield record
@@ -89,9 +94,23 @@ async def keyed(
 async def windowed(log: OpsLog, topic: str, window: Window, *, chunk: int = CHUNK) -> AsyncIterator[Record]:
     """Every record of `topic` appended within `window`, partition by partition, in log order."""
     for partition, (start, end) in sorted((await offset_bounds(log, topic, window)).items()):
-        async for records in read_chunks(log, topic, partition, start, end, chunk=chunk):
+        reads = growing_reads(log, topic, partition, start, end, newest_first=False, chunk=chunk)
+        async for records in reads:
             for record in records:
                 yield record
+
+
+async def growing_reads(
+    log: OpsLog, topic: str, partition: int, start: int, end: int, *, newest_first: bool, chunk: int
+) -> AsyncIterator[list[Record]]:
+    """The records of one partition in [start, end), oldest or newest range first, in reads that grow while
+    their records are small and shrink when large (services.ops.locate.next_chunk: bytes per read bounded)."""
+    while start < end:
+        a, b = (max(start, end - chunk), end) if newest_first else (start, min(end, start + chunk))
+        records = await log.read(topic, partition, a, b)
+        yield records
+        chunk = next_chunk(chunk, sum(len(r.value) + len(r.key or b"") for r in records))
+        start, end = (start, a) if newest_first else (b, end)
 
 
 async def read_chunks(

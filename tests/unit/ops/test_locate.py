@@ -10,13 +10,15 @@ from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
 from schemas.events import fetch_id_for
 from services.ops.locate import (
+    CHUNK,
+    MAX_CHUNK,
     KeyRead,
     Window,
     kafka_partition,
     key_reads,
     murmur2,
+    next_chunk,
     parse_since,
-    spans,
 )
 from services.runtime.embedded.records import partition_for_key
 
@@ -48,17 +50,20 @@ def test_a_read_per_topic_on_the_partition_of_the_key_with_the_logs_partitioner(
     assert embedded[0].partition == partition_for_key(key, 6)
 
 
-def test_spans_cover_the_range_in_bounded_reads_oldest_or_newest_first() -> None:
-    assert spans(10, 2010, 1000) == [(10, 1010), (1010, 2010)]
-    assert spans(0, 2500, 1000, newest_first=True) == [(2000, 2500), (1000, 2000), (0, 1000)]
-    assert spans(5, 5) == []
+def test_reads_grow_while_their_records_are_small_and_shrink_when_large() -> None:
+    assert next_chunk(CHUNK, 1000, budget=16_000) == 4 * CHUNK
+    assert next_chunk(MAX_CHUNK, 0) == MAX_CHUNK
+    assert next_chunk(4000, 10_000, budget=16_000) == 4000  # between a quarter and the budget: kept
+    assert next_chunk(4000, 16_001, budget=16_000) == 2000
+    assert next_chunk(CHUNK, 10**9) == CHUNK
 
 
-def test_the_events_after_a_fetch_are_read_from_the_fetch_less_the_clock_skew() -> None:
+def test_the_events_after_a_fetch_are_read_from_the_fetch_less_the_clock_skew_to_the_horizon() -> None:
     fetched = 10_000_000
-    assert Window().anchored(fetched, timedelta(minutes=1)) == Window(fetched - 60_000, None)
-    # a --since later than the anchor still bounds the read; --until is kept
-    assert Window(fetched, 20_000_000).anchored(fetched, timedelta(minutes=1)) == Window(fetched, 20_000_000)
+    skew, horizon = timedelta(minutes=1), timedelta(hours=1)
+    assert Window().anchored(fetched, skew, horizon) == Window(fetched - 60_000, fetched + 3_600_000)
+    # a --since later than the anchor still bounds the read; --until replaces the horizon
+    assert Window(fetched, 20_000_000).anchored(fetched, skew, horizon) == Window(fetched, 20_000_000)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
