@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from schemas.topics import MAX_MESSAGE_BYTES, TopicSpec
+from services.ops.locate import kafka_partition
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,12 @@ async def create_topics(bootstrap: str, specs: Sequence[TopicSpec]) -> None:
 
 async def fill(
     bootstrap: str, topic: str, records: Iterable[Keyed], *, linger_ms: int = 50,
-    batch_bytes: int = 1024 * 1024, in_flight: int = 20_000, compression: str | None = "gzip",
+    batch_bytes: int = 1024 * 1024, in_flight: int = 64, compression: str | None = "gzip",
 ) -> FillStats:
-    """Write `records` to `topic` as fast as one producer can: up to `in_flight` sends unacknowledged (a
-    bound on memory), acks=1 (a bench, not mail). Returns the count and the time it took."""
+    """Write `records` to `topic` as fast as one producer can: records go straight into per-partition
+    batches (`create_batch`/`send_batch`: no future per record), the partition picked as Kafka's default
+    partitioner does (murmur2), up to `in_flight` batches unacknowledged (a bound on memory), acks=1 (a
+    bench, not mail). Returns the count and the time it took."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks=1, linger_ms=linger_ms, max_batch_size=batch_bytes,
         compression_type=compression, max_request_size=MAX_MESSAGE_BYTES,
@@ -91,15 +94,28 @@ async def fill(
     count = 0
     pending: list[asyncio.Future[object]] = []
     try:
-        for record in records:
-            pending.append(await producer.send(topic, record.value, key=record.key,
-                                               timestamp_ms=record.timestamp_ms))
-            count += 1
+        partitions = len(await producer.partitions_for(topic))
+        batches = [producer.create_batch() for _ in range(partitions)]
+
+        async def send(partition: int) -> None:
+            batch, batches[partition] = batches[partition], producer.create_batch()
+            pending.append(await producer.send_batch(batch, topic, partition=partition))
             if len(pending) >= in_flight:
                 await asyncio.gather(*pending)
                 pending.clear()
+
+        for record in records:
+            partition = kafka_partition(record.key, partitions)
+            while batches[partition].append(key=record.key, value=record.value,
+                                            timestamp=record.timestamp_ms) is None:
+                if batches[partition].record_count() == 0:
+                    raise ValueError(f"a record of {len(record.value)} bytes exceeds the batch size")
+                await send(partition)
+            count += 1
+        for partition in range(partitions):
+            if batches[partition].record_count():
+                await send(partition)
         await asyncio.gather(*pending)
-        await producer.flush()
     finally:
         await producer.stop()
     return FillStats(topic, count, time.perf_counter() - started)

@@ -280,8 +280,9 @@ def trace(
     """The timeline of one message across the topics; ID is a fetch id or a Message-ID (it has an @).
 
     Reads one partition per topic (the fetch id is every event's key): the fetched records newest first
-    down to the message's, the others from its fetch on. A Message-ID is looked up on the router's
-    by-message-id topic (one partition), else on the routed topic since --since.
+    down to the message's, the others from its fetch to 7 days after it (--until to look further). A
+    Message-ID is looked up on the router's by-message-id topic (one partition), else on the routed
+    topic since --since.
     """
     settings = context.settings
     if since is None and is_message_id(ident):
