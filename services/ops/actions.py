@@ -133,20 +133,19 @@ async def _fetch_id_steps(
     key = fetch_id.encode()
     reads = key_reads(key, await partition_counts(log, topics), partitioner_of(log), window)
     anchor = await _fetched_at(log, [r for r in reads if r.topic == topics[0]])
-    later = window if anchor is None else window.anchored(anchor)
+    later = window if anchor is None else window.anchored(*anchor)
     found = await gather_or_raise(*(_steps(log, KeyRead(r.topic, r.partition, key, later), fetch_id)
                                     for r in reads))
     return [step for steps in found for step in steps]
 
 
-async def _fetched_at(log: OpsLog, reads: list[KeyRead]) -> int | None:
-    """When the key's newest fetched record says the message was fetched (ms), or None when none is kept:
-    the fetcher's `fetched_at` (a replayed copy keeps the original's), or the append time if earlier (a
-    fetcher clock running ahead)."""
+async def _fetched_at(log: OpsLog, reads: list[KeyRead]) -> tuple[int, int] | None:
+    """The key's newest fetched record: its `fetched_at` and its append time (ms), or None when none is
+    kept (see Window.anchored)."""
     for read in reads:
         async for record in keyed(log, read, newest_first=True):
             for _, event in decoded((record,), (MailFetched,)):
-                return min(to_ms(event.fetched_at), record.timestamp_ms)
+                return to_ms(event.fetched_at), record.timestamp_ms
     return None
 
 

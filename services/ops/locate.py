@@ -100,12 +100,14 @@ class Window:
     until_ms: int | None = None
 
     def anchored(
-        self, fetched_ms: int, skew: timedelta = CLOCK_SKEW, horizon: timedelta = HORIZON
+        self, fetched_ms: int, appended_ms: int, skew: timedelta = CLOCK_SKEW, horizon: timedelta = HORIZON
     ) -> Window:
-        """The window for the events after a fetch at `fetched_ms` (the fetcher's clock, see CLOCK_SKEW):
-        from the fetch to `horizon` after it, unless the window given ends (`--until`) or starts later."""
-        start = fetched_ms - skew // timedelta(milliseconds=1)
-        end = fetched_ms + horizon // timedelta(milliseconds=1)
+        """The window for the events after a fetch: from the earlier of the fetch time (the fetcher's clock,
+        which a replayed copy keeps) and the fetched record's append time, less CLOCK_SKEW, to `horizon`
+        after the later of the two (a copy replayed later is followed to its own events); a --since that
+        starts later or an --until given bound it instead."""
+        start = min(fetched_ms, appended_ms) - skew // timedelta(milliseconds=1)
+        end = max(fetched_ms, appended_ms) + horizon // timedelta(milliseconds=1)
         return Window(start if self.since_ms is None else max(start, self.since_ms),
                       end if self.until_ms is None else self.until_ms)
 

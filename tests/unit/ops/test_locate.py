@@ -59,11 +59,18 @@ def test_reads_grow_while_their_records_are_small_and_shrink_when_large() -> Non
 
 
 def test_the_events_after_a_fetch_are_read_from_the_fetch_less_the_clock_skew_to_the_horizon() -> None:
-    fetched = 10_000_000
+    fetched, appended = 10_000_000, 10_000_500
     skew, horizon = timedelta(minutes=1), timedelta(hours=1)
-    assert Window().anchored(fetched, skew, horizon) == Window(fetched - 60_000, fetched + 3_600_000)
+    expected = Window(fetched - 60_000, appended + 3_600_000)
+    assert Window().anchored(fetched, appended, skew, horizon) == expected
+    # a fetcher clock ahead of the broker: the append time bounds the start
+    assert Window().anchored(appended, fetched, skew, horizon) == expected
+    # a copy replayed a day later: its own events are followed too
+    replayed = fetched + 86_400_000
+    assert Window().anchored(fetched, replayed, skew, horizon).until_ms == replayed + 3_600_000
     # a --since later than the anchor still bounds the read; --until replaces the horizon
-    assert Window(fetched, 20_000_000).anchored(fetched, skew, horizon) == Window(fetched, 20_000_000)
+    bounded = Window(fetched, 20_000_000)
+    assert bounded.anchored(fetched, fetched, skew, horizon) == bounded
 
 
 @pytest.mark.parametrize(("text", "expected"), [
