@@ -44,7 +44,7 @@ from services.runtime.settings import DeploymentSettings
 SPAN = timedelta(days=14)
 NOW = datetime.now(UTC).replace(microsecond=0)
 TARGET = "<= 1 s"
-NOTE = "2 cores shared with other helpers' runs (load ~20)"
+NOTE = "2 cores shared with other helpers' runs: see the load average"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
