@@ -7,10 +7,11 @@ through services.ops.reader.
 Costs, for the operator who runs them on a busy system:
 - replay plan: three offset lookups; executing it: one offset commit. A window replay (`--to`) reads
   the window in ranged reads of 100 offsets and writes each record once more (bodies included);
-- trace: reads the fetched, routed, delivery-attempt and dead-letter topics from their beginning (their
-  retention: 14, 14, 30 and 90 days), message bodies included. Fine for an occasional question; a
-  frequent one wants an index (a compacted topic keyed by fetch id, or the partition of the fetch id,
-  which is the Kafka key of every event about a message).
+- trace of a fetch id: on the fetched, routed, delivery-attempt and dead-letter topics, only the one
+  partition the fetch id (every event's key) lives on; the fetched one newest first until the message's
+  fetched record (cost: the records fetched since, on that partition), the others from that fetch on
+  (services.ops.locate), within `--since`/`--until`. By Message-ID: one partition of the router's
+  by-message-id topic names the copies' fetch ids; without it, the routed topic within the window.
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ from typing import Protocol
 
 from schemas.events import DeliveryAttempted, DeliveryDeadLettered, MailFetched, RecipientsResolved
 from schemas.topics import DEAD_LETTERS, DELIVERY_ATTEMPTS, FETCHED, ROUTED
-from services.ops.reader import events, read_chunks
+from services.ops.locate import KeyRead, Partitioner, Window, kafka_partition, key_reads
+from services.ops.oneshot import gather_or_raise
+from services.ops.reader import decoded, keyed, partition_counts, read_chunks, windowed
 from services.ops.replay import PartitionWindow, ResetPlan, WindowPlan, reset_plan, to_ms, window_plan
-from services.ops.trace import Step, TracedEvent, TraceQuery, step_of, timelines
+from services.ops.trace import Step, TracedEvent, TraceQuery, is_message_id, step_of, timelines
+from services.runtime.embedded import EmbeddedLog
+from services.runtime.embedded.records import partition_for_key
 from services.runtime.log import LogProducer, Outgoing, TopicPartition
 from services.runtime.ops_log import OpsLog
 from services.runtime.settings import DeploymentSettings
-from services.runtime.stages import Stage
+from services.runtime.stages import Stage, router_repartition_topic
 
 # --- replay ----------------------------------------------------------------------------------------
 
@@ -93,18 +98,81 @@ async def _copy(log: OpsLog, producer: LogProducer, window: PartitionWindow, chu
 
 # --- trace -----------------------------------------------------------------------------------------
 
-TRACE_TOPICS = (FETCHED, ROUTED, DELIVERY_ATTEMPTS, DEAD_LETTERS)  # in the order the fetch ids are learnt
+TRACE_TOPICS = (FETCHED, ROUTED, DELIVERY_ATTEMPTS, DEAD_LETTERS)
 _TRACED: tuple[type[TracedEvent], ...] = (
     MailFetched, RecipientsResolved, DeliveryAttempted, DeliveryDeadLettered,
 )
 
 
-async def collect_trace(log: OpsLog, settings: DeploymentSettings, ident: str) -> dict[str, list[Step]]:
-    """Per fetch id of the message `ident` names, its steps across the topics (see the module's costs)."""
-    query = TraceQuery(ident)
-    steps: list[Step] = []
-    for name in TRACE_TOPICS:
-        async for record, event in events(log, settings.topic(name), _TRACED):
-            if query.matches(event):
-                steps.append(step_of(record, event))
-    return timelines(steps)
+_EVERYTHING = Window()
+
+
+def partitioner_of(log: OpsLog) -> Partitioner:
+    """The partitioner the log's producers use: the embedded log's own, else Kafka's default."""
+    return partition_for_key if isinstance(log, EmbeddedLog) else kafka_partition
+
+
+async def collect_trace(
+    log: OpsLog, settings: DeploymentSettings, ident: str, window: Window = _EVERYTHING
+) -> dict[str, list[Step]]:
+    """Per fetch id of the message `ident` names (a fetch id, or a Message-ID: it has an @), its steps
+    across the topics within `window` (see services.ops.locate for what is read)."""
+    if not is_message_id(ident):
+        return timelines(await _fetch_id_steps(log, settings, ident, window))
+    fetch_ids = await message_fetch_ids(log, settings, ident, window)
+    found = await gather_or_raise(*(_fetch_id_steps(log, settings, f, window) for f in sorted(fetch_ids)))
+    return timelines(step for steps in found for step in steps)
+
+
+async def _fetch_id_steps(
+    log: OpsLog, settings: DeploymentSettings, fetch_id: str, window: Window
+) -> list[Step]:
+    """The fetch id's steps: anchored on its fetched record (newest first), then its partition of each
+    topic from the fetch on."""
+    topics = [settings.topic(name) for name in TRACE_TOPICS]
+    key = fetch_id.encode()
+    reads = key_reads(key, await partition_counts(log, topics), partitioner_of(log), window)
+    anchor = await _fetched_at(log, [r for r in reads if r.topic == topics[0]])
+    later = window if anchor is None else window.anchored(*anchor)
+    found = await gather_or_raise(*(_steps(log, KeyRead(r.topic, r.partition, key, later), fetch_id)
+                                    for r in reads))
+    return [step for steps in found for step in steps]
+
+
+async def _fetched_at(log: OpsLog, reads: list[KeyRead]) -> tuple[int, int] | None:
+    """The key's newest fetched record: its `fetched_at` and its append time (ms), or None when none is
+    kept (see Window.anchored)."""
+    for read in reads:
+        async for record in keyed(log, read, newest_first=True):
+            for _, event in decoded((record,), (MailFetched,)):
+                return to_ms(event.fetched_at), record.timestamp_ms
+    return None
+
+
+async def _steps(log: OpsLog, read: KeyRead, fetch_id: str) -> list[Step]:
+    records = [record async for record in keyed(log, read)]
+    query = TraceQuery(fetch_id)
+    return [step_of(record, event) for record, event in decoded(records, _TRACED) if query.matches(event)]
+
+
+async def message_fetch_ids(
+    log: OpsLog, settings: DeploymentSettings, message_id: str, window: Window
+) -> set[str]:
+    """The fetch ids of the copies of a message: from the faust router's by-message-id topic (keyed by
+    Message-ID, so one partition is read), else from the routed records within `window`, every partition
+    (the plain router has no such topic, and single-user mail does not pass through it)."""
+    query = TraceQuery(message_id)
+    by_message_id = router_repartition_topic(settings)
+    reads = key_reads(query.ident.encode("utf-8", "surrogateescape"),
+                      await partition_counts(log, [by_message_id]), partitioner_of(log), window)
+    for read in reads:
+        records = [record async for record in keyed(log, read)]
+        for _, resolved in decoded(records, (RecipientsResolved,)):
+            query.matches(resolved)
+    if query.fetch_ids:
+        return query.fetch_ids
+    routed = settings.topic(ROUTED)
+    async for record in windowed(log, routed, window):
+        for _, event in decoded((record,), (RecipientsResolved,)):
+            query.matches(event)
+    return query.fetch_ids

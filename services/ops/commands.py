@@ -12,16 +12,17 @@ import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import click
 
 from services.ops.actions import collect_trace, copy_window, execute_replay, plan_replay, plan_window
 from services.ops.lag import UNKNOWN, Thresholds, lag_json, lag_status, lag_text
+from services.ops.locate import Window, parse_since
 from services.ops.oneshot import gather_or_raise, run_bounded, timeout_option
-from services.ops.replay import ResetPlan, parse_time, plan_text, window_text
+from services.ops.replay import ResetPlan, parse_time, plan_text, to_ms, window_text
 from services.ops.shadow import report_text, shadow_replay
-from services.ops.trace import trace_json, trace_text
+from services.ops.trace import is_message_id, trace_json, trace_text
 from services.runtime.connect import open_log
 from services.runtime.context import CommandContext, Reroute, pass_command_context
 from services.runtime.embedded import EmbeddedLog
@@ -244,24 +245,56 @@ def _reroute_of(context: CommandContext) -> Reroute:
 
 # --- trace -----------------------------------------------------------------------------------------
 
+# A Message-ID the router's by-message-id topic does not name is looked for on the routed topic, every
+# partition: by default over the by-message-id topic's retention and the dedupe window.
+MESSAGE_ID_SINCE = "7d"
+
+
+def since_option(_: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """click callback: a duration back from now (7d, 12h) or an ISO 8601 time."""
+    if value is None:
+        return None
+    try:
+        return parse_since(value, datetime.now(UTC))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+def window_of(since: datetime | None, until: datetime | None) -> Window:
+    return Window(None if since is None else to_ms(since), None if until is None else to_ms(until))
+
 
 @click.command()
 @click.argument("ident", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the timeline.")
+@click.option("--since", metavar="WHEN", callback=since_option,
+              help="Only records appended since WHEN: a duration back (30m, 12h, 7d) or an ISO 8601 time. "
+                   f"Default: everything kept for a fetch id, {MESSAGE_ID_SINCE} for a Message-ID.")
+@click.option("--until", metavar="TIME", callback=since_option, help="Only records appended before TIME.")
 @timeout_option
 @pass_command_context
-def trace(context: CommandContext, ident: str, as_json: bool, timeout: float) -> None:
-    """The timeline of one message across the topics; ID is a fetch id or a Message-ID.
+def trace(
+    context: CommandContext, ident: str, *, as_json: bool, since: datetime | None, until: datetime | None,
+    timeout: float,
+) -> None:
+    """The timeline of one message across the topics; ID is a fetch id or a Message-ID (it has an @).
 
-    Reads the fetched, routed, delivery-attempt and dead-letter topics from their beginning: it takes a
-    while on a busy system.
+    Reads one partition per topic (the fetch id is every event's key): the fetched records newest first
+    down to the message's, the others from its fetch to 7 days after it (--until to look further). A
+    Message-ID is looked up on the router's by-message-id topic (one partition), else on the routed
+    topic since --since.
     """
     settings = context.settings
+    if since is None and is_message_id(ident):
+        since = parse_since(MESSAGE_ID_SINCE, datetime.now(UTC))
+    window = window_of(since, until)
     try:
-        found = run_bounded(lambda: collect_trace(ops_log(settings), settings, ident), timeout)
+        found = run_bounded(lambda: collect_trace(ops_log(settings), settings, ident, window), timeout)
     except LogError as exc:
         fail(str(exc))
-    document: Any = trace_json(ident, found) if as_json else None
-    click.echo(json.dumps(document, indent=2) if as_json else "\n".join(trace_text(ident, found)))
+    if as_json:
+        click.echo(json.dumps(trace_json(ident, found, since, until), indent=2))
+    else:
+        click.echo("\n".join(trace_text(ident, found, since)))
     if not found:
         raise SystemExit(1)

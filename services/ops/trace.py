@@ -40,6 +40,12 @@ def normalize_message_id(value: str) -> str:
     return value.strip().removeprefix("<").removesuffix(">").strip()
 
 
+def is_message_id(ident: str) -> bool:
+    """Whether `popbridge trace` was given a Message-ID (it has an @: RFC 5322's id-left "@" id-right) rather
+    than a fetch id (hex digits)."""
+    return "@" in ident
+
+
 def header_message_id(raw: bytes) -> str | None:
     """The topmost Message-ID of a raw message's header section, without angle brackets."""
     end = min((i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0), default=len(raw))
@@ -133,10 +139,17 @@ def _order(step: Step) -> tuple[datetime, int, int]:
 # --- JSON ------------------------------------------------------------------------------------------
 
 
-def trace_json(ident: str, found: dict[str, list[Step]]) -> dict[str, Any]:
-    """The machine-readable timeline of `popbridge trace --json` (message bytes left out)."""
+def trace_json(
+    ident: str, found: dict[str, list[Step]], since: datetime | None = None, until: datetime | None = None
+) -> dict[str, Any]:
+    """The machine-readable timeline of `popbridge trace --json` (message bytes left out). The shape, for
+    scripts: {"query", "since", "until" (ISO 8601 or null: the window searched), "messages": [{"fetch_id",
+    "steps": [{"kind", "at", "stored": {"topic", "partition", "offset", "appended_at_ms"}, ...the event's
+    fields}]}]}. New keys may be added; none is removed or changes meaning."""
     return {
         "query": ident,
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat() if until else None,
         "messages": [{"fetch_id": key, "steps": [_step_json(s) for s in found[key]]} for key in found],
     }
 
@@ -155,10 +168,12 @@ def _step_json(step: Step) -> dict[str, Any]:
 # --- text ------------------------------------------------------------------------------------------
 
 
-def trace_text(ident: str, found: dict[str, list[Step]]) -> list[str]:
+def trace_text(ident: str, found: dict[str, list[Step]], since: datetime | None = None) -> list[str]:
     """The readable timeline of `popbridge trace`."""
     if not found:
-        return [f"nothing found for {ident!r} (neither a fetch id nor a Message-ID on the topics)"]
+        kind = "Message-ID" if is_message_id(ident) else "fetch id"
+        searched = f" since {since:%Y-%m-%d %H:%M %Z}; --since searches further back" if since else ""
+        return [f"nothing found for {ident!r} (no {kind} on the topics{searched})"]
     lines: list[str] = []
     for fetch_id, steps in found.items():
         routed = [s.event for s in steps if isinstance(s.event, RecipientsResolved)]

@@ -56,6 +56,10 @@ _REQUEST_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
 # aiokafka has no separate reconnect backoff; metadata is refreshed on every failed connection anyway, so
 # metadata_max_age_ms (5 min) plays no part in recovering from a restart.
 _RETRY_PACING = {"retry_backoff_ms": 500}
+# A consumer that lives for one offset lookup or ranged read (the ops commands, lag): its first request on
+# a topic finds no metadata for it yet and waits one backoff (aiokafka's StaleMetadata retry). At 500 ms
+# that was most of a `popbridge trace`, which makes four or five rounds of lookups; aiokafka's default.
+_LOOKUP_PACING = {"retry_backoff_ms": 100}
 
 
 class KafkaLogError(LogError):
@@ -226,10 +230,12 @@ class KafkaLog:
             await _closed(conn)
         return None
 
-    def _client_options(self, *, bootstrap: bool = True) -> dict[str, Any]:
+    def _client_options(
+        self, *, bootstrap: bool = True, pacing: Mapping[str, int] = _RETRY_PACING
+    ) -> dict[str, Any]:
         """What every aiokafka client of this log gets: servers, client id, TLS and SASL, retry pacing
         (`bootstrap=False`: the options of a single connection, for create_conn)."""
-        client = {"bootstrap_servers": self.bootstrap_servers, **_RETRY_PACING} if bootstrap else {}
+        client = {"bootstrap_servers": self.bootstrap_servers, **pacing} if bootstrap else {}
         return {**client, "client_id": self.client_id, **self.security.client_options()}
 
     async def ensure_topics(self, specs: Sequence[TopicSpec]) -> list[str]:
@@ -277,7 +283,7 @@ class KafkaLog:
     async def end_offsets(self, topic: str) -> dict[int, int]:
         """Per partition, the offset the next record written will get."""
         partitions = await self.partitions(topic)
-        consumer = AIOKafkaConsumer(**self._client_options())
+        consumer = AIOKafkaConsumer(**self._client_options(pacing=_LOOKUP_PACING))
         try:
             await consumer.start()
             ends = await consumer.end_offsets([KafkaTopicPartition(topic, p) for p in partitions])
@@ -510,7 +516,7 @@ class KafkaLog:
     ) -> AsyncIterator[AIOKafkaConsumer]:
         """A consumer outside any group, for offset lookups and ranged reads."""
         consumer = AIOKafkaConsumer(
-            **self._client_options(),
+            **self._client_options(pacing=_LOOKUP_PACING),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=fetch_bytes,

@@ -38,6 +38,7 @@ PURE_MODULES = [
     "services.ops.lag",
     "services.ops.replay",
     "services.ops.trace",
+    "services.ops.locate",
     "services.ops.dead_letters",
     "services.runtime.stages",
 ]
