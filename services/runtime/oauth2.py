@@ -165,7 +165,7 @@ _CONFIG_ERRORS = {"invalid_client", "unauthorized_client", "invalid_scope", "uns
 def refusal(name: str, error: str, description: str | None, *, grant: str) -> OAuth2Error:
     """The error for a token endpoint's OAuth2 error reply (RFC 6749 section 5.2) to `grant`."""
     said = f"{error}: {_short(description)}" if description else error
-    if error in ("invalid_grant", "expired_token") and grant in ("refresh_token", "device_code"):
+    if error in ("invalid_grant", "expired_token") and grant in ("refresh_token", DEVICE_CODE_GRANT):
         hint = login_hint(name)
         message = f"{name}: the authorization server refused the grant ({said}); {hint}"
         return LoginRequiredError(message, code=error)

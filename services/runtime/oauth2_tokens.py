@@ -163,7 +163,7 @@ class AuthlibEndpoint:
         if not isinstance(document, dict) or "error" in document or "device_code" not in document:
             said = document if isinstance(document, dict) else {}
             raise refusal(name, str(said.get("error", "invalid_response")), said.get("error_description"),
-                          grant="device_code")
+                          grant=DEVICE_CODE_GRANT)
         return document
 
 
