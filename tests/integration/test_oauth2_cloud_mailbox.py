@@ -22,7 +22,7 @@ from schemas.topics import FETCHED
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.oauth2 import TokenState
 from services.runtime.oauth2_tokens import TokenStore, oauth2_directory
-from tests.support.oauth2_server import APP_CLIENTS, AuthorizationServer, OAuth2Dovecot
+from tests.support.oauth2_server import CLIENTS, AuthorizationServer, OAuth2Dovecot
 from tests.support.smtp import SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -58,18 +58,24 @@ oauth2 = {oauth2}
     return path
 
 
-async def run_until_idle(config: Path, data_dir: Path, secret: str, dovecot: OAuth2Dovecot) -> str:
-    """`popbridge run --until-idle`; its whole output (JSON log lines and the summary)."""
+async def popbridge(config: Path, data_dir: Path, secret: str, *args: str) -> tuple[int, str]:
+    """Run `popbridge ARGS --config CONFIG`; its exit code and whole output (JSON log lines, then text)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("POPBRIDGE_")}
     env |= {"POPBRIDGE_DATA_DIR": str(data_dir), SECRET_ENV: secret, "POPBRIDGE_LOG_LEVEL": "DEBUG"}
     process = await asyncio.create_subprocess_exec(
-        POPBRIDGE, "run", "--config", str(config), "--until-idle", env=env,
+        POPBRIDGE, *args, "--config", str(config), env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     output, _ = await asyncio.wait_for(process.communicate(), 120)
-    text = output.decode(errors="replace")
-    assert process.returncode == 0, text[-2000:] + dovecot.log_tail(30)
-    return text
+    assert process.returncode is not None
+    return process.returncode, output.decode(errors="replace")
+
+
+async def run_until_idle(config: Path, data_dir: Path, secret: str, dovecot: OAuth2Dovecot) -> str:
+    """`popbridge run --until-idle`, which must succeed; its whole output."""
+    code, output = await popbridge(config, data_dir, secret, "run", "--until-idle")
+    assert code == 0, output[-2000:] + dovecot.log_tail(30)
+    return output
 
 
 async def raw_events(data_dir: Path) -> list[MailFetched]:
@@ -88,7 +94,7 @@ async def test_app_only_mailbox_is_drained_through_dovecots_own_xoauth2_check(
     authorization_server: AuthorizationServer, oauth2_dovecot: OAuth2Dovecot, smtp_sink: SmtpSink,
     tmp_path: Path,
 ) -> None:
-    login = APP_CLIENTS[0]  # its tokens carry sub = client_id
+    login = CLIENTS[0]  # its tokens carry sub = client_id
     oauth2_dovecot.add_user(login, secrets.token_urlsafe(12))
     oauth2_dovecot.deliver_many(login, [mail(1), mail(2)])
     table = (f'{{ token_url = "{authorization_server.token_url}", client_id = "{login}", '
@@ -115,18 +121,18 @@ async def test_delegated_mailbox_renews_an_expired_access_token_with_its_refresh
     authorization_server: AuthorizationServer, oauth2_dovecot: OAuth2Dovecot, smtp_sink: SmtpSink,
     tmp_path: Path,
 ) -> None:
-    login = "cloud-refresh"  # the server's refresh_token grant gives this `sub`
+    login = CLIENTS[2]
     oauth2_dovecot.add_user(login, "unused-password")
     oauth2_dovecot.deliver(login, mail(3))
-    table = (f'{{ token_url = "{authorization_server.token_url}", client_id = "refresh-client", '
+    table = (f'{{ token_url = "{authorization_server.token_url}", client_id = "{login}", '
              f'client_secret_env = "{SECRET_ENV}", scopes = ["pop", "offline_access"] }}')
     config = write_config(tmp_path / "popbridge.toml", oauth2_dovecot, smtp_sink, login, table)
     data_dir = tmp_path / "data"
     store = TokenStore(oauth2_directory(str(data_dir)))
-    # What `popbridge oauth login` leaves behind, an hour later: an expired access token and the refresh
-    # token (the device grant itself is not offered by this server; see tests/support/oauth2_server.py).
-    store.save("cloud", TokenState(access_token="expired-token", expires_at=1.0,
-                                   refresh_token="first-refresh"))
+    # What a sign-in leaves behind, an hour later: an expired access token and a refresh token the server
+    # issued (this server has no device grant: its authorization code grant issues it).
+    refresh = authorization_server.refresh_token_for(login, "refresh-secret")
+    store.save("cloud", TokenState(access_token="expired-token", expires_at=1.0, refresh_token=refresh))
 
     output = await run_until_idle(config, data_dir, "refresh-secret", oauth2_dovecot)
 
@@ -134,10 +140,54 @@ async def test_delegated_mailbox_renews_an_expired_access_token_with_its_refresh
     assert [m.rcpt_tos for m in smtp_sink.messages] == [("alice@example.com",)]
     state = store.load("cloud")
     assert state.access_token not in ("", "expired-token")
-    # This server does not rotate refresh tokens: the one stored is kept (rotation: the unit tests).
-    assert state.refresh_token == "first-refresh"
+    assert state.refresh_token == refresh  # this server does not rotate (rotation: the unit tests)
     assert_no_token_anywhere(state, output, oauth2_dovecot.log_tail(400))
-    assert "first-refresh" not in output
+
+
+async def test_a_revoked_refresh_token_stops_its_mailbox_with_the_login_command_and_the_others_go_on(
+    authorization_server: AuthorizationServer, oauth2_dovecot: OAuth2Dovecot, smtp_sink: SmtpSink,
+    tmp_path: Path,
+) -> None:
+    revoked_login, other_login = CLIENTS[3], CLIENTS[4]
+    oauth2_dovecot.add_user(revoked_login, "unused-password")
+    oauth2_dovecot.add_user(other_login, secrets.token_urlsafe(12))
+    oauth2_dovecot.deliver(revoked_login, mail(5))
+    oauth2_dovecot.deliver(other_login, mail(6))
+    delegated = (f'{{ token_url = "{authorization_server.token_url}", client_id = "{revoked_login}", '
+                 f'client_secret_env = "{SECRET_ENV}" }}')
+    config = write_config(tmp_path / "popbridge.toml", oauth2_dovecot, smtp_sink, revoked_login, delegated)
+    with config.open("a") as file:
+        file.write(f"""
+[[mailboxes]]
+id = "other"
+host = "{oauth2_dovecot.host}"
+port = {oauth2_dovecot.pop3_port}
+tls = "none"
+username = "{other_login}"
+recipients = ["bob@example.com"]
+oauth2 = {{ token_url = "{authorization_server.token_url}", client_id = "{other_login}", \
+client_secret_env = "{SECRET_ENV}", grant = "client_credentials" }}
+""")
+    data_dir = tmp_path / "data"
+    store = TokenStore(oauth2_directory(str(data_dir)))
+    refresh = authorization_server.refresh_token_for(revoked_login, "the-secret")
+    store.save("cloud", TokenState(access_token="expired-token", expires_at=1.0, refresh_token=refresh))
+    authorization_server.revoke(refresh, revoked_login, "the-secret")
+
+    code, output = await popbridge(config, data_dir, "the-secret", "run", "--until-idle")
+
+    assert code == 1  # a mailbox failed
+    assert "run `popbridge oauth login cloud`" in output
+    assert "invalid_grant" in output
+    assert oauth2_dovecot.message_count(revoked_login) == 1  # left on the server
+    assert oauth2_dovecot.message_count(other_login) == 0  # the other mailbox went on
+    assert [m.rcpt_tos for m in smtp_sink.messages] == [("bob@example.com",)]
+    assert store.load("cloud").refresh_token == ""  # the refused token is never sent again
+    code, status = await popbridge(config, data_dir, "the-secret", "oauth", "status")
+    assert code == 1
+    assert status.splitlines()[0].startswith("cloud: login-required (refresh_token)")
+    assert "run `popbridge oauth login cloud`" in status
+    assert refresh not in output + status
 
 
 async def test_a_token_dovecot_refuses_is_renewed_once_and_the_mailbox_is_drained(
@@ -145,7 +195,7 @@ async def test_a_token_dovecot_refuses_is_renewed_once_and_the_mailbox_is_draine
     tmp_path: Path,
 ) -> None:
     """A cached token that looks valid to popbridge but not to the server (revoked, or a clock far off)."""
-    login = APP_CLIENTS[1]
+    login = CLIENTS[1]
     oauth2_dovecot.add_user(login, secrets.token_urlsafe(12))
     oauth2_dovecot.deliver(login, mail(4))
     table = (f'{{ token_url = "{authorization_server.token_url}", client_id = "{login}", '

@@ -5,20 +5,23 @@ pom below by Maven (cached in ~/.m2, so a second fetch is offline) and run with 
 It signs real JWTs and answers RFC 7662 introspection; Dovecot's own `oauth2` passdb asks that endpoint
 about every XOAUTH2 token, so a login is checked by Dovecot, not by us.
 
-What the server does not do (checked against 2.3.0): the device authorization grant (RFC 8628), and
-refusing a refresh token it did not issue or that was revoked (it mints a new token for any refresh
-token). The device grant and revocation are tested against httpx.MockTransport in
-tests/unit/runtime/test_oauth2_tokens.py; here they are not.
+It issues refresh tokens through the authorization code grant (`refresh_token_for`, with its login
+page switched off), refuses a refresh token it did not issue or that was revoked (RFC 7009, `revoke`)
+with `invalid_grant`, as Microsoft and Google do. What it does not do (checked against 6.0.2): the device
+authorization grant (RFC 8628) and refresh token rotation; those are tested against authlib with
+httpx.MockTransport in tests/unit/runtime/test_oauth2_tokens.py, not here.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import socket
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,11 +32,13 @@ import pytest
 from services.demo.dovecot import new_root
 from tests.support.dovecot import DovecotServer, _dovecot_binary
 
-VERSION = "2.3.0"
+VERSION = "6.0.2"
 MAIN = "no.nav.security.mock.oauth2.StandaloneMockOAuth2ServerKt"
 ISSUER = "default"
 START_TIMEOUT = 60.0
-APP_CLIENTS = ("cloud-app-1", "cloud-app-2", "cloud-app-3")
+# Each test's client: its tokens carry `sub` = client_id, the Dovecot login of that test's mailbox.
+CLIENTS = tuple(f"cloud-{number}" for number in range(1, 9))
+REDIRECT_URI = "http://127.0.0.1/callback"
 _POM = f"""<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>
 <groupId>popbridge.test</groupId><artifactId>oauth2-server</artifactId><version>1</version>
 <dependencies><dependency><groupId>no.nav.security</groupId><artifactId>mock-oauth2-server</artifactId>
@@ -57,11 +62,11 @@ def classpath(work: Path) -> str:
 
 
 class AuthorizationServer:
-    """mock-oauth2-server on a free loopback port. A token for one of APP_CLIENTS has `sub` = client_id
-    (the Dovecot login of an app-only test); a refresh_token grant's has `sub` = `refresh_subject`."""
+    """mock-oauth2-server on a free loopback port; a token for one of CLIENTS has `sub` = client_id (the
+    request's `client_id` form field, so clients authenticate with client_secret_post)."""
 
-    def __init__(self, work: Path, *, refresh_subject: str) -> None:
-        self._work, self._subject = work, refresh_subject
+    def __init__(self, work: Path) -> None:
+        self._work = work
         self._process: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -81,11 +86,8 @@ class AuthorizationServer:
             "issuerId": ISSUER, "tokenExpiry": 3600,
             # Dovecot's introspection check wants token_type Bearer, which this server copies from the claims.
             "requestMappings": [
-                {"requestParam": "grant_type", "match": "refresh_token",
-                 "claims": {"sub": self._subject, "scope": "pop", "token_type": "Bearer"}},
-                *({"requestParam": "client_id", "match": client,
-                   "claims": {"sub": client, "scope": "pop", "token_type": "Bearer"}}
-                  for client in APP_CLIENTS),
+                {"requestParam": "client_id", "match": client,
+                 "claims": {"sub": client, "scope": "pop", "token_type": "Bearer"}} for client in CLIENTS
             ],
         }]}  # fmt: skip
         env = {**os.environ, "SERVER_PORT": str(self.port), "SERVER_HOSTNAME": "127.0.0.1",
@@ -98,6 +100,36 @@ class AuthorizationServer:
         log.close()
         self._wait_until_answering()
         return self
+
+    def refresh_token_for(self, client_id: str, secret: str) -> str:
+        """A refresh token the server issued, through the authorization code grant (what a person's
+        sign-in leaves behind; this server has no device grant)."""
+        query = urllib.parse.urlencode({"client_id": client_id, "response_type": "code", "state": "s",
+                                        "redirect_uri": REDIRECT_URI, "scope": "openid offline_access pop"})
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            connection.request("GET", f"/{ISSUER}/authorize?{query}")
+            location = connection.getresponse().getheader("Location") or ""
+        finally:
+            connection.close()
+        code = urllib.parse.parse_qs(urllib.parse.urlparse(location).query)["code"][0]
+        token = self._post("token", {"grant_type": "authorization_code", "code": code,
+                                     "redirect_uri": REDIRECT_URI, "client_id": client_id,
+                                     "client_secret": secret})
+        return str(token["refresh_token"])
+
+    def revoke(self, token: str, client_id: str, secret: str) -> None:
+        """Revoke a refresh token (RFC 7009), as a password reset or an admin would."""
+        self._post("revoke", {"token": token, "token_type_hint": "refresh_token", "client_id": client_id,
+                              "client_secret": secret})
+
+    def _post(self, endpoint: str, form: dict[str, str]) -> dict[str, object]:
+        data = urllib.parse.urlencode(form).encode()
+        request = urllib.request.Request(f"{self.issuer}/{endpoint}", data=data)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = response.read()
+        document = json.loads(body) if body.strip() else {}
+        return document if isinstance(document, dict) else {}
 
     def _wait_until_answering(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -170,7 +202,7 @@ def authorization_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
         pytest.skip(message)
     work = Path.home() / ".cache" / "popbridge" / "mock-oauth2-server"
     work.mkdir(parents=True, exist_ok=True)
-    with AuthorizationServer(work, refresh_subject="cloud-refresh") as server:
+    with AuthorizationServer(work) as server:
         yield server
 
 
