@@ -210,3 +210,33 @@ async def test_a_token_dovecot_refuses_is_renewed_once_and_the_mailbox_is_draine
     assert oauth2_dovecot.message_count(login) == 0
     assert store.load("cloud").access_token != "not-a-token-the-server-issued"
     assert "not-a-token-the-server-issued" not in output
+
+
+async def test_the_deliverers_smtp_login_gets_its_own_token_and_dovecot_submission_checks_it(
+    authorization_server: AuthorizationServer, oauth2_dovecot: OAuth2Dovecot, tmp_path: Path,
+) -> None:
+    """Both ends through Dovecot's XOAUTH2 check: POP3 in, and SMTP submission out (which relays to a sink),
+    each with nothing but an [oauth2] table."""
+    login = CLIENTS[5]
+    oauth2_dovecot.add_user(login, secrets.token_urlsafe(12))
+    oauth2_dovecot.deliver(login, mail(7))
+    table = (f'{{ token_url = "{authorization_server.token_url}", client_id = "{login}", '
+             f'client_secret_env = "{SECRET_ENV}", grant = "client_credentials" }}')
+    config = write_config(tmp_path / "popbridge.toml", oauth2_dovecot, oauth2_dovecot.relay, login, table)
+    text = config.read_text().replace(
+        f'host = "{oauth2_dovecot.relay.host}"\nport = {oauth2_dovecot.relay.port}\ntls = "none"\n',
+        f'host = "{oauth2_dovecot.host}"\nport = {oauth2_dovecot.submission_port}\ntls = "none"\n'
+        f'username = "{login}"\noauth2 = {table}\n', 1)
+    assert f"port = {oauth2_dovecot.submission_port}" in text
+    config.write_text(text)
+    data_dir = tmp_path / "data"
+
+    output = await run_until_idle(config, data_dir, "app-secret", oauth2_dovecot)
+
+    assert oauth2_dovecot.message_count(login) == 0
+    [relayed] = [m for m in oauth2_dovecot.relay.messages if b"Subject: cloud 7" in m.content]
+    assert relayed.rcpt_tos == ("alice@example.com",)
+    store = TokenStore(oauth2_directory(str(data_dir)))
+    assert store.load("delivery").access_token  # the deliverer's own login, cached apart from the mailbox's
+    assert f"submission-login: Info: Login: user=<{login}>, method=XOAUTH2" in oauth2_dovecot.log_tail(400)
+    assert_no_token_anywhere(store.load("delivery"), output, oauth2_dovecot.log_tail(400))

@@ -25,12 +25,14 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from string import Template
 from typing import Self
 
 import pytest
 
 from services.demo.dovecot import new_root
 from tests.support.dovecot import DovecotServer, _dovecot_binary
+from tests.support.smtp import SmtpSink
 
 VERSION = "6.0.2"
 MAIN = "no.nav.security.mock.oauth2.StandaloneMockOAuth2ServerKt"
@@ -168,13 +170,29 @@ passdb {
   driver = passwd-file"""
 
 
+_SUBMISSION = """
+submission_relay_host = 127.0.0.1
+submission_relay_port = ${relay_port}
+submission_relay_trusted = yes
+service submission-login {
+  inet_listener submission {
+    address = 127.0.0.1
+    port = ${submission_port}
+  }
+}
+"""
+
+
 class OAuth2Dovecot(DovecotServer):
     """The tests' Dovecot with an `oauth2` passdb (XOAUTH2, OAUTHBEARER) that introspects every token at
     the authorization server (RFC 7662, `introspection_mode = post`) and accepts it only when the server
-    says `active` and its `sub` is the login name."""
+    says `active` and its `sub` is the login name. POP3 and SMTP submission (RFC 6409) both log in
+    through it; submission relays what it accepts to `relay` (an aiosmtpd sink)."""
 
-    def __init__(self, root: Path, *, binary: str, introspection_url: str) -> None:
+    def __init__(self, root: Path, *, binary: str, introspection_url: str, relay: SmtpSink) -> None:
         super().__init__(root, binary=binary)
+        self.relay = relay
+        self.submission_port = 0
         conf = root / "dovecot-oauth2.conf.ext"
         conf.write_text(f"introspection_mode = post\nintrospection_url = {introspection_url}\n"
                         "username_attribute = sub\nactive_attribute = active\nactive_value = true\n")
@@ -189,6 +207,12 @@ class OAuth2Dovecot(DovecotServer):
             text = text.replace(anchor, _OAUTH2_PASSDB.replace("${oauth2_conf}", str(self._oauth2_conf)))
             text = text.replace("auth_mechanisms = plain login apop\n",
                                 "auth_mechanisms = plain login apop xoauth2 oauthbearer\n")
+            text = text.replace("protocols = pop3 lmtp\n", "protocols = pop3 lmtp submission\n")
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.submission_port = probe.getsockname()[1]
+            text += Template(_SUBMISSION).substitute(relay_port=self.relay.port,
+                                                     submission_port=self.submission_port)
             config.write_text(text)
         return super()._launch(config)
 
@@ -209,10 +233,13 @@ def authorization_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
 @pytest.fixture(scope="session")
 def oauth2_dovecot(authorization_server: AuthorizationServer) -> Iterator[OAuth2Dovecot]:
     root = new_root("popbridge-dovecot-oauth2-")
+    relay = SmtpSink()
+    relay.start()
     # Dovecot authenticates itself to the introspection endpoint as the client "dovecot".
     url = authorization_server.issuer.replace("http://", "http://dovecot:dovecot-secret@") + "/introspect"
     try:
-        with OAuth2Dovecot(root, binary=_dovecot_binary(), introspection_url=url) as server:
+        with OAuth2Dovecot(root, binary=_dovecot_binary(), introspection_url=url, relay=relay) as server:
             yield server
     finally:
+        relay.stop()
         shutil.rmtree(root, ignore_errors=True)

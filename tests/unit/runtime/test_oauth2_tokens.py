@@ -98,7 +98,8 @@ async def test_a_revoked_refresh_token_stops_the_login_with_the_command_to_run_a
     source = make_source(tmp_path, lambda _: reply(400, {"error": "invalid_grant", "error_description":
                                                            "AADSTS50173: the grant was revoked"}),
                          clock, metrics=metrics)
-    source.store.save("cloud", TokenState(refresh_token="rt-revoked", access_token="old", expires_at=1.0))
+    source.store.save("cloud", TokenState(refresh_token="rt-revoked", access_token="at-old-value",
+                                          expires_at=1.0))
     with pytest.raises(LoginRequiredError, match=r"AADSTS50173.*run `popbridge oauth login cloud`") as caught:
         await source.access_token()
     assert not caught.value.retriable
@@ -109,6 +110,8 @@ async def test_a_revoked_refresh_token_stops_the_login_with_the_command_to_run_a
     text = metrics.render().decode()
     assert 'popbridge_oauth2_login_required{mailbox="cloud"} 1.0' in text
     assert 'popbridge_oauth2_token_failures_total{mailbox="cloud",reason="login-required"} 1.0' in text
+    assert "rt-revoked" not in text
+    assert "at-old-value" not in text
     with pytest.raises(LoginRequiredError, match="no refresh token is stored"):
         await source.access_token()
 
