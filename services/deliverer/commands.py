@@ -54,7 +54,7 @@ def smtp_token(target: SmtpTarget, environ: Mapping[str, str], data_dir: str = "
         return None
     if target.oauth2 is not None:
         sources = TokenSources(oauth2_directory(data_dir), environ)
-        return sources.source(DELIVERY, target.oauth2, what="delivery").access_token
+        return sources.source(DELIVERY, target.oauth2, what="delivery")
 
     async def token() -> str:
         return await read_token(env=target.token_env, file=target.token_file, command=target.token_command,

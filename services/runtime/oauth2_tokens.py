@@ -221,6 +221,14 @@ class TokenSource:
             self._count_renewal()
             return fresh.access_token
 
+    async def __call__(self) -> str:
+        """The token source interface of the deliverer (services.deliverer.smtp.RenewableToken)."""
+        return await self.access_token()
+
+    async def renew(self) -> str:
+        """A new token in place of one the server refused."""
+        return await self.access_token(refused=True)
+
     async def _renew(self, state: TokenState) -> dict[str, Any]:
         secret = self.client_secret()
         if self.oauth2.grant == "client_credentials":

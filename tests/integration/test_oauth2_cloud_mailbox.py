@@ -216,7 +216,8 @@ async def test_the_deliverers_smtp_login_gets_its_own_token_and_dovecot_submissi
     authorization_server: AuthorizationServer, oauth2_dovecot: OAuth2Dovecot, tmp_path: Path,
 ) -> None:
     """Both ends through Dovecot's XOAUTH2 check: POP3 in, and SMTP submission out (which relays to a sink),
-    each with nothing but an [oauth2] table."""
+    each with nothing but an [oauth2] table. The deliverer's cached token is one the server never issued:
+    refused, it is renewed once and the copy goes out."""
     login = CLIENTS[5]
     oauth2_dovecot.add_user(login, secrets.token_urlsafe(12))
     oauth2_dovecot.deliver(login, mail(7))
@@ -230,13 +231,14 @@ async def test_the_deliverers_smtp_login_gets_its_own_token_and_dovecot_submissi
     assert f"port = {oauth2_dovecot.submission_port}" in text
     config.write_text(text)
     data_dir = tmp_path / "data"
+    store = TokenStore(oauth2_directory(str(data_dir)))
+    store.save("delivery", TokenState(access_token="never-issued", expires_at=4e9))
 
     output = await run_until_idle(config, data_dir, "app-secret", oauth2_dovecot)
 
     assert oauth2_dovecot.message_count(login) == 0
     [relayed] = [m for m in oauth2_dovecot.relay.messages if b"Subject: cloud 7" in m.content]
     assert relayed.rcpt_tos == ("alice@example.com",)
-    store = TokenStore(oauth2_directory(str(data_dir)))
-    assert store.load("delivery").access_token  # the deliverer's own login, cached apart from the mailbox's
+    assert store.load("delivery").access_token not in ("", "never-issued")  # cached apart from the mailbox's
     assert f"submission-login: Info: Login: user=<{login}>, method=XOAUTH2" in oauth2_dovecot.log_tail(400)
     assert_no_token_anywhere(store.load("delivery"), output, oauth2_dovecot.log_tail(400))
