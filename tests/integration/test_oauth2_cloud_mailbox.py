@@ -45,17 +45,22 @@ tls = "none"
 
 [routing]
 local_domains = ["example.com"]
+{mailbox(dovecot, "cloud", login, "alice@example.com", oauth2)}""")
+    return path
 
+
+def mailbox(dovecot: OAuth2Dovecot, name: str, login: str, recipient: str, oauth2: str) -> str:
+    """One [[mailboxes]] entry on the test Dovecot, configured with nothing but its [oauth2] table."""
+    return f"""
 [[mailboxes]]
-id = "cloud"
+id = "{name}"
 host = "{dovecot.host}"
 port = {dovecot.pop3_port}
 tls = "none"
 username = "{login}"
-recipients = ["alice@example.com"]
+recipients = ["{recipient}"]
 oauth2 = {oauth2}
-""")
-    return path
+"""
 
 
 async def popbridge(config: Path, data_dir: Path, secret: str, *args: str) -> tuple[int, str]:
@@ -156,18 +161,10 @@ async def test_a_revoked_refresh_token_stops_its_mailbox_with_the_login_command_
     delegated = (f'{{ token_url = "{authorization_server.token_url}", client_id = "{revoked_login}", '
                  f'client_secret_env = "{SECRET_ENV}" }}')
     config = write_config(tmp_path / "popbridge.toml", oauth2_dovecot, smtp_sink, revoked_login, delegated)
+    app_only = (f'{{ token_url = "{authorization_server.token_url}", client_id = "{other_login}", '
+                f'client_secret_env = "{SECRET_ENV}", grant = "client_credentials" }}')
     with config.open("a") as file:
-        file.write(f"""
-[[mailboxes]]
-id = "other"
-host = "{oauth2_dovecot.host}"
-port = {oauth2_dovecot.pop3_port}
-tls = "none"
-username = "{other_login}"
-recipients = ["bob@example.com"]
-oauth2 = {{ token_url = "{authorization_server.token_url}", client_id = "{other_login}", \
-client_secret_env = "{SECRET_ENV}", grant = "client_credentials" }}
-""")
+        file.write(mailbox(oauth2_dovecot, "other", other_login, "bob@example.com", app_only))
     data_dir = tmp_path / "data"
     store = TokenStore(oauth2_directory(str(data_dir)))
     refresh = authorization_server.refresh_token_for(revoked_login, "the-secret")
