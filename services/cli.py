@@ -34,6 +34,7 @@ COMMANDS = {
     "lag": "services.ops.commands:lag",
     "replay": "services.ops.commands:replay",
     "trace": "services.ops.commands:trace",
+    "oauth": "services.ops.oauth:oauth",
 }
 
 

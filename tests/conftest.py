@@ -9,6 +9,7 @@ import pytest
 
 pytest_plugins = [
     "tests.support.kafka", "tests.support.dovecot", "tests.support.smtp", "tests.support.postfix",
+    "tests.support.oauth2_server",
 ]
 
 _LOGGERS_SET_UP = ("", "faust", "mode", "aiokafka", "aiosmtplib", "popbridge")

@@ -15,6 +15,14 @@ if ! command -v dovecot >/dev/null 2>&1 || [ ! -e /usr/lib/dovecot/lmtp ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q dovecot-pop3d dovecot-lmtpd
 fi
 
+if [ ! -e /usr/lib/dovecot/submission ]; then
+    # The OAuth2 tests (tests/integration/test_oauth2_cloud_mailbox.py) check XOAUTH2 on SMTP too.
+    step "installing Dovecot's SMTP submission service from Debian"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q dovecot-submissiond
+fi
+
 if ! command -v postfix >/dev/null 2>&1 || ! command -v postqueue >/dev/null 2>&1; then
     # The relay test (tests/integration/test_postfix_relay.py) starts its own Postfix from a config
     # directory under tmp. The package must neither configure nor start the system one: debconf gets

@@ -31,6 +31,7 @@ from services.runtime.health import LagWatch, ProgressTracker, serve_health
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import LogError
 from services.runtime.metrics import Metrics
+from services.runtime.oauth2_tokens import DELIVERY, TokenSources, oauth2_directory
 from services.runtime.pipeline_gauges import pipeline_watch
 from services.runtime.secrets import read_secret, read_token
 from services.runtime.settings import DeploymentSettings, MailConfig, SmtpTarget, load_config
@@ -46,10 +47,14 @@ def smtp_password(target: SmtpTarget, environ: Mapping[str, str]) -> str | None:
     return read_secret(env=target.password_env, file=target.password_file, environ=environ, what="delivery")
 
 
-def smtp_token(target: SmtpTarget, environ: Mapping[str, str]) -> TokenSource | None:
-    """The bearer token source of an XOAUTH2 target, read afresh for every session; else None."""
+def smtp_token(target: SmtpTarget, environ: Mapping[str, str], data_dir: str = "") -> TokenSource | None:
+    """The bearer token source of an XOAUTH2 target, read afresh for every session; else None. With an
+    [delivery.oauth2] table popbridge gets the token itself (cached as `delivery` under `data_dir`)."""
     if target.auth != "xoauth2":
         return None
+    if target.oauth2 is not None:
+        sources = TokenSources(oauth2_directory(data_dir), environ)
+        return sources.source(DELIVERY, target.oauth2, what="delivery")
 
     async def token() -> str:
         return await read_token(env=target.token_env, file=target.token_file, command=target.token_command,
@@ -81,7 +86,7 @@ def deliverer(context: CommandContext, config_path: Path, until_idle: bool) -> N
     settings, environ = context.settings, context.environ
     config = load_config(config_path)
     target = config.delivery
-    password, token = smtp_password(target, environ), smtp_token(target, environ)
+    password, token = smtp_password(target, environ), smtp_token(target, environ, settings.data_dir)
     log = open_log(settings)  # logging is set up by services.cli (POPBRIDGE_LOG_LEVEL, _FORMAT)
     wiring = _Wiring(target, password, token, notice_address(config))
     counts: Counts = _run(_deliver(log, settings, wiring, until_idle))

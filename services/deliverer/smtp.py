@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import cast
+from typing import Protocol, cast, runtime_checkable
 
 import aiosmtplib
 
@@ -49,6 +49,16 @@ _RSET_TIMEOUT = 10.0
 _CLOSE_TIMEOUT = 5.0
 
 TokenSource = Callable[[], Awaitable[str]]
+
+
+@runtime_checkable
+class RenewableToken(Protocol):
+    """A TokenSource that can replace a token the server refused (popbridge's own OAuth2 tokens,
+    services.runtime.oauth2_tokens.TokenSource): asked once after a refused AUTH XOAUTH2."""
+
+    async def __call__(self) -> str: ...
+
+    async def renew(self) -> str: ...
 """Returns a current OAuth2 bearer token; raises CredentialError (or ConfigError) naming the source only."""
 
 
@@ -431,15 +441,22 @@ class SmtpTransport:
             raise SessionError("AUTH: the server does not offer XOAUTH2")
         if self._token is None:
             raise SessionError("AUTH: auth = \"xoauth2\" but no token source was configured")
+        response = await self._send_xoauth2(client, username, self._token)
+        if response.code != 235 and isinstance(self._token, RenewableToken):
+            response = await self._send_xoauth2(client, username, self._token.renew)  # once (RFC 4954 allows)
+        if response.code != 235:
+            raise aiosmtplib.SMTPAuthenticationError(response.code, response.message)
+
+    async def _send_xoauth2(self, client: aiosmtplib.SMTP, username: str, token_source: TokenSource
+                            ) -> aiosmtplib.SMTPResponse:
         try:
-            token = self._last_token = await self._token()
+            token = self._last_token = await token_source()
         except (CredentialError, ConfigError) as exc:
             raise SessionError(f"AUTH: {exc}") from None
         response = await client.execute_command(b"AUTH", b"XOAUTH2", xoauth2_response(username, token))
         if response.code == 334:
             response = await client.execute_command(b"")
-        if response.code != 235:
-            raise aiosmtplib.SMTPAuthenticationError(response.code, response.message)
+        return response
 
     def _take_over(self, client: aiosmtplib.SMTP) -> _Session:
         """Move the open transport from aiosmtplib's protocol to our reply reader."""

@@ -39,7 +39,7 @@ from typing import TypeVar, cast
 from schemas import codec
 from schemas.events import FetchRecorded, MailFetched, fetch_state_key
 from schemas.topics import FETCH_STATE, FETCHED, MAX_MESSAGE_BYTES
-from services.fetcher.credentials import authenticate, session_secret
+from services.fetcher.credentials import login, session_secret
 from services.fetcher.memory import FetchMemory
 from services.fetcher.plan import (
     Listed,
@@ -67,6 +67,7 @@ from services.fetcher.status import Failure, MailboxStates, State
 from services.runtime.health import ProgressTracker
 from services.runtime.log import LogError, LogProducer, Outgoing
 from services.runtime.metrics import Metrics
+from services.runtime.oauth2_tokens import TokenSources, oauth2_directory
 from services.runtime.secrets import CredentialError
 from services.runtime.settings import ConfigError, DeploymentSettings, Mailbox
 
@@ -197,6 +198,7 @@ class Fetcher:
     tracker: ProgressTracker | None = None
     before_plan: Callable[[Mailbox], Awaitable[None]] | None = None
     states: MailboxStates = field(default_factory=MailboxStates)
+    tokens: TokenSources | None = None  # built on first use from settings.data_dir
     _slots: dict[str, asyncio.Semaphore] = field(default_factory=dict, init=False, repr=False)
     _slot_limits: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     max_parallel_mailboxes: int = 16
@@ -323,12 +325,12 @@ class Fetcher:
 
     async def _session(self, mailbox: Mailbox, progress: _Progress) -> bool:
         """One POP3 session of a pass; True when the pass should reconnect at once for more work."""
-        secret = await session_secret(mailbox, self.environ)
+        secret = await session_secret(mailbox, self.environ, self._oauth2_tokens())
         left_before = self._left(mailbox, progress)
         async with self._slot(mailbox):
             client = await self._timed("CONNECT", self._connect(mailbox))
             async with client:
-                await self._timed(AUTH_VERBS[mailbox.auth], authenticate(client, mailbox, secret))
+                await self._timed(AUTH_VERBS[mailbox.auth], login(client, mailbox, secret, self.tokens))
                 login_delay = (await client.capabilities()).login_delay  # re-read after login (RFC 2449)
                 progress.login_delay = float(login_delay) if login_delay else None
                 if self.before_plan is not None:
@@ -340,6 +342,13 @@ class Fetcher:
         progress.sessions += 1
         # Reconnect only if the next session has other work: something was deleted, or more is left alone.
         return more and (deleted > 0 or self._left(mailbox, progress) > left_before)
+
+    def _oauth2_tokens(self) -> TokenSources:
+        """The tokens popbridge gets itself ([oauth2] tables), cached under the data directory."""
+        if self.tokens is None:
+            directory = oauth2_directory(self.settings.data_dir)
+            self.tokens = TokenSources(directory, self.environ, metrics=self.metrics)
+        return self.tokens
 
     def _left(self, mailbox: Mailbox, progress: _Progress) -> int:
         return len(progress.leave) + len(progress.leave_numbers) + len(self._oversized.get(mailbox.id, ()))

@@ -110,6 +110,16 @@ class Metrics:
         self.oversized_seen = Counter(
             "popbridge_oversized_messages", "Messages found over max_message_size (each counted once per "
             "process).", ["mailbox"], registry=r)
+        # OAuth2 (services.runtime.oauth2_tokens); `mailbox` is "delivery" for the deliverer's SMTP login.
+        self.oauth2_login_required = Gauge(
+            "popbridge_oauth2_login_required", "1 while a mailbox's refresh token is missing or was refused: "
+            "a person must run `popbridge oauth login MAILBOX`.", ["mailbox"], registry=r)
+        self.oauth2_token_failures = Counter(
+            "popbridge_oauth2_token_failures", "Failed token requests, by reason (login-required, "
+            "config-refused, endpoint-down).", ["mailbox", "reason"], registry=r)
+        self.oauth2_token_renewals = Counter(
+            "popbridge_oauth2_token_renewals", "Access tokens obtained from the token endpoint.", ["mailbox"],
+            registry=r)
 
     def fetched(self, mailbox_id: str, size: int) -> None:
         self.messages_fetched.labels(mailbox_id).inc()

@@ -138,6 +138,48 @@ class SecretRef(_Config, frozen=True):
     file: str | None = None
 
 
+class OAuth2(_Config, frozen=True):
+    """How popbridge gets XOAUTH2 access tokens itself (services.runtime.oauth2): a provider preset
+    (`microsoft`, `google`) or a generic `token_url`, the app's `client_id`, its secret by reference only,
+    and the grant: `refresh_token` (delegated; `popbridge oauth login` stores the first refresh token) or
+    `client_credentials` (app-only, e.g. Microsoft 365's POP.AccessAsApp)."""
+
+    client_id: str
+    provider: Literal["microsoft", "google"] | None = None
+    tenant: str = "organizations"  # microsoft: the directory (tenant id or domain); app-only needs one
+    token_url: str | None = None
+    device_authorization_url: str | None = None
+    client_secret_env: str | None = None
+    client_secret_file: str | None = None
+    scopes: tuple[str, ...] = ()  # empty: the preset's scopes for the grant
+    grant: Literal["refresh_token", "client_credentials"] = "refresh_token"
+    refresh_margin: float = 300.0  # seconds before expiry at which a token is renewed
+    timeout: float = 30.0  # seconds one token endpoint request may take
+
+    def __post_init__(self) -> None:
+        if self.provider is None and not self.token_url:
+            raise ValueError("oauth2: set provider (\"microsoft\" or \"google\") or token_url")
+        if self.grant == "client_credentials" and not (self.client_secret_env or self.client_secret_file):
+            raise ValueError("oauth2: grant = \"client_credentials\" needs client_secret_env or "
+                             "client_secret_file")
+        if self.grant == "client_credentials" and self.provider == "microsoft" and self.tenant in (
+                "organizations", "common", "consumers"):
+            raise ValueError(f"oauth2.tenant: app-only access needs your tenant id or domain, not "
+                             f"{self.tenant!r}")
+        _positive("oauth2.refresh_margin", self.refresh_margin)
+        _positive("oauth2.timeout", self.timeout)
+
+
+def _check_token_source(auth: str, oauth2: OAuth2 | None, *references: object) -> None:
+    """XOAUTH2 takes its token from exactly one kind of source: popbridge's own `oauth2`, or a reference."""
+    if auth == "xoauth2" and oauth2 is None and not any(references):
+        raise ValueError("auth = \"xoauth2\" needs an [oauth2] table, token_env, token_file or token_command")
+    if oauth2 is not None and auth != "xoauth2":
+        raise ValueError(f"oauth2: XOAUTH2 is the only login with a token, not auth = {auth!r}")
+    if oauth2 is not None and any(references):
+        raise ValueError("oauth2: use either [oauth2] or token_env/token_file/token_command, not both")
+
+
 class Mailbox(_Config, frozen=True):
     """One POP3 mailbox to drain. `recipients` set: a single-user mailbox; otherwise a catch-all one."""
 
@@ -165,6 +207,7 @@ class Mailbox(_Config, frozen=True):
     token_env: str | None = None
     token_file: str | None = None
     token_command: tuple[str, ...] = ()
+    oauth2: OAuth2 | None = None  # popbridge gets the token itself (implies auth = "xoauth2")
     # Limits: messages retrieved per poll (None: all), QUIT and reconnect after this many deletions so a
     # dropped line loses little, and POP3 connections to one host at a time (the smallest value of the
     # mailboxes on that host applies).
@@ -194,8 +237,9 @@ class Mailbox(_Config, frozen=True):
             raise ValueError("max_messages_per_session: must be at least 1")
         if self.keep_days is not None and (self.mode != "keep" or not 0 <= self.keep_days < math.inf):
             raise ValueError("keep_days: a number of days >= 0, only with mode = \"keep\"")
-        if self.auth == "xoauth2" and not (self.token_env or self.token_file or self.token_command):
-            raise ValueError("auth = \"xoauth2\" needs token_env, token_file or token_command")
+        if self.oauth2 is not None and self.auth == "user":  # the default: an [oauth2] table means XOAUTH2
+            msgspec.structs.force_setattr(self, "auth", "xoauth2")
+        _check_token_source(self.auth, self.oauth2, self.token_env, self.token_file, self.token_command)
 
     @property
     def needs_password(self) -> bool:
@@ -235,6 +279,7 @@ class SmtpTarget(_Config, frozen=True):
     token_env: str | None = None
     token_file: str | None = None
     token_command: tuple[str, ...] = ()
+    oauth2: OAuth2 | None = None  # popbridge gets the token itself (with auth = "xoauth2")
     timeout: float = 60.0
     # Send the postmaster (MailConfig.postmaster) one short notice per dead-lettered copy; never a bounce
     # to the outside sender.
@@ -258,10 +303,11 @@ class SmtpTarget(_Config, frozen=True):
             raise ValueError("max_recipients_per_transaction: must be at least 1")
         if not 1 <= len(self.retry_delays) <= 5 or not all(0 < d < math.inf for d in self.retry_delays):
             raise ValueError("retry_delays: one to five positive numbers of seconds")
+        if self.oauth2 is not None and self.auth == "login-plain":  # the default: [oauth2] means XOAUTH2
+            msgspec.structs.force_setattr(self, "auth", "xoauth2")
         if self.auth == "xoauth2" and not self.username:
             raise ValueError("auth = \"xoauth2\" needs username")
-        if self.auth == "xoauth2" and not (self.token_env or self.token_file or self.token_command):
-            raise ValueError("auth = \"xoauth2\" needs token_env, token_file or token_command")
+        _check_token_source(self.auth, self.oauth2, self.token_env, self.token_file, self.token_command)
 
 
 class MailConfig(_Config, frozen=True):

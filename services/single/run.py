@@ -117,7 +117,8 @@ class Pipeline:
         policy = RetryPolicy(delays=target.retry_delays, max_age=timedelta(days=target.max_age_days))
         router = RouterLoop(self.log, self.settings, self.config, poll_seconds=self.poll_seconds,
                             metrics=self.metrics)
-        password, token = smtp_password(target, self.environ), smtp_token(target, self.environ)
+        password = smtp_password(target, self.environ)
+        token = smtp_token(target, self.environ, self.settings.data_dir)
         async with SmtpTransport(target, password, token=token) as transport:
             # A batch is as large as the sessions that send it in parallel: a copy the server accepted is
             # in the ledger before the next batch starts, so a kill can catch at most this many copies
