@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from schemas.topics import FETCH_ASSIGNMENT, TopicSpec, topic_spec
-from services.fetcher.commands import load_memory, poll_shared
+from services.fetcher.commands import open_fetch_memory, poll_shared
 from services.fetcher.service import Fetcher, PassResult
 from services.runtime.settings import Mailbox
 from tests.support.dovecot import DovecotMailboxes, MailUser
@@ -198,8 +198,7 @@ async def test_a_joining_replica_never_polls_a_mailbox_while_the_old_owners_pass
     spans: list[Span] = []
 
     async def run_replica(name: str) -> None:
-        memory = await load_memory(stage.log, stage.settings)
-        async with stage.log.producer() as producer:
+        async with open_fetch_memory(stage.log, stage.settings) as memory, stage.log.producer() as producer:
             fetcher = SlowFetcher(
                 settings=stage.settings, producer=producer, memory=memory, environ=environ, name=name,
                 spans=spans,

@@ -9,7 +9,7 @@ from typing import Any
 from schemas import codec
 from schemas.events import FetchRecorded, MailFetched
 from schemas.topics import FETCH_STATE, FETCHED, TopicSpec, topic_spec
-from services.fetcher.commands import load_memory
+from services.fetcher.commands import open_fetch_memory
 from services.fetcher.service import Fetcher
 from services.runtime.kafka import KafkaLog
 from services.runtime.settings import DeploymentSettings, Mailbox
@@ -47,8 +47,7 @@ class FetcherStage:
     @asynccontextmanager
     async def fetcher(self, environ: Mapping[str, str], **options: Any) -> AsyncIterator[Fetcher]:
         """A Fetcher whose memory is loaded from the fetch-state topic, as at a start."""
-        memory = await load_memory(self.log, self.settings)
-        async with self.log.producer() as producer:
+        async with open_fetch_memory(self.log, self.settings) as memory, self.log.producer() as producer:
             yield Fetcher(
                 settings=self.settings, producer=producer, memory=memory, environ=environ, **options
             )
