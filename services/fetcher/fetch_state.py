@@ -127,22 +127,24 @@ class FetchStateStore:
 
     def apply(self, topic: str, rows: Iterable[Row], checkpoint: Mapping[int, int] | None = None) -> int:
         """Upsert records (changelog order or not) and, in the same transaction, move the checkpoint."""
-        count = 0
+        values = [(topic, *_identity(value), part, offset, value) for part, offset, value in rows]
         with self._transaction():
-            for part, offset, value in rows:
-                record = codec.decode(value, FetchRecorded)
-                self._conn.execute(_UPSERT, (topic, record.mailbox_id, record.uidl, part, offset, value))
-                count += 1
+            self._conn.executemany(_UPSERT, values)
             for part, next_offset in (checkpoint or {}).items():
                 self._conn.execute(
                     "INSERT OR REPLACE INTO fetch_state_checkpoint (topic, part, next_offset) "
                     "VALUES (?, ?, ?)",
                     (topic, part, next_offset),
                 )
-        return count
+        return len(values)
 
     def forget(self, topic: str) -> None:
         """Drop the mirror of `topic` (the topic was recreated: its offsets start again)."""
         with self._transaction():
             self._conn.execute("DELETE FROM fetch_state WHERE topic = ?", (topic,))
             self._conn.execute("DELETE FROM fetch_state_checkpoint WHERE topic = ?", (topic,))
+
+
+def _identity(value: bytes) -> tuple[str, str]:
+    record = codec.decode(value, FetchRecorded)
+    return record.mailbox_id, record.uidl
