@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench.fetch_protocol import mailbox
 from schemas.topics import FETCH_STATE, FETCHED, TopicSpec, topic_spec
-from services.fetcher.memory import open_memory
+from services.fetcher.fetch_state import open_memory
 from services.fetcher.service import Fetcher
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import Outgoing

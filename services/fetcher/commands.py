@@ -15,7 +15,7 @@ import click
 
 from schemas.topics import FETCH_ASSIGNMENT, FETCH_STATE, FETCHED
 from services.fetcher import status
-from services.fetcher.memory import ChangelogReader, FetchMemory, open_memory, store_path
+from services.fetcher.fetch_state import ChangelogReader, FetchMemory, open_memory, store_path
 from services.fetcher.placement import Ownership
 from services.fetcher.service import Fetcher, PassResult
 from services.fetcher.sharing import Handover, MemoryRefresh, Passes, hold_assignment

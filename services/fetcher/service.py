@@ -40,7 +40,7 @@ from schemas import codec
 from schemas.events import FetchRecorded, MailFetched, fetch_state_key
 from schemas.topics import FETCH_STATE, FETCHED, MAX_MESSAGE_BYTES
 from services.fetcher.credentials import authenticate, session_secret
-from services.fetcher.memory import FetchMemory
+from services.fetcher.fetch_state import FetchMemory
 from services.fetcher.plan import (
     Listed,
     Plan,

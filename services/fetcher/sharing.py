@@ -21,7 +21,7 @@ from collections.abc import Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from services.fetcher.memory import FetchMemory
+from services.fetcher.fetch_state import FetchMemory
 from services.fetcher.placement import Change, Ownership
 from services.runtime.log import REVOKE_TIMEOUT, LogConsumer, LogError, TopicPartition
 from services.runtime.settings import Mailbox

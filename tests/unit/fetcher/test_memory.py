@@ -1,4 +1,4 @@
-"""services/fetcher/memory.py and fetch_state.py: the fetch state is read per mailbox from a store on disk,
+"""services/fetcher/fetch_state.py and memory.py: the fetch state is read per mailbox from a store on disk,
 and a restart reads only the changelog's tail (on the embedded log, the store's tables in its file)."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 from schemas import codec
 from schemas.events import FetchRecorded, fetch_state_key
 from schemas.topics import FETCH_STATE, TopicSpec, topic_spec
-from services.fetcher.memory import open_memory, store_path, tail_ranges
+from services.fetcher.fetch_state import open_memory, store_path
+from services.fetcher.memory import chunks, tail_ranges
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.log import Outgoing, Written
 
@@ -41,6 +42,12 @@ def test_the_tail_is_what_lies_between_the_checkpoint_and_the_end() -> None:
     assert tail_ranges({}, {0: 3, 1: 0}) == {0: (0, 3)}
     assert tail_ranges({0: 3, 1: 5}, {0: 3, 1: 9, 2: 1}) == {1: (5, 9), 2: (0, 1)}
     assert tail_ranges({0: 7}, {0: 3}) is None  # the topic was recreated: read it all again
+    assert tail_ranges({5: 1}, {0: 3}) is None  # with fewer partitions
+
+
+def test_a_long_tail_is_read_in_bounded_chunks() -> None:
+    assert chunks(5, 5) == []
+    assert chunks(0, 45_000) == [(0, 20_000), (20_000, 40_000), (40_000, 45_000)]
 
 
 async def test_a_mailbox_is_read_on_its_own_and_a_restart_reads_only_what_was_written_since(

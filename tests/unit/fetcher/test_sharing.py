@@ -11,7 +11,7 @@ from pathlib import Path
 from schemas import codec
 from schemas.events import FetchRecorded, fetch_state_key
 from schemas.topics import TopicSpec
-from services.fetcher.memory import FetchMemory, open_memory
+from services.fetcher.fetch_state import FetchMemory, open_memory
 from services.fetcher.placement import Ownership
 from services.fetcher.sharing import Handover, MemoryRefresh, Passes, hold_assignment
 from services.runtime.embedded import EmbeddedLog
