@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import signal
 import sys
@@ -19,11 +18,11 @@ import pytest
 
 from schemas import codec
 from schemas.events import FetchRecorded, fetch_state_key
-from schemas.topics import FETCH_ASSIGNMENT, FETCH_STATE, TopicSpec, topic_spec
+from schemas.topics import FETCH_STATE
 from services.runtime.log import Outgoing
 from tests.integration.test_fetcher_sharing import message, write_config
 from tests.support.dovecot import DovecotMailboxes
-from tests.support.fetcher import FetcherStage, dovecot_mailbox
+from tests.support.fetcher import FetcherStage, dovecot_mailbox, replica_environment
 
 pytestmark = pytest.mark.integration
 
@@ -40,9 +39,7 @@ async def test_a_killed_fetcher_restarts_from_its_store_reading_only_the_tail_an
     kafka_bootstrap: str, kafka_topic_prefix: str, dovecot: DovecotMailboxes, tmp_path: Path
 ) -> None:
     stage = FetcherStage(kafka_bootstrap, kafka_topic_prefix)
-    await stage.create_topics()
-    spec = topic_spec(FETCH_ASSIGNMENT)
-    await stage.log.ensure_topics([TopicSpec(stage.settings.topic(spec.name), spec.partitions, spec.config)])
+    await stage.create_topics(shared=True)
     old = [FetchRecorded(mailbox_id="gone", uidl=f"u{k}", fetch_id=f"f{k}", size=1, sha256="0" * 64,
                          published_at=datetime.now(UTC)) for k in range(HISTORY)]  # fmt: skip
     async with stage.log.producer() as producer:
@@ -54,12 +51,8 @@ async def test_a_killed_fetcher_restarts_from_its_store_reading_only_the_tail_an
     for n, user in enumerate(users):
         dovecot.deliver_many(user, [message(n, 1), message(n, 2)])
     config = write_config(tmp_path / "fetcher.toml", dovecot, users)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POPBRIDGE_")} | {
-        "POPBRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap, "POPBRIDGE_TOPIC_PREFIX": kafka_topic_prefix,
-        "POPBRIDGE_GROUP_PREFIX": kafka_topic_prefix, "POPBRIDGE_LOG_LEVEL": "INFO",
-        "POPBRIDGE_LOG_FORMAT": "text", "POPBRIDGE_DATA_DIR": str(tmp_path / "data"),
-        **{f"PW_box{n}": u.password for n, u in enumerate(users)},
-    }  # fmt: skip
+    passwords = {f"PW_box{n}": u.password for n, u in enumerate(users)}
+    env = replica_environment(stage, passwords, POPBRIDGE_DATA_DIR=str(tmp_path / "data"))
     log_file = tmp_path / "fetcher.log"
     counts: Counter[tuple[str, str]] = Counter()
 
