@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench.fetch_protocol import mailbox
 from schemas.topics import FETCH_STATE, FETCHED, TopicSpec, topic_spec
-from services.fetcher.memory import FetchMemory
+from services.fetcher.fetch_state import open_memory
 from services.fetcher.service import Fetcher
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import Outgoing
@@ -72,12 +72,13 @@ async def popbridge_fetcher(
         if len(await log.end_offsets(settings.topic(FETCHED))) == specs[0].partitions:
             break
         await asyncio.sleep(0.5)
-    async with log.producer() as producer:
+    # The memory is opened (and caught up) before the warm-up records, which are not fetch state.
+    async with open_memory(log, settings.topic(FETCH_STATE), None) as memory, log.producer() as producer:
         await producer.send_all(
             [Outgoing(settings.topic(t), b"warm-up", b"k") for t in (FETCHED, FETCH_STATE)]
         )
         fetcher = Fetcher(
-            settings=settings, producer=producer, memory=FetchMemory(), environ={"PW": password}
+            settings=settings, producer=producer, memory=memory, environ={"PW": password}
         )
         started = time.perf_counter()
         result = await fetcher.poll(box)

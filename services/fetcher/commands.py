@@ -6,14 +6,16 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import click
 
 from schemas.topics import FETCH_ASSIGNMENT, FETCH_STATE, FETCHED
 from services.fetcher import status
-from services.fetcher.memory import FetchMemory
+from services.fetcher.fetch_state import ChangelogReader, FetchMemory, open_memory, store_path
 from services.fetcher.placement import Ownership
 from services.fetcher.service import Fetcher, PassResult
 from services.fetcher.sharing import Handover, MemoryRefresh, Passes, hold_assignment
@@ -34,6 +36,7 @@ log = logging.getLogger("popbridge.fetcher")
 
 FIRST_POLL_SPREAD = 5.0  # seconds over which the first polls of many mailboxes are spread
 OWNERSHIP_CHECK = 1.0
+CATCH_UP_EVERY = 60.0  # seconds between checkpoints of the fetch-state store: a restart reads this tail
 
 
 def next_delay(
@@ -48,14 +51,30 @@ def next_delay(
     return status.next_delay(Timing(mailbox.poll_interval, failures, retry_after, login_delay), rng)
 
 
-async def load_memory(log_: Log, settings: DeploymentSettings) -> FetchMemory:
-    memory = FetchMemory()
-    memory.load([record.value async for record in log_.scan(settings.topic(FETCH_STATE))])
-    return memory
+class FetcherLog(Log, ChangelogReader, Protocol):
+    """The log as the fetcher uses it: a Log whose fetch-state changelog it reads by partition and offset."""
+
+
+def open_fetch_memory(
+    log_: ChangelogReader, settings: DeploymentSettings
+) -> AbstractAsyncContextManager[FetchMemory]:
+    """The fetcher's memory, caught up with the fetch-state changelog from its checkpoint (the tail only,
+    when the store on disk survived the restart: see services.fetcher.memory.store_path)."""
+    return open_memory(log_, settings.topic(FETCH_STATE), store_path(log_, settings.data_dir))
+
+
+async def keep_caught_up(memory: FetchMemory, every: float = CATCH_UP_EVERY) -> None:
+    """Move the store's checkpoint past what this replica wrote, so that a restart reads a short tail."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await memory.catch_up()
+        except LogError as exc:  # the next one reads the same tail; a restart meanwhile reads a longer one
+            log.info("fetch state: catching up with the changelog failed, trying again later: %s", exc)
 
 
 async def run_fetcher(
-    log_: Log,
+    log_: FetcherLog,
     settings: DeploymentSettings,
     config: MailConfig,
     environ: dict[str, str],
@@ -71,8 +90,7 @@ async def run_fetcher(
     replica (services.fetcher.sharing). Otherwise (`--once`, the single-process `popbridge run`) every
     mailbox is polled here.
     """
-    memory = await load_memory(log_, settings)
-    async with log_.producer() as producer:
+    async with open_fetch_memory(log_, settings) as memory, log_.producer() as producer:
         fetcher = Fetcher(
             settings=settings, producer=producer, memory=memory, environ=environ, metrics=metrics,
             tracker=tracker, max_parallel_mailboxes=config.max_parallel_mailboxes,
@@ -82,10 +100,12 @@ async def run_fetcher(
             return await fetcher.poll_all(config.mailboxes)
         if tracker is not None:
             tracker.mark_ready()
-        if shared:
-            await poll_shared(log_, settings, fetcher, config.mailboxes)
-        else:
-            await asyncio.gather(*(poll_forever(fetcher, m) for m in config.mailboxes))
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(keep_caught_up(memory))
+            if shared:
+                await poll_shared(log_, settings, fetcher, config.mailboxes)
+            else:
+                await asyncio.gather(*(poll_forever(fetcher, m) for m in config.mailboxes))
     return []
 
 
@@ -95,7 +115,7 @@ async def poll_shared(
     """Poll, until cancelled, the mailboxes whose assignment partitions this replica holds."""
     ownership = Ownership(tuple(m.id for m in mailboxes))
     topic = settings.topic(FETCH_ASSIGNMENT)
-    refresh = MemoryRefresh(log_, settings.topic(FETCH_STATE), fetcher.memory, ownership)
+    refresh = MemoryRefresh(fetcher.memory, ownership)
     fetcher.before_plan = refresh.before_plan
     passes = Passes()
     handover = Handover(topic, ownership, passes)

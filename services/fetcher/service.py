@@ -40,7 +40,7 @@ from schemas import codec
 from schemas.events import FetchRecorded, MailFetched, fetch_state_key
 from schemas.topics import FETCH_STATE, FETCHED, MAX_MESSAGE_BYTES
 from services.fetcher.credentials import login, session_secret
-from services.fetcher.memory import FetchMemory
+from services.fetcher.fetch_state import FetchMemory
 from services.fetcher.plan import (
     Listed,
     Plan,
@@ -208,6 +208,8 @@ class Fetcher:
     _reported: set[tuple[str, str, str]] = field(default_factory=set, init=False, repr=False)
     # Per mailbox, UIDLs whose RETR reply outgrew the size limit's cap: not retrieved again by this process.
     _oversized: dict[str, set[str]] = field(default_factory=dict, init=False, repr=False)
+    # The memory of the mailboxes in a session now (read from the store at its start, dropped at its end).
+    _known: dict[str, dict[str, FetchRecorded]] = field(default_factory=dict, init=False, repr=False)
 
     def limit_hosts(self, mailboxes: Iterable[Mailbox]) -> None:
         """Per POP3 host, the smallest `max_connections_per_host` of the mailboxes on it."""
@@ -335,8 +337,16 @@ class Fetcher:
                 progress.login_delay = float(login_delay) if login_delay else None
                 if self.before_plan is not None:
                     await self.before_plan(mailbox)
-                part, more = self._plan(mailbox, await self._listing(mailbox, client), progress)
-                deleted = await self._publish_all(client, mailbox, part, progress)
+                listing = await self._listing(mailbox, client)
+                self._known[mailbox.id] = await self.memory.known(
+                    mailbox.id, (m.uidl for m in listing if not m.by_content),
+                    content_keys=any(m.by_content for m in listing),
+                )  # fmt: skip
+                try:
+                    part, more = self._plan(mailbox, listing, progress)
+                    deleted = await self._publish_all(client, mailbox, part, progress)
+                finally:
+                    del self._known[mailbox.id]  # memory stays bounded: only mailboxes in a session
                 await self._timed("QUIT", client.quit())
         progress.deleted += deleted
         progress.sessions += 1
@@ -386,7 +396,7 @@ class Fetcher:
 
     def _plan(self, mailbox: Mailbox, listing: list[Listed], progress: _Progress) -> tuple[Plan, bool]:
         plan = plan_pass(
-            listing, self.memory.known(mailbox.id), mode=mailbox.mode,
+            listing, self._known[mailbox.id], mode=mailbox.mode,
             max_message_size=mailbox.max_message_size, keep_days=mailbox.keep_days, now=self.clock(),
             too_big_uidls=self._oversized.get(mailbox.id, ()), leave=progress.leave,
             leave_numbers=progress.leave_numbers,
@@ -489,7 +499,7 @@ class Fetcher:
 
     def _take_published(self, mailbox: Mailbox, listed: Listed, raw: bytes, batch: _Batch) -> None:
         """Published before by UIDL and size: delete it if the digest agrees, else it is another message."""
-        record = self.memory.known(mailbox.id)[listed.uidl]
+        record = self._known[mailbox.id][listed.uidl]
         if hashlib.sha256(raw).hexdigest() == record.sha256:
             batch.durable.append(listed)
         else:
@@ -499,7 +509,7 @@ class Fetcher:
     def _take_by_content(self, mailbox: Mailbox, listed: Listed, raw: bytes, batch: _Batch) -> None:
         """A message without a usable UIDL: publish it once per content; delete it once that is durable."""
         listed = replace(listed, uidl=content_key(hashlib.sha256(raw).hexdigest()))
-        record = self.memory.known(mailbox.id).get(listed.uidl)
+        record = self._known[mailbox.id].get(listed.uidl)
         if record is None:
             batch.retrieved.append((listed, raw))
         elif deletable(record, mode=mailbox.mode, keep_days=mailbox.keep_days, now=self.clock()):
@@ -523,11 +533,13 @@ class Fetcher:
         published = [(listed, event) for listed, event in pairs if event.fetch_id in sent]
         records = [self._record(mailbox, listed, event, now) for listed, event in published]
         topic = self.settings.topic(FETCH_STATE)
-        await self.producer.send_all(
+        written = await self.producer.send_all(
             [Outgoing(topic, codec.encode(r), fetch_state_key(r.mailbox_id, r.uidl)) for r in records]
         )
+        await self.memory.remember(list(zip(records, written, strict=True)))
+        known = self._known[mailbox.id]
         for record, (_, event) in zip(records, published, strict=True):
-            self.memory.remember(record)
+            known[record.uidl] = record
             if self.metrics is not None:
                 self.metrics.fetched(mailbox.id, event.size)
             log.info("mailbox %s: published uidl=%s fetch_id=%s", mailbox.id, record.uidl, record.fetch_id)

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Collection, Coroutine
+from collections.abc import Collection, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-from schemas import codec
-from schemas.events import FetchRecorded
-from services.fetcher.memory import FetchMemory
+from services.fetcher.fetch_state import FetchMemory
 from services.fetcher.placement import Change, Ownership
-from services.runtime.log import REVOKE_TIMEOUT, LogConsumer, LogError, Record, TopicPartition
+from services.runtime.log import REVOKE_TIMEOUT, LogConsumer, LogError, TopicPartition
 from services.runtime.settings import Mailbox
 
 log = logging.getLogger("popbridge.fetcher")
@@ -122,25 +120,17 @@ def _log_change(ownership: Ownership, change: Change) -> None:
     )  # fmt: skip
 
 
-class StateLog(Protocol):
-    """What MemoryRefresh needs of the log (services.runtime.log.Log has it)."""
-
-    def scan(self, topic: str) -> AsyncIterator[Record]:
-        """Every record of `topic`, from its beginning to its end at the time of the call."""
-        ...
-
-
 @dataclass
 class MemoryRefresh:
-    """`Fetcher.before_plan` for shared mailboxes: re-read a gained mailbox's memory once it is ours.
+    """`Fetcher.before_plan` for shared mailboxes: catch the memory up with the changelog once a gained
+    mailbox is ours.
 
     It runs after login, so the previous owner's last pass is over (it QUIT, and recorded its fetches
-    before that). One scan of the fetch-state topic serves every stale mailbox that logged in before the
-    scan started; one that logged in later waits for the next scan, which sees what was written since.
+    before that). One catch-up (the changelog's tail since this replica's checkpoint) serves every stale
+    mailbox that logged in before it started; one that logged in later waits for the next one, which sees
+    what was written since.
     """
 
-    log_: StateLog
-    topic: str  # the fetch-state topic
     memory: FetchMemory
     ownership: Ownership
     _waiting: set[str] = field(default_factory=set, init=False)
@@ -152,15 +142,12 @@ class MemoryRefresh:
         self._waiting.add(mailbox.id)
         async with self._lock:
             if mailbox.id not in self._waiting:
-                return  # a scan that started after this login has read its memory
+                return  # a catch-up that started after this login has read its memory
             covered, self._waiting = self._waiting, set()
             try:
-                records = [codec.decode(r.value, FetchRecorded) async for r in self.log_.scan(self.topic)]
+                read = await self.memory.catch_up()
             except BaseException:
-                self._waiting |= covered  # their own before_plan scans again
+                self._waiting |= covered  # their own before_plan tries again
                 raise
-            for record in records:
-                if record.mailbox_id in covered:
-                    self.memory.remember(record)
             self.ownership.refreshed(covered)
-        log.debug("mailbox assignment: memory of %d gained mailboxes re-read", len(covered))
+        log.debug("mailbox assignment: %d records read for %d gained mailboxes", read, len(covered))

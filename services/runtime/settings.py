@@ -317,11 +317,13 @@ class MailConfig(_Config, frozen=True):
     mailboxes: tuple[Mailbox, ...]
     routing: dict[str, Any] = {}
     # POP3 sessions of different mailboxes at a time (a hung one holds its slot only until its deadlines).
+    # 16 polls 1,000 idle mailboxes in a few seconds (bench/scale_fetcher.py); at most 512 sockets, half
+    # the usual 1,024 open files a process may have.
     max_parallel_mailboxes: int = 16
 
     def __post_init__(self) -> None:
-        if self.max_parallel_mailboxes < 1:
-            raise ValueError("max_parallel_mailboxes: must be at least 1")
+        if not 1 <= self.max_parallel_mailboxes <= 512:
+            raise ValueError("max_parallel_mailboxes: must be from 1 to 512")
 
     def mailbox(self, mailbox_id: str) -> Mailbox | None:
         return next((m for m in self.mailboxes if m.id == mailbox_id), None)

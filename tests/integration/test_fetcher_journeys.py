@@ -9,8 +9,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from schemas.events import FetchRecorded, fetch_id_for
+from schemas import codec
+from schemas.events import FetchRecorded, fetch_id_for, fetch_state_key
+from schemas.topics import FETCH_STATE
 from services.fetcher.service import Fetcher
+from services.runtime.log import Outgoing
 from services.runtime.metrics import Metrics
 from tests.support.dovecot import DovecotMailboxes
 from tests.support.faulty_proxy import FaultyProxy
@@ -150,10 +153,12 @@ async def test_a_reused_uidl_gets_a_distinct_fetch_id_and_is_recorded(
         [first] = await stage.published()
         assert first.fetch_id == fetch_id_for("box", first.uidl)
         # The ISP expunged that message and gave its UIDL to a new one of another size.
-        fetcher.memory.remember(
-            FetchRecorded(mailbox_id="box", uidl=first.uidl, fetch_id="old", size=1, sha256="0" * 64,
-                          published_at=datetime.now(UTC))
-        )  # fmt: skip
+        old = FetchRecorded(mailbox_id="box", uidl=first.uidl, fetch_id="old", size=1, sha256="0" * 64,
+                            published_at=datetime.now(UTC))  # fmt: skip
+        topic = stage.settings.topic(FETCH_STATE)
+        key = fetch_state_key("box", old.uidl)
+        written = await fetcher.producer.send(Outgoing(topic, codec.encode(old), key))
+        await fetcher.memory.remember([(old, written)])
         result = await fetcher.poll(box)
     assert result.published == 1
     # Two fetch ids, so maybe two partitions: the topic gives no order between them.

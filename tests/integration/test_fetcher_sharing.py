@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import signal
 import sys
@@ -20,12 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from schemas.topics import FETCH_ASSIGNMENT, TopicSpec, topic_spec
-from services.fetcher.commands import load_memory, poll_shared
+from services.fetcher.commands import open_fetch_memory, poll_shared
 from services.fetcher.service import Fetcher, PassResult
 from services.runtime.settings import Mailbox
 from tests.support.dovecot import DovecotMailboxes, MailUser
-from tests.support.fetcher import FetcherStage, dovecot_mailbox
+from tests.support.fetcher import FetcherStage, dovecot_mailbox, replica_environment
 
 pytestmark = pytest.mark.integration
 
@@ -109,17 +107,11 @@ async def test_two_replicas_share_the_mailboxes_and_the_survivor_takes_over_a_ki
     kafka_bootstrap: str, kafka_topic_prefix: str, dovecot: DovecotMailboxes, tmp_path: Path
 ) -> None:
     stage = FetcherStage(kafka_bootstrap, kafka_topic_prefix)
-    await stage.create_topics()
-    spec = topic_spec(FETCH_ASSIGNMENT)
-    await stage.log.ensure_topics([TopicSpec(stage.settings.topic(spec.name), spec.partitions, spec.config)])
+    await stage.create_topics(shared=True)
     users = [dovecot.new_user(f"box{n}") for n in range(MAILBOXES)]
     every = {f"box{n}" for n in range(MAILBOXES)}
     config = write_config(tmp_path / "fetcher.toml", dovecot, users)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POPBRIDGE_")} | {
-        "POPBRIDGE_KAFKA_BOOTSTRAP": kafka_bootstrap, "POPBRIDGE_TOPIC_PREFIX": kafka_topic_prefix,
-        "POPBRIDGE_GROUP_PREFIX": kafka_topic_prefix, "POPBRIDGE_LOG_LEVEL": "INFO",
-        "POPBRIDGE_LOG_FORMAT": "text", **{f"PW_box{n}": u.password for n, u in enumerate(users)},
-    }  # fmt: skip
+    env = replica_environment(stage, {f"PW_box{n}": u.password for n, u in enumerate(users)})
     async with (
         replica(config, env, tmp_path / "a.log") as a,
         replica(config, env, tmp_path / "b.log") as b,
@@ -184,9 +176,7 @@ async def test_a_joining_replica_never_polls_a_mailbox_while_the_old_owners_pass
 ) -> None:
     caplog.set_level(logging.INFO, logger="popbridge.fetcher")
     stage = FetcherStage(kafka_bootstrap, kafka_topic_prefix)
-    await stage.create_topics()
-    spec = topic_spec(FETCH_ASSIGNMENT)
-    await stage.log.ensure_topics([TopicSpec(stage.settings.topic(spec.name), spec.partitions, spec.config)])
+    await stage.create_topics(shared=True)
     users = [dovecot.new_user(f"hand{n}") for n in range(6)]
     mailboxes = [
         dovecot_mailbox(dovecot, user, f"hand{n}", mode="keep", poll_interval=1.0)
@@ -198,8 +188,7 @@ async def test_a_joining_replica_never_polls_a_mailbox_while_the_old_owners_pass
     spans: list[Span] = []
 
     async def run_replica(name: str) -> None:
-        memory = await load_memory(stage.log, stage.settings)
-        async with stage.log.producer() as producer:
+        async with open_fetch_memory(stage.log, stage.settings) as memory, stage.log.producer() as producer:
             fetcher = SlowFetcher(
                 settings=stage.settings, producer=producer, memory=memory, environ=environ, name=name,
                 spans=spans,

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from schemas import codec
 from schemas.events import MailFetched
 from schemas.topics import FETCH_STATE, FETCHED, TopicSpec, topic_spec
-from services.fetcher.commands import load_memory
+from services.fetcher.commands import open_fetch_memory
 from services.fetcher.pop3_protocol import MAX_LIST_BYTES, MAX_UIDL_BYTES
 from services.fetcher.service import RETR_MARGIN, Fetcher
 from services.runtime.embedded import EmbeddedLog
@@ -99,8 +99,7 @@ async def stage(
         )
     await log.ensure_topics([fetched, topic_spec(FETCH_STATE)])
     settings = DeploymentSettings(data_dir=str(data_dir))
-    memory = await load_memory(log, settings)
-    async with log.producer() as producer:
+    async with open_fetch_memory(log, settings) as memory, log.producer() as producer:
         yield Stage(log, Fetcher(settings=settings, producer=producer, memory=memory,
                                  environ={PASSWORD_ENV: PASSWORD}, metrics=metrics))  # fmt: skip
 

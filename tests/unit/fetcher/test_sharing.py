@@ -11,11 +11,11 @@ from pathlib import Path
 from schemas import codec
 from schemas.events import FetchRecorded, fetch_state_key
 from schemas.topics import TopicSpec
-from services.fetcher.memory import FetchMemory
+from services.fetcher.fetch_state import FetchMemory, open_memory
 from services.fetcher.placement import Ownership
 from services.fetcher.sharing import Handover, MemoryRefresh, Passes, hold_assignment
 from services.runtime.embedded import EmbeddedLog
-from services.runtime.log import Record, TopicPartition
+from services.runtime.log import Outgoing, Record, TopicPartition
 from services.runtime.settings import Mailbox
 
 TOPIC = "assignment"
@@ -61,67 +61,84 @@ async def test_two_replicas_own_disjoint_mailboxes_and_the_survivor_takes_all_ov
         await until(lambda: a.owned == set(MAILBOXES))
 
 
-def recorded(mailbox_id: str, uidl: str) -> Record:
+def recorded(mailbox_id: str, uidl: str) -> Outgoing:
     record = FetchRecorded(
         mailbox_id=mailbox_id, uidl=uidl, fetch_id=f"f-{mailbox_id}-{uidl}", size=1, sha256="0" * 64,
         published_at=T,
     )  # fmt: skip
-    return Record(STATE, 0, 0, fetch_state_key(mailbox_id, uidl), codec.encode(record), 0)
+    return Outgoing(STATE, codec.encode(record), fetch_state_key(mailbox_id, uidl))
 
 
-class StateTopic:
-    """The fetch-state topic as a list; `gate` holds scans back until the test releases them."""
+class GatedLog:
+    """The embedded log, whose changelog reads wait for `gate` (so a test can hold a catch-up back)."""
 
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-        self.scans = 0
+    def __init__(self, log: EmbeddedLog) -> None:
+        self.log = log
+        self.catch_ups = 0
         self.gate = asyncio.Event()
         self.gate.set()
 
-    async def scan(self, topic: str) -> AsyncIterator[Record]:
-        assert topic == STATE
-        self.scans += 1
-        snapshot = list(self.records)  # the end offsets are read when the scan starts
+    async def end_offsets(self, topic: str) -> dict[int, int]:
+        self.catch_ups += 1
+        ends = await self.log.end_offsets(topic)  # the end is read when the catch-up starts
         await self.gate.wait()
-        for record in snapshot:
-            yield record
+        return ends
+
+    async def read(self, topic: str, partition: int, start: int, end: int) -> list[Record]:
+        return await self.log.read(topic, partition, start, end)
+
+    async def write(self, records: list[Outgoing]) -> None:
+        async with self.log.producer() as producer:
+            await producer.send_all(records)
+
+
+@contextlib.asynccontextmanager
+async def state_topic(path: Path) -> AsyncIterator[tuple[GatedLog, FetchMemory]]:
+    log = GatedLog(EmbeddedLog(path, synchronous="NORMAL"))
+    await log.log.ensure_topics([TopicSpec(STATE, 2, {})])
+    async with open_memory(log, STATE, None) as memory:
+        log.catch_ups = 0
+        yield log, memory
 
 
 def mailbox(mailbox_id: str) -> Mailbox:
     return Mailbox(id=mailbox_id, host="127.0.0.1", username=mailbox_id)
 
 
-def refresh_for(state: StateTopic, memory: FetchMemory) -> tuple[MemoryRefresh, Ownership]:
+def refresh_for(memory: FetchMemory) -> tuple[MemoryRefresh, Ownership]:
     ownership = Ownership(MAILBOXES)
     ownership.update(set(range(64)))
-    return MemoryRefresh(state, STATE, memory, ownership), ownership
+    return MemoryRefresh(memory, ownership), ownership
 
 
-async def test_a_gained_mailbox_learns_what_the_previous_owner_published_before_planning() -> None:
-    state, memory = StateTopic(), FetchMemory()
-    state.records = [recorded("box1", "u1"), recorded("box2", "u9")]
-    refresh, ownership = refresh_for(state, memory)
-    await refresh.before_plan(mailbox("box1"))
-    assert set(memory.known("box1")) == {"u1"}
-    assert memory.known("box2") == {}  # not logged in yet: its memory is read once the maildrop is ours
-    assert not ownership.is_stale("box1")
-    await refresh.before_plan(mailbox("box1"))
-    assert state.scans == 1  # fresh now: no more scans
+async def test_a_gained_mailbox_learns_what_the_previous_owner_published_before_planning(
+    tmp_path: Path,
+) -> None:
+    async with state_topic(tmp_path) as (state, memory):
+        await state.write([recorded("box1", "u1"), recorded("box2", "u9")])  # by the previous owner
+        refresh, ownership = refresh_for(memory)
+        await refresh.before_plan(mailbox("box1"))
+        assert set(await memory.known("box1")) == {"u1"}
+        assert not ownership.is_stale("box1")
+        await refresh.before_plan(mailbox("box1"))
+        assert state.catch_ups == 1  # fresh now: no more reads of the changelog
 
 
-async def test_mailboxes_that_logged_in_together_share_one_scan_and_a_later_login_gets_its_own() -> None:
-    state, memory = StateTopic(), FetchMemory()
-    refresh, _ = refresh_for(state, memory)
-    state.gate.clear()
-    scanning = asyncio.create_task(refresh.before_plan(mailbox("box1")))
-    await until(lambda: state.scans == 1)
-    waiting = [asyncio.create_task(refresh.before_plan(mailbox(m))) for m in ("box2", "box3")]
-    await asyncio.sleep(0.05)
-    state.records = [recorded("box2", "late")]  # written by the old owner before box2's login completed
-    state.gate.set()
-    await asyncio.gather(scanning, *waiting)
-    assert state.scans == 2  # box2 and box3 logged in after the first scan began: one more scan for both
-    assert set(memory.known("box2")) == {"late"}
+async def test_mailboxes_that_logged_in_together_share_one_catch_up_and_a_later_login_gets_its_own(
+    tmp_path: Path,
+) -> None:
+    async with state_topic(tmp_path) as (state, memory):
+        refresh, _ = refresh_for(memory)
+        state.gate.clear()
+        reading = asyncio.create_task(refresh.before_plan(mailbox("box1")))
+        await until(lambda: state.catch_ups == 1)
+        waiting = [asyncio.create_task(refresh.before_plan(mailbox(m))) for m in ("box2", "box3")]
+        await asyncio.sleep(0.05)
+        await state.write([recorded("box2", "late")])  # by the old owner, before box2's login completed
+        state.gate.set()
+        await asyncio.gather(reading, *waiting)
+        assert state.catch_ups == 2  # box2 and box3 logged in after the first one began: one more for both
+        assert set(await memory.known("box2")) == {"late"}
 
 
 async def test_a_joining_replica_gets_a_mailbox_only_once_the_old_owners_pass_of_it_ended(
