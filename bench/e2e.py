@@ -161,7 +161,8 @@ def line(row: Row, baseline: Row | None) -> str:
     per_process = ", ".join(f"{n} {u.cpu:.1f} s/{u.rss_mb:.0f} MB" for n, u in o.processes.items())
     broker = f", broker {o.broker_cpu:.1f} s" if o.broker_cpu is not None else ""
     return (
-        f"{row.name:18} {row.rate:7.1f} msg/s {row.megabytes / o.seconds:6.1f} MB/s {ratio} "
+        f"{row.name:18} {row.rate:7.1f} msg/s {row.megabytes / o.seconds:6.1f} MB/s {o.seconds:5.0f} s "
+        f"{ratio} "
         f"right {s.right}/{s.expected} dup {s.duplicates} wrong {s.wrong} "
         f"| CPU/peak RSS: {per_process}{broker}"
     )
@@ -205,7 +206,7 @@ def many_mailboxes(bench: Bench, only: set[str]) -> None:
     )
     print(f"\n{title}", flush=True)
     rows = [_named(bench, name, mails, False) for name in ("naive", *MANY) if name in only]
-    print_table(f"{title}, ratio to fetchmail (time to drain = MB / MB/s)", rows, "fetchmail")
+    print_table(f"{title}, ratio to fetchmail (s: the time to drain them all)", rows, "fetchmail")
 
 
 def start_broker(directory: Path) -> None:
