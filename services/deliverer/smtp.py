@@ -291,7 +291,9 @@ class SmtpTransport:
         self._password = password
         self._token = token
         self._last_token = ""  # blanked out of server replies along with the password
-        self._context = context if context is not None else tls_context(target)
+        # Built on the first session, and only for a TLS target: loading the system's CA certificates
+        # took ~1 s of a contended `popbridge run` start (py-spy, bench/e2e.py) with tls = "none".
+        self._context = context
         self._idle: list[_Session] = []
         self._slots = asyncio.Semaphore(target.connections)
 
@@ -368,7 +370,7 @@ class SmtpTransport:
         target = self.target
         client = aiosmtplib.SMTP(
             hostname=target.host, port=target.port, local_hostname=target.helo_name, timeout=target.timeout,
-            use_tls=target.tls == "implicit", start_tls=False, tls_context=self._context,
+            use_tls=target.tls == "implicit", start_tls=False, tls_context=self._tls_context(),
         )
         step = "connect"
         try:
@@ -396,6 +398,13 @@ class SmtpTransport:
             client.close()
             raise
         return self._take_over(client)
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if self.target.tls == "none":
+            return None
+        if self._context is None:
+            self._context = tls_context(self.target)
+        return self._context
 
     def _blank(self, text: str) -> str:
         """A server's words with the password and the token blanked out, plain or base64 (a server may

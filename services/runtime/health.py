@@ -38,9 +38,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from services.runtime.log import LogError, TopicPartition
 from services.runtime.metrics import Metrics
@@ -49,6 +47,12 @@ from services.runtime.outage import BROKER
 from services.runtime.polling import polling
 from services.runtime.settings import ConfigError, DeploymentSettings
 from services.runtime.stages import Stage, stages_run_by
+
+if TYPE_CHECKING:
+    # aiohttp is imported where a server starts: at module level it was a third of the CPU of importing
+    # `popbridge run` (0.15-0.25 s of 0.6 s), paid also by `run --until-idle` and the ops commands, which
+    # serve nothing (py-spy and -X importtime, bench/e2e.py).
+    from aiohttp import web
 
 Clock = Callable[[], float]
 # About a minute: Kubernetes restarts a stage that has work and does nothing for this long. Slow work does
@@ -182,6 +186,7 @@ class HealthServer:
 
 def health_app(tracker: ProgressTracker, metrics: Metrics) -> web.Application:
     """The aiohttp application behind the three endpoints."""
+    from aiohttp import web  # noqa: PLC0415 -- imported when a server starts (see the top)
 
     async def healthz(_: web.Request) -> web.Response:
         return _json(tracker.status(), ok=tracker.live())
@@ -201,6 +206,8 @@ def health_app(tracker: ProgressTracker, metrics: Metrics) -> web.Application:
 
 
 def _json(body: dict[str, Any], *, ok: bool) -> web.Response:
+    from aiohttp import web  # noqa: PLC0415 -- imported when a server starts (see the top)
+
     return web.Response(text=json.dumps(body), status=200 if ok else 503, content_type="application/json")
 
 
@@ -219,6 +226,8 @@ async def serve_health(
     try:
         bound: int | None = None
         if port is not None:
+            from aiohttp import web  # noqa: PLC0415 -- imported when a server starts (see the top)
+
             runner = web.AppRunner(health_app(tracker, metrics), access_log=None)
             await runner.setup()
             try:
