@@ -230,6 +230,8 @@ class Deliverer:
         still: one tier, one delay) and resumed once due; nothing else waits for it."""
         handover = Handover("deliverer")
         held: dict[TopicPartition, datetime] = {}
+        # A new consumer owns nothing yet: what an earlier one owned may have had another owner since.
+        self._ledger.release(self._ledger.owned)
 
         async def revoked(tps: set[TopicPartition]) -> None:
             await handover.revoked(tps)
@@ -284,6 +286,11 @@ class Deliverer:
             await consumer.pause_at(tp, offset)
             held[tp] = when
         return due
+
+    def owned_partitions(self) -> set[int]:
+        """The partitions whose pairs this replica handles now (its ledger's, restored)."""
+        ledger: Ledger | None = getattr(self, "_ledger", None)
+        return ledger.owned if ledger is not None else set()
 
     def _progressed(self) -> None:
         if self.tracker is not None:

@@ -30,6 +30,7 @@ from aiokafka.errors import (
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
     UnknownMemberIdError,
+    UnknownTopicOrPartitionError,
     for_code,
 )
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
@@ -264,7 +265,15 @@ class KafkaLog:
             existing = set(await admin.list_topics())
             missing = sorted(set(topics) - existing)
             if missing:  # a topic this user may not describe is left out of the list too
-                _refuse_unauthorized(await admin.describe_topics(missing))
+                described = await admin.describe_topics(missing)
+                _refuse_unauthorized(described)
+                # Only the broker's "unknown topic" is a missing topic: a broker shutting down (seen in the
+                # chaos runs) or one that just created it lists it late, and waiting mends that.
+                unknown = {t["topic"] for t in described
+                           if t["error_code"] == UnknownTopicOrPartitionError.errno}
+                if not unknown:
+                    raise KafkaLogError(f"kafka: topics {', '.join(missing)} not listed yet", retriable=True)
+                missing = sorted(unknown)
         if missing:
             raise KafkaLogError(
                 f"kafka: missing topics {', '.join(missing)}: run `popbridge topics create`",
