@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -275,9 +276,12 @@ class KafkaLog:
                     raise KafkaLogError(f"kafka: topics {', '.join(missing)} not listed yet", retriable=True)
                 missing = sorted(unknown)
         if missing:
+            # Just after `popbridge topics create`, a loaded broker answered "unknown topic" for tens of
+            # seconds (chaos runs, 84 new partitions, load 30 on 2 cores): wait that out, then say it.
+            young = time.monotonic() - _STARTED < MISSING_TOPICS_GRACE
             raise KafkaLogError(
                 f"kafka: missing topics {', '.join(missing)}: run `popbridge topics create`",
-                retriable=False,
+                retriable=young,
             )
 
     @asynccontextmanager
@@ -346,8 +350,10 @@ class KafkaLog:
         tps = {p: KafkaTopicPartition(topic, p) for p in starts}
         if not tps:
             return
+        # 1 MiB a partition bounds what is buffered while the records are applied (the broker still sends a
+        # larger first record whole, so nothing is cut off).
         consumer = AIOKafkaConsumer(**self._client_options(), enable_auto_commit=False,
-                                    max_partition_fetch_bytes=_REQUEST_BYTES, fetch_max_bytes=_REQUEST_BYTES)
+                                    max_partition_fetch_bytes=_READ_BYTES, fetch_max_bytes=_REQUEST_BYTES)
         try:
             await consumer.start()
             ends = {tp.partition: o for tp, o in (await consumer.end_offsets(list(tps.values()))).items()}
@@ -587,6 +593,8 @@ class KafkaLog:
 
 
 _READ_BYTES = 1024 * 1024
+_STARTED = time.monotonic()
+MISSING_TOPICS_GRACE = 60.0  # seconds after the process started during which a missing topic is waited for
 _CLOSE_WAIT_SECONDS = 5.0  # a TLS shutdown the broker does not answer is abandoned after this
 
 

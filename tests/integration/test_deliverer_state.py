@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from services.deliverer.ledger import CoPartitionError
 from services.deliverer.outcome import Verdict
 from services.deliverer.retry import Job, RetryPolicy
 from services.deliverer.service import Deliverer
+from services.runtime.embedded import EmbeddedLog
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import Outgoing
 from services.runtime.settings import DeploymentSettings
@@ -217,3 +219,23 @@ async def until_members(log: KafkaLog, settings: DeploymentSettings, count: int)
             if members[0] == count and all(m in (0, count) for m in members):
                 return
             await asyncio.sleep(0.2)
+
+
+async def test_in_embedded_mode_the_ledger_is_a_table_of_the_log_file(tmp_path: Path) -> None:
+    log = EmbeddedLog(tmp_path)
+    settings = DeploymentSettings(data_dir=str(tmp_path))
+    await log.ensure_topics(list(TOPICS))
+    events = [routed_event(f"u{i}", [f"r{i}@example.com"]) for i in range(5)]
+    await publish(log, settings, *events)
+    transport = Recording()
+    await Deliverer(log, settings, transport).run(until_idle=True)
+    await publish(log, settings, *events)  # replayed: found in the table, one pair at a time
+    counts = await Deliverer(log, settings, transport).run(until_idle=True)
+    assert counts.skipped == 5
+    assert max(transport.copies.values()) == 1
+    assert ledger_rows(log.path) == {(e.fetch_id, f"r{i}@example.com") for i, e in enumerate(events)}
+
+
+def ledger_rows(path: Path) -> set[tuple[str, str]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return set(conn.execute("SELECT fetch_id, recipient FROM deliverer_ledger"))
