@@ -248,6 +248,8 @@ class Deliverer:
                 records = handover.owned(await self._fetch(consumer, held if idle else {}))
                 # Restore before handling: a partition gained in this fetch is read from its changelog first.
                 await self._ledger.own({tp.partition for tp in consumer.assignment()})
+                owned = self._ledger.owned
+                records = [r for r in handover.owned(records) if r.partition in owned]  # none moved meanwhile
                 idle = not records
                 if records:
                     due = await self._hold_not_due(consumer, records, held)
