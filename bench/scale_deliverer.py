@@ -151,7 +151,8 @@ def measure(bootstrap: str, pairs: int, partitions: int, scratch: Path, with_bef
     row("after: restart with local state, all partitions", pairs,
         run_phase("after", bootstrap, topic, partitions, state, everything, pairs))
     size = sum(f.stat().st_size for f in scratch.glob(f"{topic}.sqlite3*"))
-    print(f"store on disk with {pairs:,} pairs: {size / 1e6:.0f} MB ({size / pairs:.0f} bytes a pair)", flush=True)
+    print(f"store on disk with {pairs:,} pairs: {size / 1e6:.0f} MB ({size / pairs:.0f} bytes a pair)",
+          flush=True)
 
 
 def main() -> None:
