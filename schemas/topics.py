@@ -22,13 +22,21 @@ DEAD_LETTERS = "popbridge.delivery.dead-letters"
 # Every record of one tier waits the same delay, so records fall due in the order they were written and
 # a tier's consumer only ever waits for the record at its head.
 RETRY_TOPICS = tuple(f"popbridge.delivery.retry-{tier}" for tier in range(1, 6))
-# The delivered ledger: one record per (fetch id, recipient) handed over, keyed by both.
+# The delivered ledger: one record per (fetch id, recipient) handed over, keyed by both (for compaction) and
+# written to the partition of its fetch id (co-partitioned with the routed topic, see DELIVERY_PARTITIONS).
 DELIVERED = "popbridge.delivery.delivered"
 # Compacted: per (mailbox, UIDL) the latest fetch record, so a restarted fetcher re-downloads nothing.
 FETCH_STATE = "popbridge.fetch.state"
 # Carries no records: fetcher replicas subscribe to it in one consumer group, and the partitions a replica
 # is assigned name the mailboxes it polls (services.fetcher.placement). 64 partitions: up to 64 replicas.
 FETCH_ASSIGNMENT = "popbridge.fetch.assignment"
+
+
+# The deliverer's co-partitioned topics: the routed topic, the retry tiers and the delivered ledger hold one
+# fetch id in the same partition number, and one deliverer replica owns partition N of all of them
+# (services.deliverer.ledger); the deliverer refuses to start unless their counts are equal. 12 allows
+# 1, 2, 3, 4, 6 or 12 replicas with an even share each.
+DELIVERY_PARTITIONS = 12
 
 
 @dataclass(frozen=True)
@@ -57,14 +65,16 @@ def _mail_topic(name: str, partitions: int, retention_days: int) -> TopicSpec:
 
 TOPICS: tuple[TopicSpec, ...] = (
     _mail_topic(FETCHED, 6, retention_days=14),
-    _mail_topic(ROUTED, 6, retention_days=14),
+    _mail_topic(ROUTED, DELIVERY_PARTITIONS, retention_days=14),
     _mail_topic(DELIVERY_ATTEMPTS, 6, retention_days=30),
     _mail_topic(DEAD_LETTERS, 3, retention_days=90),
     TopicSpec(FETCH_STATE, 6, {"cleanup.policy": "compact", "min.compaction.lag.ms": str(60 * 60 * 1000)}),
-    *(_mail_topic(name, 3, retention_days=14) for name in RETRY_TOPICS),
+    *(_mail_topic(name, DELIVERY_PARTITIONS, retention_days=14) for name in RETRY_TOPICS),
     # Compaction keeps one record per key, and keys never repeat (a pair is delivered once), so the delete
     # policy bounds the ledger: 30 days outlive the routed topic's 14 days of replay plus 5 days of retries.
-    TopicSpec(DELIVERED, 3, {"cleanup.policy": "compact,delete", "retention.ms": str(30 * DAY_MS)}),
+    TopicSpec(
+        DELIVERED, DELIVERY_PARTITIONS, {"cleanup.policy": "compact,delete", "retention.ms": str(30 * DAY_MS)}
+    ),
     TopicSpec(FETCH_ASSIGNMENT, 64, {"cleanup.policy": "delete", "retention.ms": str(60 * 60 * 1000)}),
 )
 

@@ -23,8 +23,9 @@ import click
 from services.deliverer.retry import RetryPolicy
 from services.deliverer.service import Counts, Deliverer
 from services.deliverer.smtp import SmtpTransport, TokenSource
+from services.deliverer.store import STATE_FILE
 from services.runtime.broker_wait import broker_ready
-from services.runtime.connect import open_log
+from services.runtime.connect import DEFAULT_DATA_DIR, open_log
 from services.runtime.context import CommandContext, pass_command_context
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.health import LagWatch, ProgressTracker, serve_health
@@ -94,6 +95,15 @@ def deliverer(context: CommandContext, config_path: Path, until_idle: bool) -> N
                f"{counts.failed} failed, {counts.skipped} skipped as already delivered")
 
 
+def state_path(log: KafkaLog | EmbeddedLog, settings: DeploymentSettings) -> Path | None:
+    """Where the deliverer keeps its ledger store: `<data dir>/deliverer/` with Kafka (a volume of the pod,
+    README "Deliverer state"); None with the embedded log, whose own file holds the ledger table."""
+    if isinstance(log, EmbeddedLog):
+        return None
+    data_dir = Path(settings.data_dir).expanduser() if settings.data_dir else DEFAULT_DATA_DIR.expanduser()
+    return data_dir / "deliverer" / STATE_FILE
+
+
 @dataclass(frozen=True)
 class _Wiring:
     """What the delivery stage is built from besides the log: the target, its secrets, the postmaster."""
@@ -116,7 +126,7 @@ async def _deliver(log: KafkaLog | EmbeddedLog, settings: DeploymentSettings, wi
     gauges = contextlib.nullcontext() if until_idle else pipeline_watch(log, settings, metrics)
     async with health, gauges, SmtpTransport(target, wiring.password, token=wiring.token) as transport:
         stage = Deliverer(log, settings, transport, policy=policy, metrics=metrics,
-                          postmaster=wiring.postmaster, tracker=tracker)
+                          postmaster=wiring.postmaster, tracker=tracker, state_path=state_path(log, settings))
         if not await broker_ready(log, stage.topics.all(), "deliverer", stop):
             return stage.counts
         tracker.mark_ready()

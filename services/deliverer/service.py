@@ -1,22 +1,28 @@
 """The deliverer's wiring: routed messages in, one copy per recipient out over SMTP/LMTP, outcomes on the log.
 
-Loops, each with its own consumer group, all stopping on `stop` or, with `until_idle`, once idle:
-- the routed topic (`deliverer`): every routed message gets a first attempt straight away;
-- one loop per retry tier (`deliverer-retry-N`): a tier's records fall due in the order they were written,
-  so when the head of a partition is not due the loop commits what it did, closes its consumer and sleeps
-  until then (reopening re-reads from the head). Nothing waits behind a deferred message but later
-  retries of the same tier, which are not due either.
+One loop with one consumer (group `deliverer`) reads the routed topic and every retry tier
+(`retry-1..5`), which are co-partitioned with the delivered ledger: the same key (fetch id), the same
+partition count (checked at start, `check_co_partitioned`) and the range assignor, so partition N of
+each belongs to one replica and every record of a pair is handled there, one batch at a time. Every
+routed message gets a first attempt straight away; a tier's records fall due in the order they were
+written, so when the head of a tier partition is not due the loop pauses that partition at its head and
+resumes it when due. Nothing waits behind a deferred message but later retries of the same tier.
 
-Kafka trouble never ends the stage (services.runtime.kafka_faults): a loop whose consumer fails reopens it
+The ledger (services.deliverer.ledger) is a store on disk per owned partition: restored from its
+changelog (the ledger topic) before the first record of a gained partition is handled, and written by
+this replica, synchronously, for each copy delivered, before the batch commits.
+
+Kafka trouble never ends the stage (services.runtime.kafka_faults): a consumer that fails is reopened
 with backoff (`_keep_going`), a publish that fails is sent again until durable, and a rebalance finishes
 or abandons the batch in hand and commits it before the partitions move (services.deliverer.handover).
-Only a permanent log error (a refused login, a missing topic) ends `run`, as that LogError.
+Only a permanent error (a refused login, a missing topic, topics not co-partitioned, a full disk under
+the state store) ends `run`, as that LogError.
 
-For each batch: catch up with the delivered ledger, drop the pairs already delivered (or in flight in
-this process), attempt the rest concurrently (the transport bounds the connections), publish every
-DeliveryAttempted, ledger entry, retry and dead letter, and only once that is durable commit the offsets.
-`until_idle` means: the routed topic is read to its end and no retry is due now; retries due later stay
-on their tier topics for the next run.
+For each batch: drop the pairs already delivered (or in flight in this process), attempt the rest
+concurrently (the transport bounds the connections), publish every DeliveryAttempted, ledger entry,
+retry and dead letter, and only once that is durable (and the ledger entries in the store) commit the
+offsets. `until_idle` means: the routed topic is read to its end and no retry is due now; retries due
+later stay on their tier topics for the next run.
 
 With `postmaster` set (`notify_postmaster`), each copy that became a dead letter is reported to the
 postmaster in one short notice, sent once the dead letter is durable; a notice that fails is logged only.
@@ -26,28 +32,41 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 from schemas.codec import encode
 from schemas.events import DeliveryDeadLettered, RecipientsResolved, RetryScheduled
-from schemas.topics import DEAD_LETTERS, DELIVERED, DELIVERY_ATTEMPTS, RETRY_TOPICS, ROUTED
+from schemas.topics import DEAD_LETTERS, DELIVERED, DELIVERY_ATTEMPTS, RETRY_TOPICS, ROUTED, topic_spec
 from services.deliverer.envelope import mail_from
 from services.deliverer.handover import Handover
-from services.deliverer.ledger import Ledger, decode_record, ledger_key
+from services.deliverer.ledger import Ledger, check_co_partitioned, decode_record, ledger_key
 from services.deliverer.notice import postmaster_notice
 from services.deliverer.outcome import Verdict
 from services.deliverer.retry import Followups, Job, RetryPolicy, followups
+from services.deliverer.store import STATE_FILE, LedgerStore, open_store
 from services.deliverer.trace import line_ending_of, received_field, with_trace
-from services.runtime.broker_wait import Backoff, sleep_or_stop, unwrapped
+from services.runtime.broker_wait import Backoff, sleep_or_stop
+from services.runtime.embedded import EmbeddedLog
 from services.runtime.health import ProgressTracker
-from services.runtime.log import Log, LogError, LogProducer, Outgoing, Record, TopicPartition, next_offsets
+from services.runtime.log import (
+    Log,
+    LogConsumer,
+    LogError,
+    LogProducer,
+    Outgoing,
+    Record,
+    TopicPartition,
+    Written,
+    next_offsets,
+)
 from services.runtime.metrics import Metrics
 from services.runtime.outage import BROKER
 from services.runtime.settings import DeploymentSettings
@@ -57,6 +76,8 @@ T = TypeVar("T")
 
 Item = tuple[Record, "Job | None"]
 """A record read and the job it holds (None for a record that is not a valid event: it is skipped)."""
+Head = tuple[int, datetime]
+"""The offset of the first record of a tier partition that is not due, and when it is."""
 
 
 class Transport(Protocol):
@@ -101,6 +122,10 @@ class Topics:
     def all(self) -> list[str]:
         return [self.routed, self.attempts, self.dead_letters, self.delivered, *self.retries]
 
+    def co_partitioned(self) -> list[str]:
+        """The topics whose partition N must hold the same fetch ids: one owner per pair."""
+        return [self.routed, *self.retries, self.delivered]
+
     @classmethod
     def of(cls, settings: DeploymentSettings) -> Topics:
         return cls(settings.topic(ROUTED), settings.topic(DELIVERY_ATTEMPTS), settings.topic(DEAD_LETTERS),
@@ -139,6 +164,11 @@ class Deliverer:
     """Where dead-letter notices go; None sends none."""
     tracker: ProgressTracker | None = None
     """Told of each attempt started and finished and each batch committed (liveness)."""
+    state_path: Path | None = None
+    """The state store's file (services.deliverer.store); None: the embedded log's own file in embedded
+    mode, else a throwaway one (the ledger is then restored from the changelog at each start)."""
+    retention_ms: int = int(topic_spec(DELIVERED).config["retention.ms"])
+    """How long the store keeps a pair: the ledger topic's retention."""
 
     def __post_init__(self) -> None:
         self.topics = Topics.of(self.settings)
@@ -152,21 +182,30 @@ class Deliverer:
         return self.counts
 
     async def _run(self, until_idle: bool, stop: asyncio.Event) -> None:
-        """Connect, read the ledger and run the loops; a failure to connect is retried by `run`."""
-        ledger_group = self.settings.group(f"deliverer-ledger-{uuid.uuid4().hex[:12]}")
-        async with self.log.producer() as producer, self.log.consumer(
-            ledger_group, [self.topics.delivered]
-        ) as ledger_consumer:
-            self._producer: LogProducer = producer
-            self._ledger = Ledger(ledger_consumer)
-            await self._keep_going("ledger", self._ledger.catch_up, stop)
-            await unwrapped(self._loops(until_idle, stop))
+        """Check the co-partitioning, open the state store and run the loop; a failure to connect is
+        retried by `run`."""
+        await check_co_partitioned(self.log, self.topics.co_partitioned())
+        with self._opened_store() as store:
+            self._ledger = Ledger(self.log, store, retention_ms=self.retention_ms, now_ms=self._now_ms)
+            async with self.log.producer() as producer:
+                self._producer: LogProducer = producer
+                await self._keep_going("deliver", partial(self._pass, until_idle, stop), stop)
 
-    async def _loops(self, until_idle: bool, stop: asyncio.Event) -> None:
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._routed_loop(until_idle, stop))
-            for tier in range(len(self.topics.retries)):
-                tasks.create_task(self._tier_loop(tier, until_idle, stop))
+    @contextmanager
+    def _opened_store(self) -> Iterator[LedgerStore]:
+        """The store at `state_path`; in embedded mode the log's own file; else a throwaway directory (a
+        replica with no local state, restored from the changelog: what tests and benches use)."""
+        with tempfile.TemporaryDirectory(prefix="popbridge-deliverer-") as scratch:
+            if self.state_path is not None:
+                store = open_store(self.state_path, self.topics.delivered)
+            elif isinstance(self.log, EmbeddedLog):
+                store = open_store(self.log.path, self.topics.delivered, dedicated=False)
+            else:
+                store = open_store(Path(scratch) / STATE_FILE, self.topics.delivered)
+            try:
+                yield store
+            finally:
+                store.close()
 
     async def _keep_going(self, name: str, work: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T | None:
         """Run `work` until it returns; a recoverable log error is one line (within the outage bound), a
@@ -183,67 +222,97 @@ class Deliverer:
                 break
         return None
 
-    async def _routed_loop(self, until_idle: bool, stop: asyncio.Event) -> None:
-        await self._keep_going("routed", lambda: self._routed_pass(until_idle, stop), stop)
+    async def _pass(self, until_idle: bool, stop: asyncio.Event) -> None:
+        """One consumer on the routed topic and every retry tier, co-partitioned: a pair's records all
+        come to this replica while it owns the pair's partition, and are handled one batch at a time.
 
-    async def _routed_pass(self, until_idle: bool, stop: asyncio.Event) -> None:
-        handover = Handover("routed")
-        group = self.settings.group("deliverer")
-        async with self.log.consumer(group, [self.topics.routed], on_revoked=handover.revoked) as consumer:
+        A tier partition whose head is not due is paused at its head (the records behind it are later
+        still: one tier, one delay) and resumed once due; nothing else waits for it."""
+        handover = Handover("deliverer")
+        held: dict[TopicPartition, datetime] = {}
+        # A new consumer owns nothing yet: what an earlier one owned may have had another owner since.
+        self._ledger.release(self._ledger.owned)
+
+        async def revoked(tps: set[TopicPartition]) -> None:
+            await handover.revoked(tps)
+            self._ledger.release({tp.partition for tp in tps})
+            for tp in tps:
+                held.pop(tp, None)
+
+        group, topics = self.settings.group("deliverer"), [self.topics.routed, *self.topics.retries]
+        async with self.log.consumer(group, topics, on_revoked=revoked, co_partitioned=True) as consumer:
             handover.consumer = consumer
+            idle = False
             while not stop.is_set():
-                records = handover.owned(await consumer.fetch(self.poll_seconds, self.batch_size))
+                await self._resume_due(consumer, held)
+                records = handover.owned(await self._fetch(consumer, held if idle else {}))
+                # Restore before handling: a partition gained in this fetch is read from its changelog first.
+                await self._ledger.own({tp.partition for tp in consumer.assignment()})
+                owned = self._ledger.owned
+                records = [r for r in handover.owned(records) if r.partition in owned]  # none moved meanwhile
+                idle = not records
                 if records:
-                    items = [(record, _first_job(record)) for record in records]
-                    await handover.run(next_offsets(records), partial(self._handle, items))
+                    due = await self._hold_not_due(consumer, records, held)
+                    offsets = next_offsets([record for record, _ in due])
+                    await handover.run(offsets, partial(self._handle, due))
                     self._progressed()
-                elif until_idle and await consumer.caught_up():
+                elif until_idle and await consumer.caught_up(ignoring=held.keys()):
                     return
 
-    async def _tier_loop(self, tier: int, until_idle: bool, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            work = partial(self._tier_pass, tier, until_idle, stop)
-            passed = await self._keep_going(f"retry-{tier + 1}", work, stop)
-            if passed is None or passed[0] is None or until_idle:
-                return
-            await self._sleep_until(passed[0], stop)
+    async def _fetch(self, consumer: LogConsumer, held: dict[TopicPartition, datetime]) -> list[Record]:
+        """The next records. While idle with a tier held, the clock sleeps towards the earliest due time
+        beside the fetch (the system clock just waits; a test's clock jumps there)."""
+        if not held:
+            return await consumer.fetch(self.poll_seconds, self.batch_size)
+        seconds = (min(held.values()) - self.clock.now()).total_seconds()
+        sleeping = asyncio.ensure_future(self.clock.sleep(max(0.0, seconds)))
+        try:
+            return await consumer.fetch(self.poll_seconds, self.batch_size)
+        finally:
+            sleeping.cancel()
 
-    async def _tier_pass(self, tier: int, until_idle: bool, stop: asyncio.Event) -> tuple[datetime | None]:
-        """Process the due records of one tier; the due time of a head that is not due yet, else None
-        (in a 1-tuple, so that `_keep_going`'s None for "stopped" stays apart)."""
-        group = self.settings.group(f"deliverer-retry-{tier + 1}")
-        handover = Handover(f"retry-{tier + 1}")
-        topics = [self.topics.retries[tier]]
-        async with self.log.consumer(group, topics, on_revoked=handover.revoked) as consumer:
-            handover.consumer = consumer
-            while not stop.is_set():
-                records = handover.owned(await consumer.fetch(self.poll_seconds, self.batch_size))
-                if not records:
-                    if until_idle and await consumer.caught_up():
-                        return (None,)
-                    continue
-                due, waiting = self._split_due(records)
-                await handover.run(next_offsets([record for record, _ in due]), partial(self._handle, due))
-                self._progressed()
-                if waiting:
-                    return (min(waiting.values()),)
-        return (None,)
+    async def _resume_due(self, consumer: LogConsumer, held: dict[TopicPartition, datetime]) -> None:
+        now = self.clock.now()
+        due = {tp for tp, when in held.items() if when <= now}
+        if due:
+            await consumer.resume(due)
+            for tp in due:
+                del held[tp]
+
+    async def _hold_not_due(
+        self, consumer: LogConsumer, records: Sequence[Record], held: dict[TopicPartition, datetime]
+    ) -> list[Item]:
+        """The records to handle now; a tier partition whose next record is not due is paused at it."""
+        due, waiting = self._split_due(records)
+        for tp, (offset, when) in waiting.items():
+            await consumer.pause_at(tp, offset)
+            held[tp] = when
+        return due
+
+    def owned_partitions(self) -> set[int]:
+        """The partitions whose pairs this replica handles now (its ledger's, restored)."""
+        ledger: Ledger | None = getattr(self, "_ledger", None)
+        return ledger.owned if ledger is not None else set()
 
     def _progressed(self) -> None:
         if self.tracker is not None:
             self.tracker.progressed()
 
-    def _split_due(self, records: Sequence[Record]) -> tuple[list[Item], dict[TopicPartition, datetime]]:
-        """The records that are due, in order per partition, and per partition the due time of its head."""
+    def _split_due(self, records: Sequence[Record]) -> tuple[list[Item], dict[TopicPartition, Head]]:
+        """The records that are due, in order per partition (every routed record is), and per tier
+        partition whose head is not due, that head's offset and due time."""
         now = self.clock.now()
         due: list[Item] = []
-        waiting: dict[TopicPartition, datetime] = {}
+        waiting: dict[TopicPartition, Head] = {}
         for record in records:
             if record.tp in waiting:
                 continue
+            if record.topic == self.topics.routed:
+                due.append((record, _first_job(record)))
+                continue
             job = _retry_job(record)
             if job is not None and job[1] > now:
-                waiting[record.tp] = job[1]
+                waiting[record.tp] = (record.offset, job[1])
             else:
                 due.append((record, job[0] if job else None))
         return due, waiting
@@ -252,51 +321,51 @@ class Deliverer:
         """Attempt every job, publish all that follows, and return once that is durable."""
         if not items:
             return
-        await self._ledger.catch_up()
         if self.metrics is not None:
             self.metrics.skipped("deliverer", sum(job is None for _, job in items))
-        jobs = [job for job in (self._claim(job) for _, job in items if job is not None) if job is not None]
+        claimed = [(record.partition, self._claim(job)) for record, job in items if job is not None]
+        jobs = [(partition, job) for partition, job in claimed if job is not None]
         try:
-            results = await asyncio.gather(*(self._attempt_and_record(job) for job in jobs))
+            results = await asyncio.gather(*(self._attempt_and_record(job, p) for p, job in jobs))
         finally:
-            for job in jobs:
+            for _, job in jobs:
                 self._in_flight.difference_update((job.routed.fetch_id, r) for r in job.recipients)
         for result in results:
             self.counts.add(result)
             self._observe(result)
         await self._notify([dead for result in results for dead in result.dead])
 
-    async def _attempt_and_record(self, job: Job) -> Followups:
+    async def _attempt_and_record(self, job: Job, partition: int) -> Followups:
         """One job's attempt, and what follows it made durable at once, not with the rest of the batch:
         a copy the server accepted reaches the ledger milliseconds later, so a kill of this process
         sends again only the copies whose SMTP transaction (or ledger write) was under way, never every
-        copy the batch had delivered before (seen in the chaos suite: one kill, 30 copies twice)."""
+        copy the batch had delivered before (seen in the chaos suite: one kill, 30 copies twice).
+        `partition`: the pair's partition, of the record the job came from; its ledger entry and its
+        retry go to that partition of their topics (co-partitioned), and the store has the entry before
+        the batch commits."""
         try:
             result = await self._attempt(job)
-            await self._publish(self._outgoing(result))
-            for entry in result.delivered:
-                self._ledger.add(entry)
+            written = await self._publish(self._outgoing(result, partition))
+            ledger = [w for w in written if w.topic == self.topics.delivered]
+            self._ledger.record(partition, result.delivered, ledger)
             return result
         finally:
-            # Released with its own outcome, not at the end of the batch: the retry just published may
-            # fall due while the batch's other jobs still run, and a tier loop of this process must not
-            # take the pair for in flight then (it would skip the retry and commit past it: a loss).
+            # Released with its own outcome, not at the end of the batch: a retry of the pair must not
+            # find it in flight (it would be skipped and committed past: a loss).
             self._in_flight.difference_update((job.routed.fetch_id, r) for r in job.recipients)
 
-    async def _publish(self, records: list[Outgoing]) -> None:
+    async def _publish(self, records: list[Outgoing]) -> list[Written]:
         """Make what followed the attempts durable, sending again while the broker is away: the copies
         went out already, and their ledger entries are what keeps a redelivery from sending them twice.
         Gives up (raises) only on a permanent error, or when the stage is stopping."""
         backoff = Backoff()
         while True:
             try:
-                await self._producer.send_all(records)
+                return await self._producer.send_all(records)
             except LogError as exc:
                 if not exc.retriable or self._stop.is_set():
                     raise
                 BROKER.failed(f"deliverer: publishing {len(records)} outcomes: {exc}: sending again")
-            else:
-                return
             await sleep_or_stop(backoff.next(), self._stop)
 
     async def _notify(self, dead: Sequence[DeliveryDeadLettered]) -> None:
@@ -363,26 +432,19 @@ class Deliverer:
         SMTP timeouts bound each attempt)."""
         return self.tracker.working() if self.tracker is not None else nullcontext()
 
-    def _outgoing(self, result: Followups) -> list[Outgoing]:
+    def _outgoing(self, result: Followups, partition: int) -> list[Outgoing]:
         topics = self.topics
         out = [Outgoing(topics.attempts, encode(a), a.fetch_id.encode()) for a in result.attempted]
-        out += [Outgoing(topics.delivered, encode(d), ledger_key(d.fetch_id, d.recipient))
+        out += [Outgoing(topics.delivered, encode(d), ledger_key(d.fetch_id, d.recipient), partition)
                 for d in result.delivered]
         out += [Outgoing(topics.dead_letters, encode(d), d.routed.fetch_id.encode()) for d in result.dead]
         if result.retry is not None:
             retry, topic = result.retry, topics.retries[result.retry_tier]
-            out.append(Outgoing(topic, encode(retry), retry.routed.fetch_id.encode()))
+            out.append(Outgoing(topic, encode(retry), retry.routed.fetch_id.encode(), partition))
         return out
 
-    async def _sleep_until(self, when: datetime, stop: asyncio.Event) -> None:
-        seconds = (when - self.clock.now()).total_seconds()
-        if seconds <= 0:
-            return
-        sleeping = asyncio.ensure_future(self.clock.sleep(seconds))
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({sleeping, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        sleeping.cancel()
-        stopping.cancel()
+    def _now_ms(self) -> int:
+        return int(self.clock.now().timestamp() * 1000)
 
 
 def _first_job(record: Record) -> Job | None:

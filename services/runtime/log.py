@@ -18,11 +18,16 @@ Contracts:
   before the group hands them to another member: the new owner gets them only after it returned (it
   must return within REVOKE_TIMEOUT). While a rebalance takes partitions away, `assignment` leaves them
   out.
+- `Log.consumer(..., co_partitioned=True)` assigns partition N of every subscribed topic to one member
+  (Kafka's range assignor; the topics must have equal partition counts, which the caller checks): the
+  records of one key, on whichever of the topics, are all read by one member.
+- `LogConsumer.pause_at(tp, offset)` sets the partition back to `offset` and returns none of its records
+  until `resume`; a rebalance that takes the partition away forgets the pause.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -74,6 +79,9 @@ class Outgoing:
     topic: str
     value: bytes
     key: bytes | None = None
+    partition: int | None = None
+    """Where it goes; None: the partition of its key (or any, for a keyless record). The deliverer sets it
+    so that a ledger record, keyed by pair for compaction, lands in its fetch id's partition."""
 
 
 @dataclass(frozen=True)
@@ -107,8 +115,17 @@ class LogConsumer(Protocol):
         """Record, per partition, the offset of the next record to read."""
         ...
 
-    async def caught_up(self) -> bool:
-        """True when every assigned partition has been read to its end (used by --until-idle)."""
+    async def caught_up(self, ignoring: Collection[TopicPartition] = ()) -> bool:
+        """True when every assigned partition but those of `ignoring` has been read to its end (used by
+        --until-idle)."""
+        ...
+
+    async def pause_at(self, tp: TopicPartition, offset: int) -> None:
+        """Read `tp` again from `offset`, once `resume`d: until then, fetch returns none of its records."""
+        ...
+
+    async def resume(self, tps: Collection[TopicPartition]) -> None:
+        """Fetch the paused partitions of `tps` again (from the offset they were paused at)."""
         ...
 
     def assignment(self) -> set[TopicPartition]:
@@ -138,11 +155,18 @@ class Log(Protocol):
         """Per partition, the group's committed offset (absent where the group never committed)."""
         ...
 
+    def read_from(self, topic: str, starts: Mapping[int, int]) -> AsyncIterator[list[Record]]:
+        """The records of the partitions of `starts`, each from its start offset to the partition's end at
+        the time of the call, in batches (offset order per partition). A start past the end reads nothing."""
+        ...
+
     def consumer(
-        self, group: str, topics: Sequence[str], *, on_revoked: OnRevoked | None = None
+        self, group: str, topics: Sequence[str], *, on_revoked: OnRevoked | None = None,
+        co_partitioned: bool = False,
     ) -> AbstractAsyncContextManager[LogConsumer]:
         """A member of consumer group `group`. `on_revoked` is awaited with the partitions it is losing
-        before another member gets them (a graceful rebalance; not when this member dies or stalls)."""
+        before another member gets them (a graceful rebalance; not when this member dies or stalls).
+        `co_partitioned`: partition N of every topic goes to the same member."""
         ...
 
 

@@ -68,14 +68,15 @@ def declared_stages(settings: DeploymentSettings) -> tuple[Stage, ...]:
     return (
         Stage("router", settings.group("router"), router_topics),
         Stage("deliverer", settings.group("deliverer"), (settings.topic(ROUTED),)),
-        # services.deliverer.service: one group per retry tier; their lag is the copies waiting to be retried.
+        # services.deliverer.service: the retry tiers are read by the deliverer's one group, with the routed
+        # topic (co-partitioned); a tier's lag is the copies waiting to be retried.
         *(_retry_tier(settings, tier, topic) for tier, topic in enumerate(RETRY_TOPICS, start=1)),
     )
 
 
 def _retry_tier(settings: DeploymentSettings, tier: int, topic: str) -> Stage:
     name = f"deliverer-retry-{tier}"
-    return Stage(name, settings.group(name), (settings.topic(topic),), waits=True, service="deliverer")
+    return Stage(name, settings.group("deliverer"), (settings.topic(topic),), waits=True, service="deliverer")
 
 
 def stages_run_by(settings: DeploymentSettings, service: str) -> tuple[Stage, ...]:

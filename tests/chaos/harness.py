@@ -227,6 +227,9 @@ trusted_received_hosts = ["{mail.TRUSTED_HOST}"]
                 "POPBRIDGE_GROUP_PREFIX": self.settings.group_prefix,
                 "POPBRIDGE_LOG_FORMAT": "json",
                 "POPBRIDGE_HTTP_PORT": str(self.http_ports.setdefault(name, free_port())),
+                # One data directory per replica, kept across its restarts: a pod's volume (the
+                # deliverer's ledger store lives there).
+                "POPBRIDGE_DATA_DIR": str(self.root / "data" / name),
                 "PYTHONUNBUFFERED": "1",
             }
         )

@@ -117,9 +117,9 @@ async def read_kafka(bootstrap: str, settings: DeploymentSettings) -> KafkaState
             if topic == settings.topic(ROUTED):
                 state.routed_to[token] |= recipients
             _sight(state, token, record, past, f"fetch_id={routed.fetch_id[:8]} to={sorted(recipients)}")
-    for tier, name in enumerate(RETRY_TOPICS, start=1):
+    for name in RETRY_TOPICS:
         async for record, past in _records(
-            log, settings.topic(name), settings.group(f"deliverer-retry-{tier}")
+            log, settings.topic(name), settings.group("deliverer")  # one group reads every tier
         ):
             retry = codec.decode(record.value, RetryScheduled)
             token = token_of(retry.routed.raw)

@@ -117,3 +117,35 @@ async def test_caught_up_once_everything_is_read(subject: Subject) -> None:
         assert not await consumer.caught_up()
         assert len(await read(consumer, 12, commit=True)) == 12
         assert await consumer.caught_up()
+
+
+async def test_a_record_with_a_partition_lands_there_whatever_its_key(subject: Subject) -> None:
+    async with subject.log.producer() as producer:
+        written = await producer.send_all(
+            [Outgoing(subject.topic, b"v%d" % i, key=b"key-%d" % i, partition=2) for i in range(5)]
+        )
+    assert {w.partition for w in written} == {2}
+
+
+async def test_read_from_reads_each_partition_from_its_start_to_the_end(subject: Subject) -> None:
+    async with subject.log.producer() as producer:
+        await producer.send_all([Outgoing(subject.topic, b"v%d" % i, partition=i % 2) for i in range(10)])
+    starts = {0: 2, 1: 0, 2: 7}  # partition 2 is empty: a start past its end reads nothing
+    got = [record async for batch in subject.log.read_from(subject.topic, starts) for record in batch]
+    assert by_partition(got) == {0: [b"v4", b"v6", b"v8"], 1: [b"v1", b"v3", b"v5", b"v7", b"v9"]}
+
+
+async def test_a_paused_partition_is_read_again_from_its_pause_offset_once_resumed(subject: Subject) -> None:
+    async with subject.log.producer() as producer:
+        await producer.send_all([Outgoing(subject.topic, b"v%d" % i, partition=0) for i in range(4)])
+        async with subject.log.consumer(subject.group, [subject.topic]) as consumer:
+            first = await read(consumer, 4)
+            tp = TopicPartition(subject.topic, 0)
+            await consumer.pause_at(tp, 1)
+            await producer.send(Outgoing(subject.topic, b"other", partition=1))
+            assert [r.value for r in await read(consumer, 1)] == [b"other"]  # partition 0 gives nothing
+            assert await consumer.caught_up(ignoring={tp})
+            await consumer.resume({tp})
+            again = await read(consumer, 3)
+    assert [r.value for r in first] == [b"v0", b"v1", b"v2", b"v3"]
+    assert [r.value for r in again] == [b"v1", b"v2", b"v3"]

@@ -22,7 +22,7 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
@@ -81,6 +81,7 @@ class GroupMember:
     # (no callback) releases every partition that moved at once.
     handed_over: set[TopicPartition] | None = None
     moving: set[TopicPartition] = field(default_factory=set)  # owned, assigned elsewhere, still held
+    paused: set[TopicPartition] = field(default_factory=set)  # owned, not fetched until resumed
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -181,6 +182,7 @@ class GroupMember:
         self.positions = {
             tp: self.positions[tp] if tp in self.positions else self._start(conn, tp) for tp in owned
         }
+        self.paused &= owned  # a partition that moved away and back is read afresh
 
     def _start(self, conn: sqlite3.Connection, tp: TopicPartition) -> int:
         """Where a newly owned partition is read from: the committed offset, else the earliest record."""
@@ -213,7 +215,7 @@ class GroupMember:
 
     def poll(self, conn: sqlite3.Connection, max_records: int) -> list[Record]:
         self.refresh(conn)
-        owned = sorted(self.positions)
+        owned = sorted(self.positions.keys() - self.paused)
         if not owned:
             return []
         self.turn += 1  # start at a different partition each time, so none starves
@@ -231,7 +233,15 @@ class GroupMember:
                 size += sum(len(r.value) for r in batch)
         return records
 
-    def caught_up(self, conn: sqlite3.Connection) -> bool:
+    def pause_at(self, conn: sqlite3.Connection, tp: TopicPartition, offset: int) -> None:
+        if tp in self.positions:
+            self.positions[tp] = offset
+            self.paused.add(tp)
+
+    def resume(self, conn: sqlite3.Connection, tps: set[TopicPartition]) -> None:
+        self.paused -= tps
+
+    def caught_up(self, conn: sqlite3.Connection, ignoring: frozenset[TopicPartition] = frozenset()) -> bool:
         self.refresh(conn)
         if self.waiting or not self.positions:
             return False
@@ -242,6 +252,7 @@ class GroupMember:
                 (tp.topic, tp.partition, position),
             ).fetchone()
             for tp, position in self.positions.items()
+            if tp not in ignoring
         )
 
     def commit(self, conn: sqlite3.Connection, offsets: Mapping[TopicPartition, int]) -> None:
@@ -332,8 +343,14 @@ class EmbeddedConsumer:
         if offsets:
             await self._worker.run(self._member.commit, offsets)
 
-    async def caught_up(self) -> bool:
-        return await self._run(self._member.caught_up)
+    async def caught_up(self, ignoring: Collection[TopicPartition] = ()) -> bool:
+        return await self._run(self._member.caught_up, frozenset(ignoring))
+
+    async def pause_at(self, tp: TopicPartition, offset: int) -> None:
+        await self._worker.run(self._member.pause_at, tp, offset)
+
+    async def resume(self, tps: Collection[TopicPartition]) -> None:
+        await self._worker.run(self._member.resume, set(tps))
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._member.positions)  # the partitions this member owns, as of its last fetch

@@ -109,9 +109,14 @@ class EmbeddedLog:
 
     @asynccontextmanager
     async def consumer(
-        self, group: str, topics: Sequence[str], *, on_revoked: OnRevoked | None = None
+        self, group: str, topics: Sequence[str], *, on_revoked: OnRevoked | None = None,
+        co_partitioned: bool = False,
     ) -> AsyncIterator[EmbeddedConsumer]:
-        """A group member; `on_revoked` is awaited in its fetch before it releases partitions it is losing."""
+        """A group member; `on_revoked` is awaited in its fetch before it releases partitions it is losing.
+
+        `co_partitioned` is accepted and not honoured: assignment stays round robin. The one state that
+        needs it (the deliverer's ledger) lives in this same file on one machine, shared by every member
+        and written before each commit, so no member needs to own a partition's state alone."""
         member = GroupMember(group, tuple(topics), self._clock, int(self._member_timeout * 1000))
         async with self._worker() as worker:
             consumer = EmbeddedConsumer(worker, self._changes, member, self._poll_interval, on_revoked)
@@ -170,6 +175,21 @@ class EmbeddedLog:
         """The records of one partition with `start <= offset < end` (for trace and dead-letter commands)."""
         tp = TopicPartition(topic, partition)
         return await self._admin(read_records, tp, start, max(0, end - start), 2**62)
+
+    async def read_from(self, topic: str, starts: Mapping[int, int]) -> AsyncIterator[list[Record]]:
+        """The records of the partitions of `starts`, from each start to the end at the time of the call."""
+        async with self._worker() as worker:
+            bounds = await worker.run(_partition_bounds, topic)
+            for part, start in sorted(starts.items()):
+                position, end = max(start, bounds.get(part, (0, 0))[0]), bounds.get(part, (0, 0))[1]
+                while position < end:
+                    batch = await worker.run(
+                        read_records, TopicPartition(topic, part), position, min(5000, end - position),
+                        FETCH_MAX_BYTES,
+                    )
+                    if batch:
+                        yield [r for r in batch if r.offset < end]
+                    position = batch[-1].offset + 1 if batch else end
 
     async def scan(self, topic: str) -> AsyncIterator[Record]:
         """Every record of `topic`, partition by partition, up to the end at the time of the call."""

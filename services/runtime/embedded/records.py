@@ -110,6 +110,12 @@ def _place(
 ) -> int:
     topic = topics.get(record.topic) or topics.setdefault(record.topic, load_topic(conn, record.topic))
     topic.check(record)
+    if record.partition is not None:
+        if not 0 <= record.partition < topic.partitions:
+            raise EmbeddedLogError(
+                f"topic {record.topic} has no partition {record.partition}", retriable=False
+            )
+        return record.partition
     if record.key is not None:
         return partition_for_key(record.key, topic.partitions)
     turn = round_robin.get(record.topic, 0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import pytest
 
@@ -33,8 +33,14 @@ class Consumer:
             raise CommitRefusedError("kafka: commit: CommitFailedError")
         self.commits.append(dict(offsets))
 
-    async def caught_up(self) -> bool:
+    async def caught_up(self, ignoring: Collection[TopicPartition] = ()) -> bool:
         return True
+
+    async def pause_at(self, tp: TopicPartition, offset: int) -> None:
+        pass
+
+    async def resume(self, tps: Collection[TopicPartition]) -> None:
+        pass
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)

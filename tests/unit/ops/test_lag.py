@@ -86,7 +86,8 @@ def test_the_deliverer_and_its_retry_tiers_are_declared() -> None:
     stages = {s.name: s for s in declared_stages(DeploymentSettings())}
     assert stages["deliverer"].topics == ("popbridge.mail.routed",)
     assert not stages["deliverer"].waits
-    assert stages["deliverer-retry-1"].group == "popbridge-deliverer-retry-1"
+    assert stages["deliverer-retry-1"].group == "popbridge-deliverer"  # one group reads routed and tiers
+    assert stages["deliverer-retry-1"].topics == ("popbridge.delivery.retry-1",)
     assert stages["deliverer-retry-1"].waits
 
 

@@ -1,0 +1,210 @@
+"""The deliverer's local state: the delivered pairs of the ledger partitions it owns, in SQLite on disk.
+
+The ledger topic is the changelog, this store a cache of it (Kafka Streams' state store): per ledger
+partition it keeps the pairs read so far and a checkpoint, the offset of the next changelog record to
+apply. A replica that restarts, or is given a partition, reads only the changelog from the checkpoint on.
+Each batch asks it about single pairs (a primary-key lookup); nothing is ever loaded whole, and SQLite's
+page cache is bounded (CACHE_KIB), so the process's memory does not grow with the history.
+
+Why SQLite (README "Decisions"): in the standard library, an indexed on-disk table with atomic
+transactions (a checkpoint moves with the pairs it covers, or not at all), one file to size and delete,
+and the embedded log is SQLite already: there the ledger is one more table in the log's own file.
+
+Durability: the store may lose its last transactions in a power cut (`synchronous=NORMAL`): the changelog
+has them, and the checkpoint is lost with them (one transaction), so a restore reads them again.
+
+Errors:
+    LogError (services.runtime.log)
+    └── StateStoreError     not retriable: the disk is full (SQLITE_FULL), or the store cannot be opened
+    A corrupt dedicated state file is not an error: it is deleted with a warning and rebuilt from the
+    changelog (`open_store`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from services.runtime.log import LogError
+
+logger = logging.getLogger(__name__)
+
+CACHE_KIB = 32 * 1024  # SQLite's page cache for the store: what it holds in memory, whatever the history
+STATE_FILE = "deliverer-ledger.sqlite3"
+_BUSY_TIMEOUT = 30.0  # in the embedded log's file the log's own writers share the write lock
+
+Pair = tuple[str, str, int]
+"""(fetch id, recipient, delivered at in ms since the epoch)."""
+
+
+class StateStoreError(LogError):
+    """The deliverer's state store cannot do what was asked; the stage stops, committing nothing more."""
+
+    retriable = False
+
+
+def ensure_ledger_tables(conn: sqlite3.Connection) -> None:
+    """The ledger's tables, created if missing. Their own names, and no `user_version`: in embedded mode
+    they live in the log's file beside the log's tables, which this leaves alone."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS deliverer_ledger (fetch_id TEXT NOT NULL, recipient TEXT NOT NULL,"
+        " part INTEGER NOT NULL, delivered_ms INTEGER NOT NULL, PRIMARY KEY (fetch_id, recipient))"
+        " WITHOUT ROWID"
+    )
+    conn.execute("CREATE INDEX IF NOT EXISTS deliverer_ledger_by_time ON deliverer_ledger (delivered_ms)")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS deliverer_ledger_checkpoints (topic TEXT NOT NULL, part INTEGER NOT NULL,"
+        " next_offset INTEGER NOT NULL, PRIMARY KEY (topic, part)) WITHOUT ROWID"
+    )
+
+
+class LedgerStore:
+    """The delivered pairs and, per changelog partition, the offset of the next record to apply."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, topic: str) -> None:
+        self._conn = conn
+        self.path = path
+        self.topic = topic
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def delivered(self, fetch_id: str, recipient: str) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM deliverer_ledger WHERE fetch_id = ? AND recipient = ?", (fetch_id, recipient)
+        ).fetchone()
+        return row is not None
+
+    def checkpoint(self, partition: int) -> int:
+        """The next changelog offset to apply for `partition` (0: nothing applied yet)."""
+        row = self._conn.execute(
+            "SELECT next_offset FROM deliverer_ledger_checkpoints WHERE topic = ? AND part = ?",
+            (self.topic, partition),
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def apply(self, partition: int, pairs: Iterable[Pair], next_offset: int) -> None:
+        """Changelog records up to `next_offset` (exclusive) read: their pairs and the checkpoint, at once."""
+        with self._transaction():
+            self._insert(partition, pairs)
+            self._set_checkpoint(partition, next_offset)
+
+    def record(self, partition: int, pairs: Sequence[Pair], offsets: Sequence[int]) -> None:
+        """Pairs this replica just wrote to the changelog at `offsets`. The checkpoint follows only where
+        they continue it without a gap: a record another writer put in between is applied by a restore."""
+        with self._transaction():
+            self._insert(partition, pairs)
+            for offset in sorted(offsets):
+                self._conn.execute(
+                    "UPDATE deliverer_ledger_checkpoints SET next_offset = ? WHERE topic = ? AND part = ?"
+                    " AND next_offset = ?", (offset + 1, self.topic, partition, offset),
+                )
+
+    def reset(self, partition: int) -> None:
+        """Forget the checkpoint (the changelog was recreated): the next restore reads it from its start."""
+        with self._transaction():
+            self._set_checkpoint(partition, 0)
+
+    def expire(self, before_ms: int) -> int:
+        """Delete the pairs delivered before `before_ms` (the changelog's retention); how many went."""
+        with self._transaction():
+            cursor = self._conn.execute("DELETE FROM deliverer_ledger WHERE delivered_ms < ?", (before_ms,))
+        return cursor.rowcount
+
+    def count(self) -> int:
+        return int(self._conn.execute("SELECT count(*) FROM deliverer_ledger").fetchone()[0])
+
+    def _insert(self, partition: int, pairs: Iterable[Pair]) -> None:
+        # In key order: neighbouring pairs share index pages, each written once (see ledger.RESTORE_CHUNK).
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO deliverer_ledger VALUES (?, ?, ?, ?)",
+            ((fetch_id, recipient, partition, at) for fetch_id, recipient, at in sorted(pairs)),
+        )
+
+    def _set_checkpoint(self, partition: int, next_offset: int) -> None:
+        self._conn.execute(
+            "INSERT INTO deliverer_ledger_checkpoints VALUES (?, ?, ?)"
+            " ON CONFLICT DO UPDATE SET next_offset = excluded.next_offset",
+            (self.topic, partition, next_offset),
+        )
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._conn, self.path)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE .. COMMIT, rolled back on any error; SQLite errors become StateStoreError."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn, self._path = conn, path
+
+    def __enter__(self) -> None:
+        self._run("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            self._run("COMMIT")
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise store_error(exc, self._path) from exc
+
+    def _run(self, statement: str) -> None:
+        try:
+            self._conn.execute(statement)
+        except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise store_error(exc, self._path) from exc
+
+
+def store_error(exc: sqlite3.Error, path: Path) -> StateStoreError:
+    name = getattr(exc, "sqlite_errorname", type(exc).__name__)
+    if _corrupt(exc):
+        return StateStoreError(f"deliverer state {path}: corrupt ({name}): stop the deliverer and delete"
+                               " it, the next start rebuilds it from the changelog")
+    if name == "SQLITE_FULL":
+        return StateStoreError(f"deliverer state {path}: disk full ({name}): free space or give the state"
+                               " directory a larger volume; nothing after this was committed")
+    return StateStoreError(f"deliverer state {path}: {name}: {exc}")
+
+
+def open_store(path: Path, topic: str, *, dedicated: bool = True) -> LedgerStore:
+    """The store in `path`. `dedicated`: a file of its own (Kafka mode), deleted and rebuilt from the
+    changelog when it is corrupt; False: the embedded log's file, whose corruption is the log's to report."""
+    try:
+        return LedgerStore(_connect(path), path, topic)
+    except sqlite3.DatabaseError as exc:
+        if not dedicated or (isinstance(exc, sqlite3.OperationalError) and not _corrupt(exc)):
+            raise store_error(exc, path) from exc
+        logger.warning("deliverer state %s is unreadable (%s): deleted, rebuilding it from the changelog",
+                       path, exc)
+        for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            leftover.unlink(missing_ok=True)
+        try:
+            return LedgerStore(_connect(path), path, topic)
+        except sqlite3.Error as again:
+            raise store_error(again, path) from again
+
+
+def _corrupt(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorname", "") in {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        ensure_ledger_tables(conn)
+        # Reads the schema and the checkpoints (a few pages). Not `PRAGMA quick_check`: it reads every page,
+        # seconds for a large ledger on every start; damage found later is handled where it is met.
+        conn.execute("SELECT count(*) FROM deliverer_ledger_checkpoints").fetchone()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
