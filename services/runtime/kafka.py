@@ -261,7 +261,10 @@ class KafkaLog:
             brokers = len((await admin.describe_cluster())["brokers"])
             existing = set(await admin.list_topics())
             missing = [s for s in specs if s.name not in existing]
-            return [s.name for s in missing if await self._create(admin, spec=s, replication=min(3, brokers))]
+            replication = min(3, brokers)
+            created = [s.name for s in missing if await self._create(admin, spec=s, replication=replication)]
+            await _until_visible(admin, created)
+            return created
 
     async def check_ready(self, topics: Sequence[str]) -> None:
         """Return once the cluster answers and every topic of `topics` exists.
@@ -647,3 +650,31 @@ def _refuse_unauthorized(described: Sequence[Mapping[str, Any]]) -> None:
 
 def _record(m: ConsumerRecord[bytes, bytes]) -> Record:
     return Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp)
+
+
+TOPICS_VISIBLE_TIMEOUT = 60.0
+
+
+async def _until_visible(admin: AIOKafkaAdminClient, topics: Sequence[str]) -> None:
+    """Return once the broker's metadata shows every topic of `topics` with a leader for each partition.
+
+    CreateTopics answers when the controller has committed the topics; a broker's metadata learns of them
+    a moment later (seconds on a loaded one). A stage started right after `popbridge topics create` was
+    told "missing topics" in that moment and exited, so creating waits until the topics can be used."""
+    deadline = time.monotonic() + TOPICS_VISIBLE_TIMEOUT
+    pending = list(topics)
+    while pending:
+        described = await admin.describe_topics(pending)
+        pending = [
+            t["topic"]
+            for t in described
+            if t["error_code"] != 0 or not t["partitions"] or any(p["leader"] < 0 for p in t["partitions"])
+        ]
+        if pending and time.monotonic() > deadline:
+            raise KafkaLogError(
+                f"kafka: topics {', '.join(pending)} created but not usable"
+                f" after {TOPICS_VISIBLE_TIMEOUT:.0f} s",
+                retriable=True,
+            )
+        if pending:
+            await asyncio.sleep(0.2)
