@@ -6,7 +6,14 @@ export POPBRIDGE_IMAGE_CACHE
 if [[ -z "${CONTAINERS_STORAGE_CONF:-}" ]]; then
     mkdir -p "$POPBRIDGE_IMAGE_CACHE"
     CONTAINERS_STORAGE_CONF="$POPBRIDGE_IMAGE_CACHE/storage.conf"
-    printf '[storage]\ndriver = "vfs"\n' > "$CONTAINERS_STORAGE_CONF"
+    if [[ "$(id -u)" = 0 ]]; then
+        graphroot=/var/lib/containers/storage runroot=/run/containers/storage
+    else
+        graphroot="${XDG_DATA_HOME:-$HOME/.local/share}/containers/storage"
+        runroot="${XDG_RUNTIME_DIR:-/tmp/containers-$(id -u)}/containers"
+    fi
+    printf '[storage]\ndriver = "vfs"\ngraphroot = "%s"\nrunroot = "%s"\n' "$graphroot" "$runroot" \
+        > "$CONTAINERS_STORAGE_CONF"
     export CONTAINERS_STORAGE_CONF
 fi
 export BUILDAH_ISOLATION="${BUILDAH_ISOLATION:-chroot}"

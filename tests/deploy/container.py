@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,11 @@ UID = 10001
 # The two writable mounts the Deployments give the container (deploy/k8s/base/*.yaml): emptyDirs.
 WRITABLE = ("/tmp", "/var/lib/popbridge")
 CONFIG_DIR = "/etc/popbridge"
+# runc with cgroupfs: crun (podman's default) refuses the hybrid cgroup v1 + v2 hierarchy of sandboxed
+# machines such as CI's, and runc cannot run with --cgroups=disabled. The ulimits stay below the host's:
+# rootful podman otherwise raises them to 1048576, which a machine without CAP_SYS_RESOURCE refuses.
+PODMAN_GLOBAL = ("--runtime=runc", "--cgroup-manager=cgroupfs") if shutil.which("runc") else ()
+LIMITS = ("--ulimit=nofile=4096:4096", "--ulimit=nproc=4096:4096")
 
 
 def image_cache() -> Path:
@@ -42,10 +48,10 @@ def container_environ() -> dict[str, str]:
 
 
 def missing_tools() -> str | None:
-    absent = [tool for tool in ("buildah", "podman", "mmdebstrap") if shutil.which(tool) is None]
+    absent = [tool for tool in ("buildah", "podman", "mmdebstrap", "runc") if shutil.which(tool) is None]
     if not absent:
         return None
-    return f"{', '.join(absent)} not installed (Debian: apt-get install buildah podman mmdebstrap)"
+    return f"{', '.join(absent)} not installed (Debian: apt-get install buildah podman mmdebstrap runc)"
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class Image:
     id: str
 
     def inspect(self) -> dict[str, object]:
-        out = subprocess.run(["podman", "image", "inspect", self.id], env=container_environ(),
+        out = subprocess.run(["podman", *PODMAN_GLOBAL, "image", "inspect", self.id], env=container_environ(),
                              capture_output=True, text=True, check=True, timeout=RUN_TIMEOUT).stdout
         inspected: list[dict[str, object]] = json.loads(out)
         return inspected[0]
@@ -62,21 +68,30 @@ class Image:
         self,
         *args: str,
         entrypoint: str | None = None,
-        environ: Mapping[str, str] = {},  # noqa: B006 - read only
+        environ: Mapping[str, str] | None = None,
         mounts: Sequence[tuple[Path, str]] = (),
         read_only: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        with tempfile.TemporaryDirectory(prefix="popbridge-emptydir-") as data_dir:
+            os.chmod(data_dir, 0o777)
+            return self._run(args, entrypoint, environ, mounts, read_only, Path(data_dir))
+
+    def _run(
+        self, args: Sequence[str], entrypoint: str | None, environ: Mapping[str, str],
+        mounts: Sequence[tuple[Path, str]], read_only: bool, data_dir: Path,
     ) -> subprocess.CompletedProcess[str]:
         """`podman run` as the Deployments run it: host network (the test servers are on loopback), the
         image's own user, a read-only root with emptyDir-like tmpfs on the writable paths, `mounts`
         (host path, container path) bound read-only. Never raises for the command's exit code."""
-        command = ["podman", "run", "--rm", "--network=host", "--cgroups=disabled"]
+        command = ["podman", *PODMAN_GLOBAL, "run", "--rm", "--network=host", *LIMITS]
         if read_only:
             command.append("--read-only")
-        for path in WRITABLE:
-            command.append(f"--tmpfs={path}:rw,mode=1777" if path == "/tmp" else
-                           f"--tmpfs={path}:rw,mode=0750,uid={UID},gid={UID}")
+        # A Kubernetes emptyDir is a world-writable (0777) directory. /tmp is a tmpfs; the data directory is
+        # a host directory, since podman 4.3 gives a tmpfs over an image directory that directory's mode
+        # and root as owner whatever `mode=` says.
+        command += ["--tmpfs=/tmp:rw,mode=1777", f"--volume={data_dir}:/var/lib/popbridge:rw"]
         command += [f"--volume={host}:{inside}:ro" for host, inside in mounts]
-        command += [f"--env={key}={value}" for key, value in environ.items()]
+        command += [f"--env={key}={value}" for key, value in (environ or {}).items()]
         if entrypoint is not None:
             command.append(f"--entrypoint={entrypoint}")
         command += [self.id, *args]

@@ -18,8 +18,8 @@ dependencies = ["aiokafka[zstd]==0.14.0", "click>=8.1,<8.4"]
 
 
 def test_the_committed_lock_matches_pyproject() -> None:
-    problems = lock_mismatches((REPO / "pyproject.toml").read_text(), (REPO / "deploy/image/requirements.lock")
-                               .read_text())
+    lock = (REPO / "deploy" / "image" / "requirements.lock").read_text()
+    problems = lock_mismatches((REPO / "pyproject.toml").read_text(), lock)
     assert problems == [], f"{FIX}: " + "; ".join(problems)
 
 
