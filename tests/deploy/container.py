@@ -77,7 +77,7 @@ class Image:
             return self._run(args, entrypoint, environ, mounts, read_only, Path(data_dir))
 
     def _run(
-        self, args: Sequence[str], entrypoint: str | None, environ: Mapping[str, str],
+        self, args: Sequence[str], entrypoint: str | None, environ: Mapping[str, str] | None,
         mounts: Sequence[tuple[Path, str]], read_only: bool, data_dir: Path,
     ) -> subprocess.CompletedProcess[str]:
         """`podman run` as the Deployments run it: host network (the test servers are on loopback), the

@@ -10,7 +10,6 @@ the cached layers (seconds).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,8 +40,8 @@ print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "writes": seen}))
 
 
 @pytest.fixture(scope="module")
-def image() -> Iterator[Image]:
-    yield build_image()
+def image() -> Image:
+    return build_image()
 
 
 def test_runs_as_uid_10001_with_only_the_documented_mounts_writable(image: Image) -> None:
