@@ -8,7 +8,7 @@
 # Cold: ~15-25 min on 2 cores (the compile dominates); warm: instant. Needs Go >= the version k8s names.
 set -euo pipefail
 K8S_VERSION="${K8S_VERSION:-v1.37.2}"
-CACHE="${1:-${POPBRIDGE_TOOLS_CACHE:-$HOME/.cache/popbridge-tools}}/kube-apiserver-$K8S_VERSION"
+CACHE="${1:-${POPBRIDGE_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/popbridge}}/kube-apiserver-$K8S_VERSION"
 BIN="$CACHE/kube-apiserver"
 if [[ -x "$BIN" ]]; then echo "$BIN"; exit 0; fi
 mkdir -p "$CACHE/mod"
