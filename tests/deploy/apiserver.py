@@ -87,6 +87,8 @@ class ApiServer:
                 if "/" not in entry["name"]:
                     self._kinds[(api_version, entry["kind"])] = (f"{prefix}/{entry['name']}",
                                                                  bool(entry["namespaced"]))
+        if key not in self._kinds:
+            raise ApiError(404, f"{key[1]} ({key[0]}) is not served: no CRD installed for it")
         collection, namespaced = self._kinds[key]
         if namespaced:
             ns = resource["metadata"].get("namespace") or namespace
@@ -133,6 +135,17 @@ def running_apiserver(directory: Path) -> Iterator[ApiServer]:
     (directory / "certs").mkdir()
     subprocess.run(["openssl", "genrsa", "-out", str(directory / "sa.key"), "2048"], check=True,
                    capture_output=True)
+    # The server refuses anonymous users with AlwaysAllow: the test authenticates with a client certificate.
+    d = str(directory)
+    for command in (
+        f"openssl req -x509 -newkey rsa:2048 -nodes -keyout {d}/ca.key -out {d}/ca.crt -days 1 "
+        "-subj /CN=test-ca",
+        f"openssl req -newkey rsa:2048 -nodes -keyout {d}/client.key -out {d}/client.csr "
+        "-subj /O=system:masters/CN=popbridge-test",
+        f"openssl x509 -req -in {d}/client.csr -CA {d}/ca.crt -CAkey {d}/ca.key -CAcreateserial "
+        f"-out {d}/client.crt -days 1",
+    ):
+        subprocess.run(command.split(), check=True, capture_output=True)
     etcd_log, api_log = directory / "etcd.log", directory / "apiserver.log"
     with etcd_log.open("wb") as elog, api_log.open("wb") as alog:
         etcd = subprocess.Popen(
@@ -151,15 +164,21 @@ def running_apiserver(directory: Path) -> Iterator[ApiServer]:
                 [str(apiserver_binary()), f"--etcd-servers=http://127.0.0.1:{etcd_client}",
                  "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={port}",
                  f"--cert-dir={directory / 'certs'}", "--authorization-mode=AlwaysAllow",
+                 f"--client-ca-file={directory / 'ca.crt'}",
                  "--service-cluster-ip-range=10.96.0.0/16",
                  "--service-account-issuer=https://kubernetes.default.svc",
                  f"--service-account-key-file={directory / 'sa.key'}",
                  f"--service-account-signing-key-file={directory / 'sa.key'}",
-                 "--enable-priority-and-fairness=false"],
+                 # No endpoints to reconcile: nothing runs, and the advertised address is loopback.
+                 "--endpoint-reconciler-type=none", "--enable-priority-and-fairness=false",
+                 # Debian's etcd 3.4 lacks the progress notifications the watch cache needs for
+                 # consistent reads ("Too large resource version"): reads go to etcd instead.
+                 "--watch-cache=false"],
                 stdout=alog, stderr=subprocess.STDOUT)
             context = ssl.create_default_context()
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE  # its own self-signed serving certificate, on loopback
+            context.load_cert_chain(directory / "client.crt", directory / "client.key")
             server = ApiServer(f"https://127.0.0.1:{port}", context)
             _wait_for(server.ready, "kube-apiserver", api, api_log)
             yield server
