@@ -4,7 +4,7 @@ shared/k8s/crds installed and Pod Security `restricted` enforced on the namespac
 Offline validation (test_manifests.py) checks schemas; this checks what only a server does: server-side
 apply of every object, CRD structural validation and defaulting, and the PodSecurity admission plugin. A
 Deployment is only warned about by Pod Security, so each pod template is also sent as a Pod (dry run), which
-`restricted` enforcement admits or rejects; a privileged Pod must be rejected, or enforcement is not on.
+`restricted` enforcement admits or rejects; a Pod adding NET_ADMIN must be rejected, or enforcement is off.
 
 Runs only where kube-apiserver is cached (deploy/tools/build_kube_apiserver.sh: a 20-60 min compile, too
 long for CI's budget) and etcd is installed; skips with that reason otherwise, under CI too.
@@ -101,7 +101,7 @@ def test_every_object_of_the_overlay_is_admitted_under_restricted_pod_security(
     assert all(pod["metadata"]["namespace"] == namespaces[0]["metadata"]["name"] for pod in pods.values())
 
 
-def test_a_privileged_pod_is_refused_so_enforcement_is_real(apiserver: ApiServer) -> None:
+def test_a_pod_adding_a_capability_is_refused_so_enforcement_is_real(apiserver: ApiServer) -> None:
     resources = render_or_skip("overlays/dev")
     for namespace in (r for r in resources if r["kind"] == "Namespace"):
         apiserver.apply(namespace)
