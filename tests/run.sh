@@ -42,6 +42,18 @@ if ! command -v postfix >/dev/null 2>&1 || ! command -v postqueue >/dev/null 2>&
     if [ -n "$own_policy" ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi
 fi
 
+if ! command -v buildah >/dev/null 2>&1 || ! command -v podman >/dev/null 2>&1 \
+        || ! command -v mmdebstrap >/dev/null 2>&1 || ! command -v runc >/dev/null 2>&1; then
+    # The container test (tests/deploy/test_image.py) builds the image with deploy/image/build.sh and runs
+    # it with podman. ~1.5 min to install; the first image build on a machine then takes ~8 min, later
+    # ones reuse the cached base and layers.
+    step "installing buildah, podman, mmdebstrap and runc from Debian (container image test)"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q \
+        buildah podman mmdebstrap runc uidmap
+fi
+
 step "installing popbridge into .venv"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
