@@ -35,7 +35,6 @@ from services.runtime.kafka import KafkaLog
 from services.runtime.kafka_faults import PERMANENT
 from services.runtime.log import LogError
 from services.runtime.metrics import Metrics
-from services.runtime.pipeline_gauges import pipeline_watch
 from services.runtime.settings import ConfigError, DeploymentSettings, MailConfig, load_config
 from services.runtime.signals import stop_on_signals
 
@@ -169,11 +168,11 @@ async def run_router(settings: DeploymentSettings, config: MailConfig, *, until_
     metrics, tracker = Metrics(), ProgressTracker(stall_after=STALL_AFTER)
     # Progress is this replica's routing (the agents call tracker.progressed): the group's commits would
     # let a healthy replica hide a stalled one. Lag without routing for STALL_AFTER fails /healthz.
+    # The watch's one read of every stage's lag also keeps the pipeline gauges (services.runtime.health).
     watch = None if until_idle else LagWatch.of(kafka, settings, "router", progress_from_commits=False)
     port = None if until_idle else settings.http_port or None
     stop = asyncio.Event() if until_idle else stop_on_signals()  # --until-idle stops by itself
-    gauges = contextlib.nullcontext() if until_idle else pipeline_watch(kafka, settings, metrics)
-    async with serve_health(port, tracker, metrics, watch=watch), gauges:
+    async with serve_health(port, tracker, metrics, watch=watch):
         await Supervisor(settings, config, kafka, tracker, metrics, stop, until_idle).run()
 
 
