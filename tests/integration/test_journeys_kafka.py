@@ -9,12 +9,12 @@ import pytest
 
 from tests.support.dovecot import DovecotMailboxes
 from tests.support.mail import canonical_pop3_form
+from tests.support.parts import CORPUS
 from tests.support.pipeline import Pipeline, without_trace_field, write_config
 from tests.support.smtp import SmtpSink
 
 pytestmark = pytest.mark.integration
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "public" / "messages"
 
 ROUTING = """
 [routing]

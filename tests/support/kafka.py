@@ -22,6 +22,8 @@ from typing import NoReturn
 
 import pytest
 
+from tests.support.parts import missing_part
+
 BROKER_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "local" / "kafka_broker.py"
 CONTAINER_IMAGE = "confluentinc/cp-kafka:7.6.0"  # testcontainers' default, KRaft from 7.0 on
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # as deploy/local/kafka_broker.py configures its broker
@@ -30,9 +32,7 @@ START_TIMEOUT_SECONDS = 600  # a cold start downloads ~45 MB of jars first
 
 def no_kafka(reason: str) -> NoReturn:
     """Skip the test, or fail it under CI, saying what is missing."""
-    if os.environ.get("CI"):
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
+    missing_part(reason)
 
 
 @pytest.fixture(scope="session")
