@@ -28,16 +28,12 @@ from services.runtime.log import LogError, Outgoing
 from services.runtime.settings import DeploymentSettings
 from tests.support.deliverer import FakeClock, deployment, publish, routed_event, smtp_target
 from tests.support.kafka import start_local_broker, stop_local_broker
+from tests.support.mail_config import delivery_to, mailbox, write_mail_config
 from tests.support.smtp import ReceivedMessage, SmtpSink
 
 pytestmark = pytest.mark.integration
 
 COORDINATOR = "aiokafka.consumer.group_coordinator"
-MAILBOX = (
-    '[routing]\nlocal_domains = ["example.com"]\n\n'
-    '[[mailboxes]]\nid = "alice"\nhost = "127.0.0.1"\nusername = "alice"\npassword_env = "POP_PW"\n'
-    'recipients = ["alice@example.com"]\n'
-)
 OUTAGE = 12.0  # seconds the broker is away in the restart test: longer than the retry delay (8 s)
 
 
@@ -204,8 +200,8 @@ async def test_a_deliverer_started_before_the_broker_waits_for_it_then_delivers(
     bootstrap, directory = own_broker
     settings, log = await deployment(bootstrap, kafka_topic_prefix)
     await asyncio.to_thread(stop_local_broker, directory)
-    config = tmp_path / "mail.toml"
-    config.write_text(f'[delivery]\nhost = "127.0.0.1"\nport = {smtp_sink.port}\ntls = "none"\n\n{MAILBOX}')
+    config = write_mail_config(tmp_path / "mail.toml", delivery=delivery_to(smtp_sink.port),
+                               mailboxes=[mailbox("alice", "127.0.0.1", 110, "alice")])
     environ = {
         **os.environ, "POPBRIDGE_KAFKA_BOOTSTRAP": bootstrap, "POPBRIDGE_TOPIC_PREFIX": kafka_topic_prefix,
         "POPBRIDGE_GROUP_PREFIX": settings.group_prefix, "POPBRIDGE_LOG_FORMAT": "text",

@@ -13,16 +13,12 @@ import pytest
 from schemas.topics import TOPICS, TopicSpec
 from services.runtime.kafka import KafkaLog
 from tests.support.kafka import start_local_broker, stop_local_broker
+from tests.support.mail_config import delivery_to, mailbox, write_mail_config
 
 pytestmark = pytest.mark.integration
 
 # A mailbox on a port nobody listens on: its passes fail (unreachable), which the fetcher lives with.
-CONFIG = (
-    '[delivery]\nhost = "127.0.0.1"\nport = 25\ntls = "none"\n\n'
-    '[routing]\nlocal_domains = ["example.com"]\n\n'
-    '[[mailboxes]]\nid = "alice"\nhost = "127.0.0.1"\nport = 9\ntls = "none"\nusername = "alice"\n'
-    'password_env = "POP_PW"\nrecipients = ["alice@example.com"]\n'
-)
+UNREACHABLE_MAILBOX = mailbox("alice", "127.0.0.1", 9, "alice")
 
 
 async def test_a_fetcher_started_before_the_broker_waits_for_it_then_polls(
@@ -33,11 +29,12 @@ async def test_a_fetcher_started_before_the_broker_waits_for_it_then_polls(
     log = KafkaLog(bootstrap)
     await log.ensure_topics([TopicSpec(kafka_topic_prefix + s.name, s.partitions, s.config) for s in TOPICS])
     await asyncio.to_thread(stop_local_broker, directory)
-    config = tmp_path / "mail.toml"
-    config.write_text(CONFIG)
+    config = write_mail_config(tmp_path / "mail.toml", delivery=delivery_to(25),
+                               mailboxes=[UNREACHABLE_MAILBOX])
     environ = {
         **os.environ, "POPBRIDGE_KAFKA_BOOTSTRAP": bootstrap, "POPBRIDGE_TOPIC_PREFIX": kafka_topic_prefix,
-        "POPBRIDGE_GROUP_PREFIX": kafka_topic_prefix + "g", "POPBRIDGE_LOG_FORMAT": "text", "POP_PW": "pw",
+        "POPBRIDGE_GROUP_PREFIX": kafka_topic_prefix + "g", "POPBRIDGE_LOG_FORMAT": "text",
+        "POP3_PASSWORD": "pw",
     }  # fmt: skip
     stage = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.cli", "fetcher", "--config", str(config),
