@@ -11,7 +11,7 @@ import pytest
 from tests.support.dovecot import DovecotMailboxes
 from tests.support.mail import canonical_pop3_form
 from tests.support.mail_config import delivery_to, mailbox, write_mail_config
-from tests.support.parts import CORPUS
+from tests.support.parts import CORPUS, missing_part
 from tests.support.pipeline import Pipeline, without_trace_field
 from tests.support.smtp import SmtpSink
 
@@ -38,7 +38,7 @@ def describe_difference(got: bytes, want: bytes) -> str:
 
 def corpus_messages() -> list[bytes]:
     if not CORPUS.is_dir():
-        pytest.fail(f"the public corpus is missing at {CORPUS}")
+        missing_part(f"the public corpus is not beside this checkout ({CORPUS})")
     return [p.read_bytes() for p in sorted(CORPUS.rglob("*")) if p.is_file()]
 
 
