@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -20,6 +17,7 @@ from services.runtime.settings import DeploymentSettings
 from tests.support.kafka import start_local_broker, stop_local_broker
 from tests.support.mail_config import delivery_to, mailbox, write_mail_config
 from tests.support.smtp import SmtpSink, unused_port
+from tests.support.stages import stage_environ, stage_process
 
 pytestmark = pytest.mark.integration
 
@@ -29,21 +27,10 @@ WAIT = 120.0  # seconds a stage may take to notice the broker left or came back 
 
 @asynccontextmanager
 async def stage(name: str, config: Path, environ: Mapping[str, str]) -> AsyncIterator[int]:
-    """`popbridge NAME` with its health port, SIGTERM'd at the end; yields the port."""
+    """`popbridge NAME` with its health port; yields the port."""
     port = unused_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", name, "--config", str(config),
-        env={**environ, "POPBRIDGE_HTTP_PORT": str(port)}, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
+    async with stage_process(name, config, {**environ, "POPBRIDGE_HTTP_PORT": str(port)}):
         yield port
-        assert process.returncode is None, f"{name} exited"
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        rest = (await asyncio.wait_for(process.communicate(), 60))[1].decode()
-    assert process.returncode == 0, rest[-3000:]
-    assert "Traceback" not in rest
 
 
 async def readiness(session: aiohttp.ClientSession, port: int) -> int | None:
@@ -78,11 +65,7 @@ async def test_every_stage_is_not_ready_while_the_broker_is_away_and_ready_again
     # A mailbox on a port nobody listens on: its passes fail, which the fetcher lives with.
     config = write_mail_config(tmp_path / "popbridge.toml", delivery=delivery_to(smtp_sink.port),
                                mailboxes=[mailbox("alice", "127.0.0.1", 9, "alice")])
-    environ = {
-        **os.environ, "POPBRIDGE_KAFKA_BOOTSTRAP": bootstrap, "POPBRIDGE_TOPIC_PREFIX": kafka_topic_prefix,
-        "POPBRIDGE_GROUP_PREFIX": settings.group_prefix, "POPBRIDGE_LOG_FORMAT": "text",
-        "POP3_PASSWORD": "pw",
-    }  # fmt: skip
+    environ = stage_environ(bootstrap, settings, POP3_PASSWORD="pw")
     async with AsyncExitStack() as stages, aiohttp.ClientSession() as session:
         ports = {name: await stages.enter_async_context(stage(name, config, environ)) for name in STAGES}
         await until_all(session, ports, 200)

@@ -159,7 +159,9 @@ def _container_broker() -> Iterator[str]:
 
 def start_local_broker(directory: Path) -> tuple[str | None, str]:
     """(bootstrap, "") once the local broker serves in `directory`, else (None, why not)."""
-    command = [sys.executable, str(BROKER_SCRIPT), "start", "--dir", str(directory)]
+    # The script's own readiness bound (90 s by default) is too short for a JVM on a loaded 2-core machine:
+    # a broker that needed 90+ s to start is slow, not broken, and failed the test of something else.
+    command = [sys.executable, str(BROKER_SCRIPT), "start", "--dir", str(directory), "--timeout", "300"]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT_SECONDS,
                                 check=False)
