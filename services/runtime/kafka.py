@@ -70,6 +70,20 @@ class KafkaRefusedError(KafkaLogError, LogRefusedError):
     """The cluster refused this user (ACLs)."""
 
 
+LISTED_CHECKS = 300  # times 0.1 s: how long `ensure_topics` waits for the broker to list what it created
+
+
+async def _listed(admin: AIOKafkaAdminClient, names: Sequence[str]) -> None:
+    """Return once the broker lists every topic of `names` (or after LISTED_CHECKS tries). The controller
+    creates a topic; the broker's metadata follows a moment later (seconds on a loaded machine), and a
+    stage started right after `topics create` took the topic for missing and exited. Kafka announces the
+    moment to no one, so the list is asked again."""
+    for _ in range(LISTED_CHECKS):
+        if set(names) <= set(await admin.list_topics()):
+            return
+        await asyncio.sleep(0.1)
+
+
 def _wrap(exc: KafkaError, doing: str) -> KafkaLogError:
     return KafkaLogError(f"kafka: {doing}: {type(exc).__name__}: {exc}", retriable=recoverable(exc))
 
@@ -237,7 +251,10 @@ class KafkaLog:
             brokers = len((await admin.describe_cluster())["brokers"])
             existing = set(await admin.list_topics())
             missing = [s for s in specs if s.name not in existing]
-            return [s.name for s in missing if await self._create(admin, spec=s, replication=min(3, brokers))]
+            replication = min(3, brokers)
+            created = [s.name for s in missing if await self._create(admin, spec=s, replication=replication)]
+            await _listed(admin, created)
+            return created
 
     async def check_ready(self, topics: Sequence[str]) -> None:
         """Return once the cluster answers and every topic of `topics` exists.
