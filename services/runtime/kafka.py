@@ -70,16 +70,21 @@ class KafkaRefusedError(KafkaLogError, LogRefusedError):
     """The cluster refused this user (ACLs)."""
 
 
-LISTED_CHECKS = 300  # times 0.1 s: how long `ensure_topics` waits for the broker to list what it created
+LISTED_WITHIN = 30.0  # seconds `ensure_topics` waits at most for the broker to list what it created
+# Seconds a stage's start waits at most for a topic the broker does not list before calling it missing
+# (a deployment mistake, which ends the stage): a broker that has just restarted may not list every topic
+# yet (seen in the chaos runs: a fetcher exited for a topic that was there).
+MISSING_WITHIN = 10.0
 
 
-async def _listed(admin: AIOKafkaAdminClient, names: Sequence[str]) -> None:
-    """Return once the broker lists every topic of `names` (or after LISTED_CHECKS tries). The controller
+async def _listed(admin: AIOKafkaAdminClient, names: Sequence[str], *, within: float = LISTED_WITHIN) -> None:
+    """Return once the broker lists every topic of `names`, or after `within` seconds. The controller
     creates a topic; the broker's metadata follows a moment later (seconds on a loaded machine), and a
     stage started right after `topics create` took the topic for missing and exited. Kafka announces the
     moment to no one, so the list is asked again."""
-    for _ in range(LISTED_CHECKS):
-        if set(names) <= set(await admin.list_topics()):
+    deadline = asyncio.get_running_loop().time() + within
+    while not set(names) <= set(await admin.list_topics()):
+        if asyncio.get_running_loop().time() >= deadline:
             return
         await asyncio.sleep(0.1)
 
@@ -262,10 +267,12 @@ class KafkaLog:
         Raises KafkaLogError: retriable while the broker is out of reach, not retriable for a refused
         login or a missing topic (a deployment mistake: `popbridge topics create` was not run)."""
         async with self._admin("connect") as admin:
-            existing = set(await admin.list_topics())
-            missing = sorted(set(topics) - existing)
-            if missing:  # a topic this user may not describe is left out of the list too
+            missing = sorted(set(topics) - set(await admin.list_topics()))
+            if missing:  # a topic this user may not describe is left out of the list too: said at once
                 _refuse_unauthorized(await admin.describe_topics(missing))
+                # A broker that restarted a moment ago may not list every topic yet: ask again.
+                await _listed(admin, missing, within=MISSING_WITHIN)
+                missing = sorted(set(topics) - set(await admin.list_topics()))
         if missing:
             raise KafkaLogError(
                 f"kafka: missing topics {', '.join(missing)}: run `popbridge topics create`",

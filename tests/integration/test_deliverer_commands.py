@@ -95,3 +95,18 @@ def test_a_missing_password_variable_is_a_config_error_naming_it(tmp_path: Path)
     assert result.exit_code != 0
     assert isinstance(result.exception, Exception)
     assert "NOT_SET_ANYWHERE" in str(result.exception)
+
+
+def test_a_deliverer_started_without_its_topics_exits_with_one_line_naming_them(
+    kafka_bootstrap: str, kafka_topic_prefix: str, tmp_path: Path
+) -> None:
+    # A deployment mistake (`topics create` not run) ends the stage with one line; before saying so it
+    # asks the broker again for a few seconds (a broker that has just restarted may not list them yet).
+    result = CliRunner().invoke(
+        cli, ["deliverer", "--config", str(_config(tmp_path, 25)), "--until-idle"],
+        env=_environ(kafka_bootstrap, kafka_topic_prefix),
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert f"missing topics {kafka_topic_prefix}" in result.output
+    assert "run `popbridge topics create`" in result.output
+    assert "Traceback" not in result.output
