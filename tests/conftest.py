@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from services.runtime.outage import BROKER, Outage
+
 pytest_plugins = [
     "tests.support.kafka", "tests.support.dovecot", "tests.support.smtp", "tests.support.postfix",
     "tests.support.oauth2_server",
@@ -26,6 +28,15 @@ def logging_as_it_was() -> Iterator[None]:
         logger.setLevel(level)
         logger.handlers[:] = handlers
         logger.filters[:] = filters
+
+
+@pytest.fixture(autouse=True)
+def broker_account_as_it_was() -> Iterator[None]:
+    """services.runtime.outage.BROKER is the process's account of the broker (its outage lines, the stages'
+    readiness): a test that stopped a broker may leave it "down"; every test starts with none going on."""
+    BROKER.outage = Outage()
+    yield
+    BROKER.outage = Outage()
 
 
 @pytest.fixture

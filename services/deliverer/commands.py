@@ -11,7 +11,6 @@ here, afresh for every session.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,7 +32,6 @@ from services.runtime.kafka import KafkaLog
 from services.runtime.log import LogError
 from services.runtime.metrics import Metrics
 from services.runtime.oauth2_tokens import DELIVERY, TokenSources, oauth2_directory
-from services.runtime.pipeline_gauges import pipeline_watch
 from services.runtime.secrets import read_secret, read_token
 from services.runtime.settings import DeploymentSettings, MailConfig, SmtpTarget, load_config
 from services.runtime.signals import stop_on_signals
@@ -120,11 +118,11 @@ async def _deliver(log: KafkaLog | EmbeddedLog, settings: DeploymentSettings, wi
     stop = stop_on_signals()
     policy = RetryPolicy(delays=target.retry_delays, max_age=timedelta(days=target.max_age_days))
     metrics, tracker = Metrics(), ProgressTracker()
+    # The watch's one read of every stage's lag also keeps the pipeline gauges (services.runtime.health).
     watch = None if until_idle else LagWatch.of(log, settings, "deliverer")
     port = None if until_idle else settings.http_port or None
     health = serve_health(port, tracker, metrics, watch=watch)
-    gauges = contextlib.nullcontext() if until_idle else pipeline_watch(log, settings, metrics)
-    async with health, gauges, SmtpTransport(target, wiring.password, token=wiring.token) as transport:
+    async with health, SmtpTransport(target, wiring.password, token=wiring.token) as transport:
         stage = Deliverer(log, settings, transport, policy=policy, metrics=metrics,
                           postmaster=wiring.postmaster, tracker=tracker, state_path=state_path(log, settings))
         if not await broker_ready(log, stage.topics.all(), "deliverer", stop):

@@ -13,7 +13,8 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-HOST = "127.0.0.1"
+from services.demo.listener import HOST, Listener
+
 MAX_LINE = 512
 
 
@@ -128,7 +129,7 @@ class DemoPop3Server:
         self.drop = Maildrop(login, password)
         for raw in messages:
             self.drop.add(raw)
-        self._server: asyncio.Server | None = None
+        self._listener = Listener()
         self._lock = asyncio.Lock()
         self.host = HOST
         self.port = 0
@@ -138,14 +139,11 @@ class DemoPop3Server:
         return len(self.drop.messages)
 
     async def __aenter__(self) -> DemoPop3Server:
-        self._server = await asyncio.start_server(self._session, HOST, 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.port = await self._listener.open(self._session, HOST)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        await self._listener.close()
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

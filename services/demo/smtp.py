@@ -12,7 +12,8 @@ import contextlib
 import re
 from dataclasses import dataclass
 
-HOST = "127.0.0.1"
+from services.demo.listener import HOST, Listener
+
 MAX_SIZE = 64 * 1024 * 1024
 _PATH = re.compile(r"^(?:FROM|TO):\s*<([^>]*)>", re.IGNORECASE)
 _EHLO = f"250-demo-smtp.localhost\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE {MAX_SIZE}"
@@ -83,19 +84,16 @@ class DemoSmtpServer:
 
     def __init__(self) -> None:
         self.received: list[ReceivedMail] = []
-        self._server: asyncio.Server | None = None
+        self._listener = Listener()
         self.host = HOST
         self.port = 0
 
     async def __aenter__(self) -> DemoSmtpServer:
-        self._server = await asyncio.start_server(self._session, HOST, 0, limit=MAX_SIZE)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.port = await self._listener.open(self._session, HOST, limit=MAX_SIZE)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        await self._listener.close()
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

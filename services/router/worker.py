@@ -5,8 +5,8 @@ later, a commit that failed in a rebalance, a coordinator that moved, a request 
 faust raise from `start()` or crash the running app. The worker then reports not ready, logs one line,
 waits (1 s growing to 30 s), and starts a fresh app, which resumes from the committed offsets: records
 after them are routed again, repeats the deliverer's ledger absorbs. Only a permanent error ends the
-process, with one line and a non-zero exit: the configuration (exit 2), or a login or authorization
-Kafka refuses (exit 1).
+process, with one line and a non-zero exit: the configuration (exit 2), or what every stage counts as
+permanent (services.runtime.kafka_faults: a login or authorization Kafka refuses, a record too large; exit 1).
 
     RouterCannotRun (click.ClickException, exit 1): Kafka refuses us for good
     ConfigError (services.runtime.settings, exit 2): the configuration or environment is wrong
@@ -28,14 +28,6 @@ from pathlib import Path
 
 import click
 import faust
-from aiokafka.errors import (
-    ClusterAuthorizationFailedError,
-    GroupAuthorizationFailedError,
-    IllegalSaslStateError,
-    SaslAuthenticationFailed,
-    TopicAuthorizationFailedError,
-    UnsupportedSaslMechanismError,
-)
 from faust.exceptions import ConsistencyError
 
 from schemas.topics import FETCHED, ROUTED
@@ -45,9 +37,9 @@ from services.runtime.context import CommandContext, pass_command_context
 from services.runtime.health import LagWatch, ProgressTracker, serve_health
 from services.runtime.idle import wait_until_idle
 from services.runtime.kafka import KafkaLog
+from services.runtime.kafka_faults import PERMANENT
 from services.runtime.log import LogError
 from services.runtime.metrics import Metrics
-from services.runtime.pipeline_gauges import pipeline_watch
 from services.runtime.settings import ConfigError, DeploymentSettings, MailConfig, load_config
 from services.runtime.signals import stop_on_signals
 
@@ -58,14 +50,6 @@ HEALTHY_RUN = 60.0  # seconds an app must have run for its crash to count as a f
 # Liveness: records wait and nothing was routed for this long. A rebalance with a table to restore takes
 # seconds; a killed replica's partitions move after the 10 s session timeout (services.router.app).
 STALL_AFTER = 60.0
-PERMANENT_KAFKA_ERRORS = (
-    ClusterAuthorizationFailedError,
-    GroupAuthorizationFailedError,
-    IllegalSaslStateError,
-    SaslAuthenticationFailed,
-    TopicAuthorizationFailedError,
-    UnsupportedSaslMechanismError,
-)
 _REASON_CHARS = 300
 MAX_STATE_SLOTS = 16  # router replicas sharing one data directory (one machine, tests, chaos runs)
 
@@ -78,8 +62,9 @@ class RouterCannotRun(click.ClickException):
 
 
 def is_permanent(reason: BaseException) -> bool:
-    """Whether starting again cannot help: a configuration error or a refusal of who we are."""
-    if isinstance(reason, (ConfigError, *PERMANENT_KAFKA_ERRORS)):
+    """Whether starting again cannot help: a configuration error, or a Kafka error faust raised as it is that
+    services.runtime.kafka_faults counts as permanent (a refusal of who we are, a record too large)."""
+    if isinstance(reason, (ConfigError, *PERMANENT)):
         return True
     return isinstance(reason, LogError) and not reason.retriable
 
@@ -246,11 +231,11 @@ async def run_router(settings: DeploymentSettings, config: MailConfig, *, until_
     metrics, tracker = Metrics(), ProgressTracker(stall_after=STALL_AFTER)
     # Progress is this replica's routing (the agents call tracker.progressed): the group's commits would
     # let a healthy replica hide a stalled one. Lag without routing for STALL_AFTER fails /healthz.
+    # The watch's one read of every stage's lag also keeps the pipeline gauges (services.runtime.health).
     watch = None if until_idle else LagWatch.of(kafka, settings, "router", progress_from_commits=False)
     port = None if until_idle else settings.http_port or None
     stop = asyncio.Event() if until_idle else stop_on_signals()  # --until-idle stops by itself
-    gauges = contextlib.nullcontext() if until_idle else pipeline_watch(kafka, settings, metrics)
-    async with serve_health(port, tracker, metrics, watch=watch), gauges:
+    async with serve_health(port, tracker, metrics, watch=watch):
         await Supervisor(settings, config, kafka, tracker, metrics, stop, until_idle).run()
 
 

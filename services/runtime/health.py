@@ -18,7 +18,15 @@ exact. With several, a healthy replica's commits would hide a stalled one: there
 `progressed()` and build the watch with `progress_from_commits=False`; a replica that is idle while
 another one stalls then fails its probe too, and restarting it is harmless.
 
-Readiness: the stage calls `tracker.mark_ready()` once it is connected and has its partitions.
+The watch built by `LagWatch.of` reads every declared stage, not only the service's own: one read per
+interval sets the pipeline gauges (services.runtime.pipeline_gauges) and feeds this service's liveness.
+
+Readiness: the stage calls `tracker.mark_ready()` once it is connected and has its partitions; from then
+on it is ready while the process sees the broker (services.runtime.outage.BROKER: an aiokafka client or a
+stage failing to reach it makes it down, any Kafka call that succeeds again, or a consumer finding its
+coordinator, makes it up). A stage that cannot reach its broker does no work, whatever it started with.
+The lag watch's poll reports to the same account, so a process with no other Kafka traffic sees an outage
+(and its end) within one `interval`.
 
     metrics, tracker = Metrics(), ProgressTracker()
     watch = LagWatch.of(kafka_log(settings), settings, "deliverer")
@@ -40,10 +48,12 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from services.runtime.lag import StageLag
 from services.runtime.log import LogError, TopicPartition
 from services.runtime.metrics import Metrics
 from services.runtime.ops_log import OpsLog, stage_lag
-from services.runtime.outage import BROKER
+from services.runtime.outage import BROKER, BrokerOutage
+from services.runtime.pipeline_gauges import poll_pipeline
 from services.runtime.polling import polling
 from services.runtime.settings import ConfigError, DeploymentSettings
 from services.runtime.stages import Stage, stages_run_by
@@ -70,15 +80,20 @@ def is_live(lag: int, last_progress_at: float, now: float, stall_after: float) -
 class ProgressTracker:
     """What the health endpoints report on: progress, the last known lag and readiness.
 
-    `clock` is monotonic seconds (time.monotonic); tests inject one.
+    `clock` is monotonic seconds (time.monotonic); tests inject one, and `broker` (the process's account of
+    the broker, services.runtime.outage.BROKER).
     """
 
-    def __init__(self, *, stall_after: float = DEFAULT_STALL_AFTER, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, *, stall_after: float = DEFAULT_STALL_AFTER, clock: Clock = time.monotonic,
+        broker: BrokerOutage = BROKER,
+    ) -> None:
         self.stall_after = stall_after
         self._clock = clock
+        self._broker = broker
         self.last_progress_at = clock()
         self.lag = 0
-        self.ready = False
+        self.started = False
         self._working = 0
         self._committed: dict[TopicPartition, int] | None = None  # None: not observed yet
 
@@ -98,7 +113,13 @@ class ProgressTracker:
             self.progressed()
 
     def mark_ready(self, ready: bool = True) -> None:
-        self.ready = ready
+        """The stage is connected and working (False: it stopped, or is starting again)."""
+        self.started = ready
+
+    @property
+    def ready(self) -> bool:
+        """Started, and the broker reachable (see the module docstring)."""
+        return self.started and not self._broker.down
 
     def observe_lag(self, lag: int) -> None:
         """The stage's current lag; being caught up counts as progress."""
@@ -123,7 +144,8 @@ class ProgressTracker:
 
     def status(self) -> dict[str, Any]:
         since = round(self.seconds_since_progress(), 3)
-        return {"live": self.live(), "ready": self.ready, "lag": self.lag, "seconds_since_progress": since,
+        return {"live": self.live(), "ready": self.ready, "started": self.started,
+                "broker_reachable": not self._broker.down, "lag": self.lag, "seconds_since_progress": since,
                 "stall_after": self.stall_after}
 
 
@@ -133,6 +155,8 @@ class LagWatch:
 
     Every stage's lag goes to the gauges; liveness looks at the stages whose records do not wait on
     purpose, and the waiting ones (the deliverer's retry tiers) add up to `popbridge_retries_in_flight`.
+    With `pipeline` (the deployment's settings), the one read covers every declared stage and the dead
+    letters too, for the pipeline gauges (`stages` must be among the declared ones).
     """
 
     log: OpsLog
@@ -140,24 +164,33 @@ class LagWatch:
     interval: float = 30.0
     progress_from_commits: bool = True
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    pipeline: DeploymentSettings | None = None
 
     @classmethod
     def of(
         cls, log: OpsLog, settings: DeploymentSettings, service: str, *, interval: float = 30.0,
         progress_from_commits: bool = True,
     ) -> LagWatch:
-        """The watch of one service ("router", "deliverer") of this deployment."""
-        return cls(log, stages_run_by(settings, service), interval, progress_from_commits)
+        """The watch of one service ("router", "deliverer") of this deployment, pipeline gauges included."""
+        return cls(log, stages_run_by(settings, service), interval, progress_from_commits, pipeline=settings)
+
+    async def read(self, metrics: Metrics) -> list[StageLag]:
+        """The lag of this service's stages; every stage read sets its gauges."""
+        now = self.now()
+        if self.pipeline is not None:
+            by_stage = await poll_pipeline(self.log, self.pipeline, metrics, now)
+            return [by_stage[stage.name] for stage in self.stages]
+        reports = await asyncio.gather(*(stage_lag(self.log, stage, now) for stage in self.stages))
+        for report in reports:
+            metrics.observe_lag(report)
+        return reports
 
     async def poll_once(self, tracker: ProgressTracker, metrics: Metrics) -> None:
-        now = self.now()
-        reports = await asyncio.gather(*(stage_lag(self.log, stage, now) for stage in self.stages))
+        reports = await self.read(metrics)
         working = [r for r in reports if not r.waits]
         if self.progress_from_commits:
             tracker.observe_committed({tp: o for r in working for tp, o in r.committed_offsets().items()})
         tracker.observe_lag(sum(r.total for r in working))
-        for report in reports:
-            metrics.observe_lag(report)
         if len(working) < len(reports):
             metrics.retries_in_flight.set(sum(r.total for r in reports if r.waits))
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from aiokafka.errors import (
     TopicAlreadyExistsError,
     TopicAuthorizationFailedError,
     UnknownMemberIdError,
-    UnknownTopicOrPartitionError,
     for_code,
 )
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
@@ -76,6 +74,25 @@ class KafkaLogError(LogError):
 
 class KafkaRefusedError(KafkaLogError, LogRefusedError):
     """The cluster refused this user (ACLs)."""
+
+
+LISTED_WITHIN = 30.0  # seconds `ensure_topics` waits at most for the broker to list what it created
+# Seconds a stage's start waits at most for a topic the broker does not list before calling it missing
+# (a deployment mistake, which ends the stage): a broker that has just restarted may not list every topic
+# yet (seen in the chaos runs: a fetcher exited for a topic that was there).
+MISSING_WITHIN = 10.0
+
+
+async def _listed(admin: AIOKafkaAdminClient, names: Sequence[str], *, within: float = LISTED_WITHIN) -> None:
+    """Return once the broker lists every topic of `names`, or after `within` seconds. The controller
+    creates a topic; the broker's metadata follows a moment later (seconds on a loaded machine), and a
+    stage started right after `topics create` took the topic for missing and exited. Kafka announces the
+    moment to no one, so the list is asked again."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not set(names) <= set(await admin.list_topics()):
+        if asyncio.get_running_loop().time() >= deadline:
+            return
+        await asyncio.sleep(0.1)
 
 
 def _wrap(exc: KafkaError, doing: str) -> KafkaLogError:
@@ -263,7 +280,7 @@ class KafkaLog:
             missing = [s for s in specs if s.name not in existing]
             replication = min(3, brokers)
             created = [s.name for s in missing if await self._create(admin, spec=s, replication=replication)]
-            await _until_visible(admin, created)
+            await _listed(admin, created)
             return created
 
     async def check_ready(self, topics: Sequence[str]) -> None:
@@ -272,25 +289,16 @@ class KafkaLog:
         Raises KafkaLogError: retriable while the broker is out of reach, not retriable for a refused
         login or a missing topic (a deployment mistake: `popbridge topics create` was not run)."""
         async with self._admin("connect") as admin:
-            existing = set(await admin.list_topics())
-            missing = sorted(set(topics) - existing)
-            if missing:  # a topic this user may not describe is left out of the list too
-                described = await admin.describe_topics(missing)
-                _refuse_unauthorized(described)
-                # Only the broker's "unknown topic" is a missing topic: a broker shutting down (seen in the
-                # chaos runs) or one that just created it lists it late, and waiting mends that.
-                unknown = {t["topic"] for t in described
-                           if t["error_code"] == UnknownTopicOrPartitionError.errno}
-                if not unknown:
-                    raise KafkaLogError(f"kafka: topics {', '.join(missing)} not listed yet", retriable=True)
-                missing = sorted(unknown)
+            missing = sorted(set(topics) - set(await admin.list_topics()))
+            if missing:  # a topic this user may not describe is left out of the list too: said at once
+                _refuse_unauthorized(await admin.describe_topics(missing))
+                # A broker that restarted a moment ago may not list every topic yet: ask again.
+                await _listed(admin, missing, within=MISSING_WITHIN)
+                missing = sorted(set(topics) - set(await admin.list_topics()))
         if missing:
-            # Just after `popbridge topics create`, a loaded broker answered "unknown topic" for tens of
-            # seconds (chaos runs, 84 new partitions, load 30 on 2 cores): wait that out, then say it.
-            young = time.monotonic() - _STARTED < MISSING_TOPICS_GRACE
             raise KafkaLogError(
                 f"kafka: missing topics {', '.join(missing)}: run `popbridge topics create`",
-                retriable=young,
+                retriable=False,
             )
 
     @asynccontextmanager
@@ -602,8 +610,6 @@ class KafkaLog:
 
 
 _READ_BYTES = 1024 * 1024
-_STARTED = time.monotonic()
-MISSING_TOPICS_GRACE = 60.0  # seconds after the process started during which a missing topic is waited for
 _CLOSE_WAIT_SECONDS = 5.0  # a TLS shutdown the broker does not answer is abandoned after this
 
 
@@ -651,30 +657,3 @@ def _refuse_unauthorized(described: Sequence[Mapping[str, Any]]) -> None:
 def _record(m: ConsumerRecord[bytes, bytes]) -> Record:
     return Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp)
 
-
-TOPICS_VISIBLE_TIMEOUT = 60.0
-
-
-async def _until_visible(admin: AIOKafkaAdminClient, topics: Sequence[str]) -> None:
-    """Return once the broker's metadata shows every topic of `topics` with a leader for each partition.
-
-    CreateTopics answers when the controller has committed the topics; a broker's metadata learns of them
-    a moment later (seconds on a loaded one). A stage started right after `popbridge topics create` was
-    told "missing topics" in that moment and exited, so creating waits until the topics can be used."""
-    deadline = time.monotonic() + TOPICS_VISIBLE_TIMEOUT
-    pending = list(topics)
-    while pending:
-        described = await admin.describe_topics(pending)
-        pending = [
-            t["topic"]
-            for t in described
-            if t["error_code"] != 0 or not t["partitions"] or any(p["leader"] < 0 for p in t["partitions"])
-        ]
-        if pending and time.monotonic() > deadline:
-            raise KafkaLogError(
-                f"kafka: topics {', '.join(pending)} created but not usable"
-                f" after {TOPICS_VISIBLE_TIMEOUT:.0f} s",
-                retriable=True,
-            )
-        if pending:
-            await asyncio.sleep(0.2)

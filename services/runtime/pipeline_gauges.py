@@ -2,8 +2,10 @@
 
 Every popbridge process (fetcher, router, deliverer, `run`) keeps these current, not only the stage they
 concern: a stage that is down exports nothing, and its backlog is exactly what an operator must see then.
-Alerts and the dashboard take the max over the reporting processes. A stage's own liveness still comes
-from its LagWatch (services.runtime.health), which sets the same lag gauges for its own stages.
+Alerts and the dashboard take the max over the reporting processes. A process that runs a LagWatch (the
+router, the deliverer, `run`: services.runtime.health) gets these gauges from the watch's poll, which is
+this module's `poll_pipeline`: one read of every stage's lag serves the gauges and the stage's liveness.
+`pipeline_watch` is for a process without a lag watch (the fetcher).
 
 A counter of dead letters (`popbridge_dead_letters_total`) starts at 0 with every process; the topic's
 size (end minus start offsets, every partition) is what is really kept, whoever wrote it.
@@ -22,6 +24,7 @@ from datetime import UTC, datetime
 from functools import partial
 
 from schemas.topics import DEAD_LETTERS
+from services.runtime.lag import StageLag
 from services.runtime.log import LogError
 from services.runtime.metrics import Metrics
 from services.runtime.ops_log import OpsLog, stage_lag
@@ -43,12 +46,17 @@ async def topic_records(ops: OpsLog, topic: str) -> int:
     return sum(max(0, end - starts.get(partition, 0)) for partition, end in ends.items())
 
 
-async def poll_pipeline(ops: OpsLog, settings: DeploymentSettings, metrics: Metrics) -> None:
-    """Set the lag gauges of every declared stage and the dead-letter size, once."""
-    now = datetime.now(UTC)
-    for report in await asyncio.gather(*(stage_lag(ops, s, now) for s in declared_stages(settings))):
+async def poll_pipeline(
+    ops: OpsLog, settings: DeploymentSettings, metrics: Metrics, now: datetime | None = None
+) -> dict[str, StageLag]:
+    """Set the lag gauges of every declared stage and the dead-letter size, once; the reports, by stage
+    name, are returned for the caller's liveness (services.runtime.health.LagWatch)."""
+    at = now or datetime.now(UTC)
+    reports = await asyncio.gather(*(stage_lag(ops, s, at) for s in declared_stages(settings)))
+    for report in reports:
         metrics.observe_lag(report)
     metrics.dead_letter_records.set(await topic_records(ops, settings.topic(DEAD_LETTERS)))
+    return {report.stage: report for report in reports}
 
 
 async def _poll_logged(ops: OpsLog, settings: DeploymentSettings, metrics: Metrics) -> None:

@@ -45,7 +45,7 @@ from services.runtime.idle import is_idle
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import LogError
 from services.runtime.metrics import Metrics
-from services.runtime.pipeline_gauges import DEFAULT_INTERVAL, pipeline_watch
+from services.runtime.pipeline_gauges import DEFAULT_INTERVAL
 from services.runtime.settings import DeploymentSettings, MailConfig, load_config
 from services.runtime.signals import StopSignals, until_stopped
 from services.runtime.stages import stages_run_by
@@ -172,11 +172,11 @@ class Pipeline:
     async def _forever(self, router: RouterLoop, deliverer: Deliverer, stop: asyncio.Event) -> None:
         tracker = ProgressTracker()
         stages = (*stages_run_by(self.settings, "router"), *stages_run_by(self.settings, "deliverer"))
-        watch = LagWatch(self.log, stages, self.watch_interval)
+        # One read of every stage's lag per interval: the pipeline gauges and this process's liveness.
+        watch = LagWatch(self.log, stages, self.watch_interval, pipeline=self.settings)
         health = serve_health(self.health_port, tracker, self.metrics, watch=watch)
-        gauges = pipeline_watch(self.log, self.settings, self.metrics, interval=self.watch_interval)
         try:
-            async with health as self.health, gauges:
+            async with health as self.health:
                 self.serving.set()
                 tracker.mark_ready()
                 await self._stages(router, deliverer, stop)

@@ -41,6 +41,7 @@ from tests.chaos.processes import STOP_GRACE, Broker, Managed, free_port, line_c
 from tests.chaos.report import Report, build_report
 from tests.chaos.schedule import STAGES, Fault, plan_faults
 from tests.support.dovecot import DovecotServer
+from tests.support.mail_config import delivery_to, mailbox, write_mail_config
 from tests.support.scripted_smtp import read_journal
 
 TICK = 0.1
@@ -182,38 +183,17 @@ class ChaosRun:
 
     def _write_config(self) -> None:
         assert self.dovecot is not None
-        boxes = []
-        for box in mail.MAILBOXES:
-            recipient = mail.SINGLE_USER_BOXES.get(box)
-            boxes.append(f"""
-[[mailboxes]]
-id = "{box}"
-host = "{self.dovecot.host}"
-port = {self.dovecot.pop3_port}
-tls = "none"
-username = "{self._login(box)}"
-password_env = "{self._password_env(box)}"
-poll_interval = 1.0
-timeout = 15.0
-{f'recipients = ["{recipient}"]' if recipient else ""}
-""")
-        users = ", ".join(f'"{u}"' for u in mail.USERS)
-        (self.root / "popbridge.toml").write_text(f"""
-[delivery]
-host = "127.0.0.1"
-port = {self.smtp_port}
-tls = "none"
-helo_name = "popbridge.chaos"
-timeout = 15.0
-retry_delays = [2.0, 4.0, 8.0]
-
-[routing]
-primary_domain = "{mail.DOMAIN}"
-local_domains = ["{mail.DOMAIN}"]
-users = [{users}]
-postmaster = "{mail.POSTMASTER}"
-trusted_received_hosts = ["{mail.TRUSTED_HOST}"]
-{"".join(boxes)}""")
+        boxes = [
+            mailbox(box, self.dovecot.host, self.dovecot.pop3_port, self._login(box),
+                    tuple(filter(None, [mail.SINGLE_USER_BOXES.get(box)])),  # none: a catch-all box
+                    password_env=self._password_env(box), poll_interval=1.0, timeout=15.0)
+            for box in mail.MAILBOXES
+        ]  # fmt: skip
+        routing = {"primary_domain": mail.DOMAIN, "local_domains": [mail.DOMAIN], "users": list(mail.USERS),
+                   "postmaster": mail.POSTMASTER, "trusted_received_hosts": [mail.TRUSTED_HOST]}
+        delivery = delivery_to(self.smtp_port, helo_name="popbridge.chaos", timeout=15.0,
+                               retry_delays=[2.0, 4.0, 8.0])
+        write_mail_config(self.root / "popbridge.toml", delivery=delivery, routing=routing, mailboxes=boxes)
 
     def _password_env(self, box: str) -> str:
         return "CHAOS_PW_" + box.upper().replace("-", "_")

@@ -21,13 +21,12 @@ import jsonschema
 
 # kubernetes-validate ships no type information; it is used through `validate_core` only.
 import kubernetes_validate  # type: ignore[import-untyped]
-import pytest
 import yaml
+
+from tests.support.parts import SHARED, missing_part
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
-# CI checks out the repository beside a read-only copy of shared/ (POPBRIDGE_SHARED_DIR elsewhere).
-SHARED = Path(os.environ.get("POPBRIDGE_SHARED_DIR") or REPO.parent / "shared")
 CRD_DIR = SHARED / "k8s" / "crds"
 
 # The oldest Kubernetes the manifests promise to work on, and the newest schema kubernetes-validate has.
@@ -40,9 +39,7 @@ Resource = dict[str, Any]
 
 def tool_missing(reason: str) -> NoReturn:
     """Skip the test for want of a tool, or fail it under CI (env CI set), where a skip would hide it."""
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
+    missing_part(reason)
 
 
 def render_or_skip(kustomization: str) -> list[Resource]:

@@ -17,7 +17,8 @@ import pytest
 from tests.deploy.container import CONFIG_DIR, UID, WRITABLE, Image, build_image
 from tests.support.dovecot import DovecotMailboxes
 from tests.support.mail import canonical_pop3_form
-from tests.support.pipeline import mailbox_entry, sample_message, without_trace_field, write_config
+from tests.support.mail_config import delivery_to, mailbox, write_mail_config
+from tests.support.pipeline import sample_message, without_trace_field
 from tests.support.smtp import SmtpSink
 
 pytestmark = [pytest.mark.container, pytest.mark.integration, pytest.mark.timeout(2400)]
@@ -91,10 +92,10 @@ def test_each_stage_from_the_image_carries_mail_end_to_end(
     user = dovecot.new_user("alice")
     originals = [sample_message(n, size=n * 30_000, tag="image") for n in range(3)]
     dovecot.deliver_many(user, originals)
-    config = write_config(
+    config = write_mail_config(
         tmp_path / "popbridge.toml",
-        pop3_host=dovecot.server.host, pop3_port=dovecot.server.pop3_port, smtp_port=smtp_sink.port,
-        mailboxes=mailbox_entry("alice-box", user.login, ("alice@example.com",)),
+        delivery=delivery_to(smtp_sink.port, helo_name="popbridge.test"),
+        mailboxes=[mailbox("alice-box", dovecot.server.host, dovecot.server.pop3_port, user.login)],
     )
     config.chmod(0o644)  # the stages read it as uid 10001
     environ = {

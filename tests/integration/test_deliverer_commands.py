@@ -12,6 +12,7 @@ from services.cli import cli, deployment_settings
 from services.ops.dlq import dlq
 from services.runtime.context import CommandContext
 from tests.support.deliverer import deployment, publish, routed_event
+from tests.support.mail_config import delivery_to, mailbox, write_mail_config
 from tests.support.smtp import SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -26,19 +27,12 @@ def _environ(kafka_bootstrap: str, prefix: str) -> dict[str, str]:
     }
 
 
-MAILBOX = (
-    '[routing]\nlocal_domains = ["example.com"]\n\n'
-    '[[mailboxes]]\nid = "alice"\nhost = "127.0.0.1"\nusername = "alice"\npassword_env = "POP_PW"\n'
-    'recipients = ["alice@example.com"]\n'
-)
+MAILBOX = mailbox("alice", "127.0.0.1", 110, "alice")
 
 
 def _config(tmp_path: Path, port: int) -> Path:
-    path = tmp_path / "mail.toml"
-    path.write_text(
-        f'[delivery]\nhost = "127.0.0.1"\nport = {port}\ntls = "none"\ntimeout = 2.0\n\n{MAILBOX}'
-    )
-    return path
+    return write_mail_config(tmp_path / "mail.toml", delivery=delivery_to(port, timeout=2.0),
+                             mailboxes=[MAILBOX])
 
 
 def test_deliverer_until_idle_then_dlq_list_show_and_retry(
@@ -89,10 +83,10 @@ def test_deliverer_until_idle_then_dlq_list_show_and_retry(
 
 
 def test_a_missing_password_variable_is_a_config_error_naming_it(tmp_path: Path) -> None:
-    config = tmp_path / "mail.toml"
-    config.write_text(
-        '[delivery]\nhost = "127.0.0.1"\nusername = "relay"\npassword_env = "NOT_SET_ANYWHERE"\n\n' + MAILBOX
-    )
+    config = write_mail_config(
+        tmp_path / "mail.toml", mailboxes=[MAILBOX],
+        delivery={"host": "127.0.0.1", "username": "relay", "password_env": "NOT_SET_ANYWHERE"},
+    )  # fmt: skip
     result = CliRunner().invoke(
         cli,
         ["deliverer", "--config", str(config), "--until-idle"],
@@ -101,3 +95,18 @@ def test_a_missing_password_variable_is_a_config_error_naming_it(tmp_path: Path)
     assert result.exit_code != 0
     assert isinstance(result.exception, Exception)
     assert "NOT_SET_ANYWHERE" in str(result.exception)
+
+
+def test_a_deliverer_started_without_its_topics_exits_with_one_line_naming_them(
+    kafka_bootstrap: str, kafka_topic_prefix: str, tmp_path: Path
+) -> None:
+    # A deployment mistake (`topics create` not run) ends the stage with one line; before saying so it
+    # asks the broker again for a few seconds (a broker that has just restarted may not list them yet).
+    result = CliRunner().invoke(
+        cli, ["deliverer", "--config", str(_config(tmp_path, 25)), "--until-idle"],
+        env=_environ(kafka_bootstrap, kafka_topic_prefix),
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert f"missing topics {kafka_topic_prefix}" in result.output
+    assert "run `popbridge topics create`" in result.output
+    assert "Traceback" not in result.output

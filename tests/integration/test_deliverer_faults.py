@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import sys
 import threading
 import time
 from collections import Counter
@@ -28,16 +25,13 @@ from services.runtime.log import LogError, Outgoing
 from services.runtime.settings import DeploymentSettings
 from tests.support.deliverer import FakeClock, deployment, publish, routed_event, smtp_target
 from tests.support.kafka import start_local_broker, stop_local_broker
+from tests.support.mail_config import delivery_to, mailbox, write_mail_config
 from tests.support.smtp import ReceivedMessage, SmtpSink
+from tests.support.stages import stage_environ, stage_process
 
 pytestmark = pytest.mark.integration
 
 COORDINATOR = "aiokafka.consumer.group_coordinator"
-MAILBOX = (
-    '[routing]\nlocal_domains = ["example.com"]\n\n'
-    '[[mailboxes]]\nid = "alice"\nhost = "127.0.0.1"\nusername = "alice"\npassword_env = "POP_PW"\n'
-    'recipients = ["alice@example.com"]\n'
-)
 OUTAGE = 12.0  # seconds the broker is away in the restart test: longer than the retry delay (8 s)
 
 
@@ -204,32 +198,16 @@ async def test_a_deliverer_started_before_the_broker_waits_for_it_then_delivers(
     bootstrap, directory = own_broker
     settings, log = await deployment(bootstrap, kafka_topic_prefix)
     await asyncio.to_thread(stop_local_broker, directory)
-    config = tmp_path / "mail.toml"
-    config.write_text(f'[delivery]\nhost = "127.0.0.1"\nport = {smtp_sink.port}\ntls = "none"\n\n{MAILBOX}')
-    environ = {
-        **os.environ, "POPBRIDGE_KAFKA_BOOTSTRAP": bootstrap, "POPBRIDGE_TOPIC_PREFIX": kafka_topic_prefix,
-        "POPBRIDGE_GROUP_PREFIX": settings.group_prefix, "POPBRIDGE_LOG_FORMAT": "text",
-    }  # fmt: skip
-    stage = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "deliverer", "--config", str(config),
-        env=environ, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert stage.stderr is not None
-        first = (await asyncio.wait_for(stage.stderr.readline(), 60)).decode()
+    config = write_mail_config(tmp_path / "mail.toml", delivery=delivery_to(smtp_sink.port),
+                               mailboxes=[mailbox("alice", "127.0.0.1", 110, "alice")])
+    async with stage_process("deliverer", config, stage_environ(bootstrap, settings)) as stage:
+        first = await stage.next_line()
         assert "Unable connect to" in first  # the first failure, as a text line
         assert not first.startswith("{")
         restarted, problem = await asyncio.to_thread(start_local_broker, directory)
         assert restarted == bootstrap, problem
         await publish(log, settings, routed_event("u1", ["alice@example.com"], routed_at=datetime.now(UTC)))
         await asyncio.to_thread(smtp_sink.wait_for, 1, 60)
-        assert stage.returncode is None
-    finally:
-        if stage.returncode is None:
-            stage.send_signal(signal.SIGTERM)
-        rest = (await asyncio.wait_for(stage.communicate(), 60))[1].decode()
-    assert stage.returncode == 0, rest
-    assert "Traceback" not in rest
 
 
 class HeldTransport:

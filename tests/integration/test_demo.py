@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from services.demo.dovecot import dovecot_binary
+from tests.support.parts import missing_part
 
 pytestmark = pytest.mark.integration
 
@@ -56,9 +57,7 @@ def test_the_demo_shows_who_received_each_message_and_why_and_leaves_nothing_beh
     pop3: str, tmp_path: Path
 ) -> None:
     if pop3 == "dovecot" and dovecot_binary() is None:
-        if os.environ.get("CI"):
-            pytest.fail("dovecot is not installed: CI installs dovecot-pop3d (tests/run.sh)")
-        pytest.skip("dovecot is not installed: apt-get install dovecot-pop3d")
+        missing_part("dovecot is not installed: apt-get install dovecot-pop3d")
     system_tmp = Path("/tmp")  # where the demo puts Dovecot when TMPDIR does not suit it
     before = set(system_tmp.glob("popbridge-demo-*"))
     result, seconds = run_demo(tmp_path, "--pop3", pop3)

@@ -24,6 +24,7 @@ from services.fetcher.service import Fetcher, PassResult
 from services.runtime.settings import Mailbox
 from tests.support.dovecot import DovecotMailboxes, MailUser
 from tests.support.fetcher import FetcherStage, dovecot_mailbox, replica_environment
+from tests.support.mail_config import mailbox, write_mail_config
 
 pytestmark = pytest.mark.integration
 
@@ -39,15 +40,12 @@ def message(mailbox: int, number: int) -> bytes:
 
 
 def write_config(path: Path, dovecot: DovecotMailboxes, users: Sequence[MailUser]) -> Path:
-    boxes = "".join(
-        f'[[mailboxes]]\nid = "box{n}"\nhost = "{dovecot.server.host}"\nport = {dovecot.server.pop3_port}\n'
-        f'tls = "none"\nusername = "{user.login}"\npassword_env = "PW_box{n}"\nmode = "keep"\n'
-        'recipients = ["alice@example.com"]\npoll_interval = 1.0\ntimeout = 10.0\n\n'
+    boxes = [
+        mailbox(f"box{n}", dovecot.server.host, dovecot.server.pop3_port, user.login,
+                password_env=f"PW_box{n}", mode="keep", poll_interval=1.0, timeout=10.0)
         for n, user in enumerate(users)
-    )
-    routing = '[routing]\nlocal_domains = ["example.com"]\n'
-    path.write_text(f'[delivery]\nhost = "127.0.0.1"\ntls = "none"\n\n{routing}\n{boxes}')
-    return path
+    ]
+    return write_mail_config(path, delivery={"host": "127.0.0.1", "tls": "none"}, mailboxes=boxes)
 
 
 class Replica:

@@ -49,6 +49,7 @@ from tests.support.hostile_pop3 import (
     silence,
     trickle,
 )
+from tests.support.mail_config import delivery_to, write_mail_config
 from tests.support.pipeline import without_trace_field
 from tests.support.smtp import SmtpSink
 
@@ -374,17 +375,9 @@ def _high_water_mark(pid: int, ended: threading.Event) -> int:
 
 def run_config(path: Path, smtp: SmtpSink, boxes: Sequence[Mailbox]) -> Path:
     """The mail configuration of a child run: the SMTP sink, and these single-user mailboxes."""
-    text = f'[delivery]\nhost = "{smtp.host}"\nport = {smtp.port}\ntls = "none"\n'
-    text += '[routing]\nlocal_domains = ["example.com"]\n'
-    for box in boxes:
-        text += (
-            f'\n[[mailboxes]]\nid = "{box.id}"\nhost = "{box.host}"\nport = {box.port}\ntls = "none"\n'
-            f'username = "{box.username}"\npassword_env = "{box.password_env}"\n'
-            f'recipients = ["alice@example.com"]\ntimeout = {box.timeout}\n'
-            f"command_deadline = {box.command_deadline}\nmax_message_size = {box.max_message_size}\n"
-        )
-    path.write_text(text)
-    return path
+    # The Mailbox structs as the test built them; an unset option is left out (TOML has no null).
+    entries = [{k: v for k, v in msgspec.to_builtins(box).items() if v is not None} for box in boxes]
+    return write_mail_config(path, delivery=delivery_to(smtp.port, smtp.host), mailboxes=entries)
 
 
 @dataclass

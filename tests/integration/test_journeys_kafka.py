@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.dovecot import DovecotMailboxes
 from tests.support.mail import canonical_pop3_form
-from tests.support.pipeline import Pipeline, without_trace_field, write_config
+from tests.support.mail_config import delivery_to, mailbox, write_mail_config
+from tests.support.parts import CORPUS, missing_part
+from tests.support.pipeline import Pipeline, without_trace_field
 from tests.support.smtp import SmtpSink
 
 pytestmark = pytest.mark.integration
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "public" / "messages"
 
-ROUTING = """
-[routing]
-primary_domain = "example.com"
-local_domains = ["example.com"]
-alias_domains = { "example.org" = "example.com" }
-users = ["alice", "bob", "carol", "postmaster"]
-postmaster = "postmaster@example.com"
-trusted_received_hosts = ["mx.isp.example.net"]
-"""
+ROUTING = {
+    "primary_domain": "example.com",
+    "local_domains": ["example.com"],
+    "alias_domains": {"example.org": "example.com"},
+    "users": ["alice", "bob", "carol", "postmaster"],
+    "postmaster": "postmaster@example.com",
+    "trusted_received_hosts": ["mx.isp.example.net"],
+}
 
 
 def describe_difference(got: bytes, want: bytes) -> str:
@@ -37,7 +38,7 @@ def describe_difference(got: bytes, want: bytes) -> str:
 
 def corpus_messages() -> list[bytes]:
     if not CORPUS.is_dir():
-        pytest.fail(f"the public corpus is missing at {CORPUS}")
+        missing_part(f"the public corpus is not beside this checkout ({CORPUS})")
     return [p.read_bytes() for p in sorted(CORPUS.rglob("*")) if p.is_file()]
 
 
@@ -53,17 +54,9 @@ def generated_messages(count: int, seed: int = 7) -> list[bytes]:
     return messages
 
 
-def single_user_mailbox(user_login: str) -> str:
-    return f"""
-[[mailboxes]]
-id = "alice-box"
-host = "@POP3_HOST@"
-port = @POP3_PORT@
-tls = "none"
-username = "{user_login}"
-password_env = "ALICE_POP3_PASSWORD"
-recipients = ["alice@example.com"]
-"""
+def single_user_mailbox(dovecot: DovecotMailboxes, login: str, **extra: Any) -> dict[str, Any]:
+    return mailbox("alice-box", dovecot.server.host, dovecot.server.pop3_port, login,
+                   password_env="ALICE_POP3_PASSWORD", **extra)
 
 
 async def test_single_user_mailbox_arrives_byte_identical_and_is_emptied(
@@ -77,13 +70,8 @@ async def test_single_user_mailbox_arrives_byte_identical_and_is_emptied(
     originals = corpus_messages() + generated_messages(27)
     assert len(originals) >= 200
     dovecot.deliver_many(user, originals)
-    config = write_config(
-        tmp_path / "popbridge.toml",
-        pop3_host=dovecot.server.host,
-        pop3_port=dovecot.server.pop3_port,
-        smtp_port=smtp_sink.port,
-        mailboxes=single_user_mailbox(user.login),
-    )
+    config = write_mail_config(tmp_path / "popbridge.toml", delivery=delivery_to(smtp_sink.port),
+                               mailboxes=[single_user_mailbox(dovecot, user.login)])
     pipeline = Pipeline(kafka_bootstrap, kafka_topic_prefix, config, {"ALICE_POP3_PASSWORD": user.password})
     await pipeline.create_topics()
 
@@ -124,23 +112,10 @@ async def test_bcc_recipient_named_only_in_delivered_to_gets_the_message(
 ) -> None:
     user = dovecot.new_user("catchall")
     dovecot.deliver(user, BCC_COPY)
-    mailboxes = f"""
-[[mailboxes]]
-id = "catchall"
-host = "@POP3_HOST@"
-port = @POP3_PORT@
-tls = "none"
-username = "{user.login}"
-password_env = "CATCHALL_PASSWORD"
-"""
-    config = write_config(
-        tmp_path / "popbridge.toml",
-        pop3_host=dovecot.server.host,
-        pop3_port=dovecot.server.pop3_port,
-        smtp_port=smtp_sink.port,
-        mailboxes=mailboxes,
-        routing=ROUTING,
-    )
+    catchall = mailbox("catchall", dovecot.server.host, dovecot.server.pop3_port, user.login, (),
+                       password_env="CATCHALL_PASSWORD")
+    config = write_mail_config(tmp_path / "popbridge.toml", delivery=delivery_to(smtp_sink.port),
+                               routing=ROUTING, mailboxes=[catchall])
     pipeline = Pipeline(kafka_bootstrap, kafka_topic_prefix, config, {"CATCHALL_PASSWORD": user.password})
     await pipeline.create_topics()
 
@@ -163,14 +138,8 @@ async def test_keep_mode_second_pass_publishes_nothing_new(
 ) -> None:
     user = dovecot.new_user("keeper")
     dovecot.deliver_many(user, generated_messages(5, seed=3))
-    mailboxes = single_user_mailbox(user.login) + 'mode = "keep"\n'
-    config = write_config(
-        tmp_path / "popbridge.toml",
-        pop3_host=dovecot.server.host,
-        pop3_port=dovecot.server.pop3_port,
-        smtp_port=smtp_sink.port,
-        mailboxes=mailboxes,
-    )
+    config = write_mail_config(tmp_path / "popbridge.toml", delivery=delivery_to(smtp_sink.port),
+                               mailboxes=[single_user_mailbox(dovecot, user.login, mode="keep")])
     environ = {"ALICE_POP3_PASSWORD": user.password}
     first = Pipeline(kafka_bootstrap, kafka_topic_prefix, config, environ)
     await first.create_topics()

@@ -34,7 +34,8 @@ from tests.deploy.kube import render_or_skip
 from tests.deploy.test_gen_kafkatopics import generator
 from tests.support.dovecot import DovecotMailboxes, MailUser
 from tests.support.kafka import BROKER_SCRIPT
-from tests.support.pipeline import mailbox_entry, sample_message, write_config
+from tests.support.mail_config import delivery_to, mailbox, write_mail_config
+from tests.support.pipeline import sample_message
 from tests.support.smtp import SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -150,9 +151,10 @@ def message(n: int) -> bytes:
 
 
 def alice_config(tmp_path: Path, dovecot: DovecotMailboxes, smtp_sink: SmtpSink, user: MailUser) -> str:
-    mailbox = mailbox_entry("alice-box", user.login, ("alice@example.com", "gone@example.com"))
-    return str(write_config(tmp_path / "popbridge.toml", pop3_host=dovecot.server.host,
-                            pop3_port=dovecot.server.pop3_port, smtp_port=smtp_sink.port, mailboxes=mailbox))
+    box = mailbox("alice-box", dovecot.server.host, dovecot.server.pop3_port, user.login,
+                  ("alice@example.com", "gone@example.com"))
+    return str(write_mail_config(tmp_path / "popbridge.toml", delivery=delivery_to(smtp_sink.port),
+                                 mailboxes=[box]))
 
 
 def test_each_stage_and_the_ops_commands_work_with_exactly_their_acls(

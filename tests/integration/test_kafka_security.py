@@ -36,29 +36,21 @@ from services.runtime.log import Outgoing, Record, TopicPartition
 from services.runtime.metrics import Metrics
 from services.runtime.settings import DeploymentSettings, load_config
 from tests.support.kafka import BROKER_SCRIPT, no_kafka, stop_local_broker
+from tests.support.mail_config import mail_config_text
 
 pytestmark = pytest.mark.integration
 
 USER, PASSWORD = "popbridge-router", "Scram-Test-Pw-4711"
 WRONG_PASSWORD = "Not-The-Password-0815"
 
-CONFIG = """
-[delivery]
-host = "127.0.0.1"
-tls = "none"
-
-[routing]
-primary_domain = "example.com"
-local_domains = ["example.com"]
-users = ["alice", "postmaster"]
-postmaster = "postmaster@example.com"
-
-[[mailboxes]]
-id = "catchall"
-host = "pop.isp.example.net"
-username = "mbox4711"
-password_env = "UNUSED_IN_THIS_TEST"
-"""
+CONFIG = mail_config_text(
+    delivery={"host": "127.0.0.1", "tls": "none"},
+    routing={"primary_domain": "example.com", "local_domains": ["example.com"],
+             "users": ["alice", "postmaster"],
+             "postmaster": "postmaster@example.com"},
+    mailboxes=[{"id": "catchall", "host": "pop.isp.example.net", "username": "mbox4711",
+                "password_env": "UNUSED_IN_THIS_TEST"}],
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from services.runtime.kafka import KafkaLog
 from services.runtime.log import LogConsumer, Outgoing, Record, next_offsets
 from services.runtime.metrics import Metrics
 from services.runtime.settings import DeploymentSettings, load_config
+from tests.support.mail_config import write_mail_config
 
 pytestmark = pytest.mark.integration
 
@@ -260,28 +261,12 @@ async def test_a_window_replay_copies_exactly_the_window_while_the_stage_runs(
 
 # --- shadow replay ---------------------------------------------------------------------------------
 
-CONFIG = """
-[delivery]
-host = "127.0.0.1"
-
-[routing]
-primary_domain = "example.com"
-local_domains = ["example.com"]
-postmaster = "postmaster@example.com"
-users = [{users}]
-
-[[mailboxes]]
-id = "catchall"
-host = "127.0.0.1"
-username = "catchall"
-password_env = "UNUSED"
-"""
-
-
 def config_file(tmp_path: Path, name: str, *users: str) -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(CONFIG.format(users=", ".join(f'"{u}"' for u in (*users, "postmaster"))))
-    return path
+    routing = {"primary_domain": "example.com", "local_domains": ["example.com"],
+               "postmaster": "postmaster@example.com", "users": [*users, "postmaster"]}
+    catchall = {"id": "catchall", "host": "127.0.0.1", "username": "catchall", "password_env": "UNUSED"}
+    return write_mail_config(tmp_path / f"{name}.toml", delivery={"host": "127.0.0.1"}, routing=routing,
+                             mailboxes=[catchall])
 
 
 async def test_a_shadow_replay_lists_exactly_the_messages_the_new_rules_route_elsewhere(

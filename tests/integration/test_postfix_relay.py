@@ -15,6 +15,7 @@ import asyncio
 import os
 import smtplib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from schemas.events import RecipientsResolved
 from schemas.topics import ROUTED
 from services.runtime.embedded import EmbeddedLog
 from tests.support.dovecot import DovecotMailboxes
+from tests.support.mail_config import delivery_to, mailbox, write_mail_config
 from tests.support.postfix import LOCAL_DOMAIN, Postfix
 
 pytestmark = pytest.mark.integration
@@ -56,30 +58,18 @@ def isp_copy(number: int, delivered_to: str) -> bytes:
     ).encode()
 
 
-def config(path: Path, *, pop3: tuple[str, int], login: str, postfix: Postfix, users: str) -> Path:
-    path.write_text(f"""\
-[delivery]
-host = "127.0.0.1"
-port = {postfix.port}
-tls = "none"
-helo_name = "popbridge.test"
-
-[routing]
-primary_domain = "{LOCAL_DOMAIN}"
-local_domains = ["{LOCAL_DOMAIN}"]
-postmaster = "postmaster@{LOCAL_DOMAIN}"
-trusted_received_hosts = ["{ISP_HOST}"]
-{users}
-
-[[mailboxes]]
-id = "catchall"
-host = "{pop3[0]}"
-port = {pop3[1]}
-tls = "none"
-username = "{login}"
-password_env = "TEST_POP3_PASSWORD"
-""")
-    return path
+def config(
+    path: Path, *, pop3: tuple[str, int], login: str, postfix: Postfix, users: Sequence[str] | None
+) -> Path:
+    """`users` None: no `users` list (every local part is a user)."""
+    routing = {"primary_domain": LOCAL_DOMAIN, "local_domains": [LOCAL_DOMAIN],
+               "postmaster": f"postmaster@{LOCAL_DOMAIN}", "trusted_received_hosts": [ISP_HOST]}
+    if users is not None:
+        routing["users"] = list(users)
+    return write_mail_config(
+        path, delivery=delivery_to(postfix.port, helo_name="popbridge.test"), routing=routing,
+        mailboxes=[mailbox("catchall", *pop3, login, (), password_env="TEST_POP3_PASSWORD")],
+    )  # fmt: skip
 
 
 async def popbridge_run_until_idle(config_file: Path, data_dir: Path, password: str, log: Path) -> int:
@@ -108,9 +98,9 @@ def test_control_postfix_relays_the_hostile_addresses_when_they_reach_it(postfix
     assert {q.queue for q in postfix.queued()} == {"deferred"}
 
 
-@pytest.mark.parametrize("users", ["", 'users = ["alice", "postmaster"]'], ids=["no-users", "users"])
+@pytest.mark.parametrize("users", [None, ("alice", "postmaster")], ids=["no-users", "users"])
 async def test_hostile_recipients_reach_only_the_postmaster_and_postfix_queues_nothing_outside(
-    postfix: Postfix, dovecot: DovecotMailboxes, tmp_path: Path, users: str
+    postfix: Postfix, dovecot: DovecotMailboxes, tmp_path: Path, users: tuple[str, ...] | None
 ) -> None:
     user = dovecot.new_user("catchall")
     copies = [isp_copy(n, address) for n, address in enumerate(HOSTILE)]
@@ -153,7 +143,8 @@ async def test_a_recipient_storm_is_split_below_postfixs_recipient_limit(
     )
     dovecot.deliver(user, raw)
     pop3 = (dovecot.server.host, dovecot.server.pop3_port)
-    config_file = config(tmp_path / "popbridge.toml", pop3=pop3, login=user.login, postfix=postfix, users="")
+    config_file = config(tmp_path / "popbridge.toml", pop3=pop3, login=user.login, postfix=postfix,
+                         users=None)
 
     status = await popbridge_run_until_idle(config_file, tmp_path / "data", user.password,
                                             tmp_path / "run.log")

@@ -34,7 +34,8 @@ from services.runtime.stages import stages_run_by
 from services.single.run import Pipeline
 from tests.deploy.monitoring import dashboard_queries, required_tool, rule_groups
 from tests.support.dovecot import DovecotMailboxes, MailUser
-from tests.support.pipeline import mailbox_entry, sample_message, write_config
+from tests.support.mail_config import delivery_to, mailbox, write_mail_config
+from tests.support.pipeline import sample_message
 from tests.support.prometheus import Prometheus, eventually, running_prometheus
 from tests.support.smtp import SmtpSink
 
@@ -68,13 +69,12 @@ def refused_port() -> Iterator[int]:
         yield int(sock.getsockname()[1])
 
 
-def mailboxes(user: MailUser, broken_port: int) -> str:
+def mailboxes(dovecot: DovecotMailboxes, user: MailUser, broken_port: int) -> list[dict[str, Any]]:
     """The user's mailbox (polled every second, a low size limit) and one whose server refuses connections."""
-    good = mailbox_entry("alice-box", user.login, ("alice@example.com",), poll_interval=1.0,
-                         max_message_size=MAX_SIZE)
-    broken = mailbox_entry("broken-box", "nobody", ("alice@example.com",), host="127.0.0.1", port=broken_port,
-                           poll_interval=1.0, timeout=2.0)
-    return good + broken
+    good = mailbox("alice-box", dovecot.server.host, dovecot.server.pop3_port, user.login, poll_interval=1.0,
+                   max_message_size=MAX_SIZE)
+    broken = mailbox("broken-box", "127.0.0.1", broken_port, "nobody", poll_interval=1.0, timeout=2.0)
+    return [good, broken]
 
 
 @contextlib.asynccontextmanager
@@ -144,9 +144,8 @@ async def embedded_run(directory: Path, config: MailConfig, environ: dict[str, s
         await task
 
 
-def config_for(path: Path, dovecot: DovecotMailboxes, smtp_sink: SmtpSink, boxes: str) -> MailConfig:
-    return load_config(write_config(path, pop3_host=dovecot.server.host, pop3_port=dovecot.server.pop3_port,
-                                    smtp_port=smtp_sink.port, mailboxes=boxes))
+def config_for(path: Path, smtp_sink: SmtpSink, boxes: list[dict[str, Any]]) -> MailConfig:
+    return load_config(write_mail_config(path, delivery=delivery_to(smtp_sink.port), mailboxes=boxes))
 
 
 async def series_of(prometheus: Prometheus, expr: str) -> list[dict[str, Any]]:
@@ -172,8 +171,8 @@ async def test_dashboard_queries_return_series_and_the_lag_alert_fires_and_resol
         await producer.send_all([Outgoing(settings.topic(FETCHED), b"not an event", key=b"junk")])
 
     with refused_port() as broken, running_prometheus(tmp_path / "prom", shortened_rules()) as prometheus:
-        kafka_config = config_for(tmp_path / "kafka.toml", dovecot, smtp_sink, mailboxes(kafka_user, broken))
-        run_config = config_for(tmp_path / "run.toml", dovecot, smtp_sink, mailboxes(run_user, broken))
+        kafka_config = config_for(tmp_path / "kafka.toml", smtp_sink, mailboxes(dovecot, kafka_user, broken))
+        run_config = config_for(tmp_path / "run.toml", smtp_sink, mailboxes(dovecot, run_user, broken))
         kafka_env, run_env = {"POP3_PASSWORD": kafka_user.password}, {"POP3_PASSWORD": run_user.password}
         (tmp_path / "embedded").mkdir()
         async with contextlib.AsyncExitStack() as stages:

@@ -19,27 +19,19 @@ from schemas.topics import FETCHED, ROUTED, TOPICS, TopicSpec
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import Outgoing
 from services.runtime.settings import DeploymentSettings
+from tests.support.mail_config import mail_config_text
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """
-[delivery]
-host = "127.0.0.1"
-tls = "none"
-
-[routing]
-primary_domain = "example.com"
-local_domains = ["example.com"]
-users = ["alice", "bob", "carol", "dave", "postmaster"]
-postmaster = "postmaster@example.com"
-trusted_received_hosts = ["mx.isp.example.net"]
-
-[[mailboxes]]
-id = "catchall"
-host = "pop.isp.example.net"
-username = "mbox4711"
-password_env = "UNUSED_IN_THIS_TEST"
-"""
+CONFIG = mail_config_text(
+    delivery={"host": "127.0.0.1", "tls": "none"},
+    routing={"primary_domain": "example.com", "local_domains": ["example.com"],
+             "users": ["alice", "bob", "carol", "dave", "postmaster"],
+             "postmaster": "postmaster@example.com",
+             "trusted_received_hosts": ["mx.isp.example.net"]},
+    mailboxes=[{"id": "catchall", "host": "pop.isp.example.net", "username": "mbox4711",
+                "password_env": "UNUSED_IN_THIS_TEST"}],
+)  # fmt: skip
 
 
 def copy(message_id: str | None, *, delivered_to: str | None, body: str = "hello") -> bytes:

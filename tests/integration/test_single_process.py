@@ -30,6 +30,7 @@ from schemas.events import RecipientDelivered, RecipientsResolved
 from schemas.topics import DEAD_LETTERS, DELIVERED, ROUTED
 from services.runtime.embedded import EmbeddedLog
 from tests.support.dovecot import DovecotMailboxes, MailUser
+from tests.support.mail_config import delivery_to, mailbox, write_mail_config
 from tests.support.smtp import ReceivedMessage, SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -48,31 +49,15 @@ _MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>]+>)", re.MULTILINE | re.IGNORECAS
 
 
 def config(path: Path, user: MailUser, pop3: tuple[str, int], smtp: SmtpSink) -> Path:
-    path.write_text(f"""\
-[delivery]
-host = "{smtp.host}"
-port = {smtp.port}
-tls = "none"
-
-[routing]
-primary_domain = "example.com"
-local_domains = ["example.com"]
-users = {list(USERS)!r}
-aliases = {{ sales = ["alice@example.com", "bob@example.com"] }}
-postmaster = "postmaster@example.com"
-trusted_received_hosts = ["mx.isp.example.net"]
-delivered_to_strip_prefix = "{PREFIX}-"
-
-[[mailboxes]]
-id = "catchall"
-host = "{pop3[0]}"
-port = {pop3[1]}
-tls = "none"
-username = "{user.login}"
-password_env = "{PASSWORD_ENV}"
-poll_interval = 1.0
-""")
-    return path
+    routing = {
+        "primary_domain": "example.com", "local_domains": ["example.com"], "users": list(USERS),
+        "aliases": {"sales": ["alice@example.com", "bob@example.com"]},
+        "postmaster": "postmaster@example.com",
+        "trusted_received_hosts": ["mx.isp.example.net"], "delivered_to_strip_prefix": f"{PREFIX}-",
+    }  # fmt: skip
+    catchall = mailbox("catchall", *pop3, user.login, (), password_env=PASSWORD_ENV, poll_interval=1.0)
+    return write_mail_config(path, delivery=delivery_to(smtp.port, smtp.host), routing=routing,
+                             mailboxes=[catchall])
 
 
 def isp_copy(rcpt: str, message_id: str, *, to: str = "partner@partner.example", body: str = "Hi.") -> bytes:

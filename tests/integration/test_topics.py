@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 from datetime import UTC, datetime
 
@@ -24,32 +25,44 @@ from services.runtime.stages import router_internal_topics
 pytestmark = pytest.mark.integration
 
 
-async def create_topics(bootstrap: str, prefix: str) -> str:
+async def create_topics(bootstrap: str, prefix: str, *flags: str) -> str:
     """Run the command as an operator would (in a thread: the command runs its own event loop)."""
-    return await asyncio.to_thread(_create_topics, bootstrap, prefix)
+    return await asyncio.to_thread(_create_topics, bootstrap, prefix, *flags)
 
 
-def _create_topics(bootstrap: str, prefix: str) -> str:
+def _create_topics(bootstrap: str, prefix: str, *flags: str) -> str:
     env = {
         **os.environ,
         "POPBRIDGE_KAFKA_BOOTSTRAP": bootstrap,
         "POPBRIDGE_TOPIC_PREFIX": prefix,
         "POPBRIDGE_GROUP_PREFIX": prefix,  # the router's internal topics are named after its group
     }
-    result = CliRunner().invoke(cli, ["topics", "create"], env=env)
+    result = CliRunner().invoke(cli, ["topics", "create", *flags], env=env)
     assert result.exit_code == 0, result.output
     return result.output
+
+
+async def described_partitions(log: KafkaLog, topic: str) -> list[int]:
+    """The partitions of a topic created a moment ago: the broker describes it only once its partitions
+    have leaders (LEADER_NOT_AVAILABLE until then), which Kafka announces to no one, so ask again."""
+    for _ in range(100):
+        if found := await log.partitions(topic):
+            return found
+        await asyncio.sleep(0.1)
+    return []
 
 
 async def test_topics_create_applies_every_partition_count_and_setting(
     kafka_bootstrap: str, kafka_topic_prefix: str
 ) -> None:
+    planned = json.loads(await create_topics(kafka_bootstrap, kafka_topic_prefix, "--dry-run", "--json"))
     first = await create_topics(kafka_bootstrap, kafka_topic_prefix)
     again = await create_topics(kafka_bootstrap, kafka_topic_prefix)
 
     settings = DeploymentSettings(topic_prefix=kafka_topic_prefix, group_prefix=kafka_topic_prefix)
     specs = [TopicSpec(kafka_topic_prefix + s.name, s.partitions, s.config) for s in TOPICS]
     specs += router_internal_topics(settings)  # the faust router's, before any router starts
+    assert [t["action"] for t in planned["topics"]] == ["create"] * len(specs)  # and nothing was created:
     assert first.count("created ") == len(specs)
     assert again.count("exists ") == len(specs)
     log = KafkaLog(kafka_bootstrap)
@@ -58,12 +71,16 @@ async def test_topics_create_applies_every_partition_count_and_setting(
     try:
         for spec in specs:
             name = spec.name
-            assert len(await log.partitions(name)) == spec.partitions, name
+            assert len(await described_partitions(log, name)) == spec.partitions, name
             described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
             actual = {entry[0]: entry[1] for entry in described[0].resources[0][4]}
             assert {k: actual[k] for k in spec.config} == spec.config, name
     finally:
         await admin.close()
+    # Planned again once every topic is described (a topic created a moment ago may not be yet).
+    replanned = json.loads(await create_topics(kafka_bootstrap, kafka_topic_prefix, "--dry-run", "--json"))
+    assert {t["name"]: (t["action"], t["found_partitions"]) for t in replanned["topics"]} == {
+        spec.name: ("exists", spec.partitions) for spec in specs}
 
 
 async def test_a_25_mb_mail_passes_through_the_fetched_topic(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import itertools
-import os
 import re
 import secrets
 import shutil
@@ -29,6 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.demo.dovecot import Dovecot, dovecot_binary, new_root, write_private
 from services.demo.dovecot_config import TlsFiles
+from tests.support.parts import missing_part
 
 TLS_HOSTNAME = "localhost"
 INSTALL_HINT = "apt-get install dovecot-pop3d dovecot-lmtpd"
@@ -194,10 +194,7 @@ def _dovecot_binary() -> str:
 
 
 def _dovecot_missing() -> NoReturn:
-    message = f"the dovecot binary is not installed; run: {INSTALL_HINT}"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    missing_part(f"the dovecot binary is not installed; run: {INSTALL_HINT}")
 
 
 @pytest.fixture(scope="session")

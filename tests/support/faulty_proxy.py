@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-HOST = "127.0.0.1"
+from services.demo.listener import HOST, Listener
 
 
 @dataclass(frozen=True)
@@ -47,25 +47,16 @@ class FaultyProxy:
     connections: int = 0
     cuts: int = 0
     port: int = 0
-    _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _listener: Listener = field(default_factory=Listener)
 
     async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._accept, self.listen_host, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = await self._listener.open(self._accept, self.listen_host)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._server.wait_closed()
+        await self._listener.close()  # cancels each connection's task, which stops its two directions
 
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -78,7 +69,6 @@ class FaultyProxy:
         writers = (client_writer, server_writer)
         upstream = asyncio.create_task(self._client_to_server(client_reader, server_writer, state, writers))
         downstream = asyncio.create_task(self._server_to_client(server_reader, client_writer, state, writers))
-        self._tasks.update((upstream, downstream))
         try:
             await asyncio.wait((upstream, downstream), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -88,7 +78,6 @@ class FaultyProxy:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, OSError):
                     await task
-                self._tasks.discard(task)
 
     def _cut(self, state: _Connection, writers: tuple[asyncio.StreamWriter, ...]) -> None:
         state.cut = True

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
+from services.demo.listener import HOST, Listener
 from services.demo.pop3 import stored_form, stuffed
 
-HOST = "127.0.0.1"
 LOGIN = "victim"
 PASSWORD = "hostile-test-password"
 MAX_COMMAND_LINE = 512
@@ -129,8 +129,7 @@ class HostilePop3Server:
     commands: list[bytes] = field(default_factory=list)
     sessions: int = 0
     open_sessions: int = 0
-    _server: asyncio.Server | None = field(default=None, init=False)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+    _listener: Listener = field(default_factory=Listener, init=False)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition, init=False)
     _counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1), init=False)
 
@@ -151,19 +150,13 @@ class HostilePop3Server:
         return [m.content for m in self.messages]
 
     async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._accept, self.host, 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.port = await self._listener.open(self._accept, self.host)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
+        await self._listener.close()
 
     async def wait_for(self, condition: Callable[[HostilePop3Server], bool]) -> None:
         """Return once `condition(self)` holds (checked when a session opens, closes or sends a command)."""
@@ -175,9 +168,6 @@ class HostilePop3Server:
             self._changed.notify_all()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         self.sessions += 1
         self.open_sessions += 1
         await self._notify()
@@ -187,7 +177,6 @@ class HostilePop3Server:
             pass  # the client went away (or cut us off at a limit): nothing is updated
         finally:
             self.open_sessions -= 1
-            self._tasks.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()

@@ -73,43 +73,6 @@ class Pipeline:
         return results
 
 
-# The [routing] table of a config with single-user mailboxes only: their recipients must be inside it.
-LOCAL_DOMAINS = '[routing]\nlocal_domains = ["example.com"]\n'
-
-
-def write_config(
-    path: Path, *, pop3_host: str, pop3_port: int, smtp_port: int, mailboxes: str,
-    routing: str = LOCAL_DOMAINS,
-) -> Path:
-    """A mail config for the test servers on loopback: plain POP3 and SMTP without TLS."""
-    path.write_text(
-        f"""
-[delivery]
-host = "127.0.0.1"
-port = {smtp_port}
-tls = "none"
-helo_name = "popbridge.test"
-
-{routing}
-
-{mailboxes.replace("@POP3_HOST@", pop3_host).replace("@POP3_PORT@", str(pop3_port))}
-"""
-    )
-    return path
-
-
-def mailbox_entry(box_id: str, login: str, recipients: tuple[str, ...], **extra: str | float | int) -> str:
-    """A `[[mailboxes]]` entry on the test Dovecot (plain POP3, password in $POP3_PASSWORD), for write_config;
-    `extra` adds keys (host and port too, to point it elsewhere)."""
-    keys: dict[str, str | float | int] = {"id": box_id, "host": "@POP3_HOST@", "port": "@POP3_PORT@",
-                                          "tls": "none", "username": login, "password_env": "POP3_PASSWORD"}
-    keys.update(extra)
-    bare = {key for key, value in keys.items() if isinstance(value, int | float) or value == "@POP3_PORT@"}
-    lines = [f"{key} = {value}" if key in bare else f'{key} = "{value}"' for key, value in keys.items()]
-    listed = ", ".join(f'"{r}"' for r in recipients)
-    return "\n[[mailboxes]]\n" + "\n".join(lines) + f"\nrecipients = [{listed}]\n"
-
-
 def sample_message(n: int, *, size: int = 0, tag: str = "test") -> bytes:
     """A small message to alice@example.com with a unique Message-ID; `size` bytes of padding."""
     head = (f"From: a@outside.example\r\nTo: alice@example.com\r\nSubject: {tag} {n}\r\n"

@@ -11,7 +11,6 @@ from services.router.headers import header_section
 from services.router.rules import REASONS, Decision, recipients_with_evidence, resolve
 from services.runtime.settings import RoutingRules
 
-SHARED = Path(__file__).resolve().parents[3].parent / "shared"
 SPEC_EXAMPLE = Path(__file__).with_name("spec_example.json")
 SPEC_EXAMPLE_TOML = Path(__file__).with_name("spec_example.toml")
 

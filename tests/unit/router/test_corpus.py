@@ -6,7 +6,6 @@ proves is that broken, huge and 8-bit messages never crash or stall the router.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -14,17 +13,15 @@ import pytest
 
 from services.router.rules import resolve
 from services.runtime.settings import RoutingRules
+from tests.support.parts import CORPUS, missing_part
 from tests.unit.router.messages import assert_valid_decision
 
-CORPUS = Path(__file__).resolve().parents[3].parent / "shared" / "corpus" / "public" / "messages"
 FILES = sorted(path for path in CORPUS.rglob("*") if path.is_file()) if CORPUS.is_dir() else []
 
 
 def test_the_corpus_is_beside_the_checkout() -> None:
     if not FILES:
-        if os.environ.get("CI"):
-            pytest.fail(f"the public corpus is missing: {CORPUS}")
-        pytest.skip(f"the public corpus is not beside this checkout ({CORPUS}); CI requires it")
+        missing_part(f"the public corpus is not beside this checkout ({CORPUS})")
     manifest = CORPUS.parent / "MANIFEST"
     listed = [line for line in manifest.read_text().splitlines() if line and not line.startswith("#")]
     assert len(FILES) == len(listed)

@@ -26,6 +26,7 @@ from services.router.worker import (
     state_directory,
 )
 from services.runtime.kafka import KafkaLogError
+from services.runtime.kafka_faults import PERMANENT
 from services.runtime.settings import ConfigError, DeploymentSettings
 
 
@@ -58,6 +59,15 @@ def test_what_kafka_recovers_from_starts_the_router_again(reason: BaseException)
 )
 def test_a_refusal_of_who_we_are_ends_the_router(reason: BaseException) -> None:
     assert is_permanent(reason)
+
+
+@pytest.mark.parametrize("error", PERMANENT, ids=lambda error: error.__name__)
+def test_the_router_ends_on_exactly_the_kafka_errors_every_stage_counts_permanent(
+    error: type[BaseException],
+) -> None:
+    # One classification (services.runtime.kafka_faults) for faust's raw aiokafka errors and our LogErrors.
+    assert is_permanent(error())
+    assert not is_permanent(KafkaLogError(f"kafka: {error.__name__}", retriable=True))
 
 
 def test_a_reason_is_one_short_line() -> None:

@@ -4,17 +4,23 @@ tests/integration/test_operations.py)."""
 from __future__ import annotations
 
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import cast
 
 import pytest
 
+from schemas.topics import ROUTED, TOPICS
+from services.runtime.embedded import EmbeddedLog
 from services.runtime.health import LagWatch, ProgressTracker, is_live, serve_health
-from services.runtime.log import LogError, TopicPartition
+from services.runtime.log import LogError, Outgoing, TopicPartition
 from services.runtime.metrics import Metrics
 from services.runtime.ops_log import OpsLog
+from services.runtime.outage import BrokerOutage
 from services.runtime.settings import ConfigError, DeploymentSettings
-from services.runtime.stages import stages_run_by
+from services.runtime.stages import declared_stages, router_internal_topics, stages_run_by
+from tests.unit.runtime.test_ops_metrics import samples
 
 
 class Clock:
@@ -77,10 +83,24 @@ def test_a_committed_offset_moving_forward_is_progress() -> None:
 
 
 def test_readiness_is_what_the_stage_says() -> None:
-    tracker = ProgressTracker()
+    tracker = ProgressTracker(broker=BrokerOutage())
     assert not tracker.ready
     tracker.mark_ready()
     assert tracker.status()["ready"]
+
+
+def test_a_started_stage_is_not_ready_while_its_broker_is_unreachable_and_ready_again_after() -> None:
+    broker = BrokerOutage(clock=Clock())
+    tracker = ProgressTracker(broker=broker)
+    tracker.mark_ready()
+    broker.failed("deliverer: fetch: KafkaConnectionError: Unable to bootstrap")
+    assert not tracker.ready
+    assert tracker.status() | {"seconds_since_progress": 0} == tracker.status() | {
+        "ready": False, "started": True, "broker_reachable": False, "seconds_since_progress": 0}
+    broker.recovered()
+    assert tracker.ready
+    tracker.mark_ready(False)  # the stage itself stopped (the router starting its app again)
+    assert not tracker.ready
 
 
 def test_a_stage_with_work_and_no_progress_fails_within_about_a_minute_by_default() -> None:
@@ -126,6 +146,39 @@ async def test_a_stage_waiting_for_the_broker_is_not_taken_for_stalled() -> None
     await watch.poll(tracker, Metrics())
     assert tracker.live()
     assert tracker.lag == 0  # unknown while the log cannot be read: no restart that cannot help
+
+
+class _CountingLog:
+    """The embedded log, counting each read of a group's committed offsets (one per stage and topic)."""
+
+    def __init__(self, log: EmbeddedLog) -> None:
+        self._log = log
+        self.committed_reads: Counter[tuple[str, str]] = Counter()
+
+    async def committed(self, group: str, topic: str) -> dict[int, int]:
+        self.committed_reads[group, topic] += 1
+        return await self._log.committed(group, topic)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._log, name)
+
+
+async def test_one_poll_of_a_services_watch_reads_each_stage_once_for_liveness_and_every_gauge(
+    tmp_path: Path,
+) -> None:
+    settings = DeploymentSettings()
+    embedded = EmbeddedLog(tmp_path / "log.sqlite", synchronous="NORMAL")
+    await embedded.ensure_topics([*TOPICS, *router_internal_topics(settings)])
+    async with embedded.producer() as producer:
+        await producer.send_all([Outgoing(ROUTED, b"r", key=b"k") for _ in range(2)])
+    log, metrics, tracker = _CountingLog(embedded), Metrics(process=False), ProgressTracker()
+    await LagWatch.of(cast(OpsLog, log), settings, "deliverer").poll(tracker, metrics)
+    declared = {(stage.group, topic) for stage in declared_stages(settings) for topic in stage.topics}
+    assert log.committed_reads == dict.fromkeys(declared, 1)  # the router's too: the pipeline gauges
+    assert tracker.lag == 2
+    found = samples(metrics)
+    assert ("popbridge_dead_letter_records", ()) in found
+    assert any(name == "popbridge_consumer_lag" and ("stage", "router") in labels for name, labels in found)
 
 
 async def test_a_busy_health_port_is_a_config_error_naming_the_variable() -> None:
