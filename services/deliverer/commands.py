@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 
 import click
 
+from schemas.topics import DELIVERED
 from services.deliverer.retry import RetryPolicy
 from services.deliverer.service import Counts, Deliverer
 from services.deliverer.smtp import SmtpTransport, TokenSource
-from services.deliverer.store import STATE_FILE
 from services.runtime.broker_wait import broker_ready
 from services.runtime.connect import DEFAULT_DATA_DIR, open_log
 from services.runtime.context import CommandContext, pass_command_context
@@ -99,7 +99,9 @@ def state_path(log: KafkaLog | EmbeddedLog, settings: DeploymentSettings) -> Pat
     if isinstance(log, EmbeddedLog):
         return None
     data_dir = Path(settings.data_dir).expanduser() if settings.data_dir else DEFAULT_DATA_DIR.expanduser()
-    return data_dir / "deliverer" / STATE_FILE
+    # One file per ledger topic: its pairs are that ledger's, and a second deployment (another topic
+    # prefix) on the same data dir must never take them for its own deliveries and skip its mail.
+    return data_dir / "deliverer" / f"{settings.topic(DELIVERED)}.sqlite3"
 
 
 @dataclass(frozen=True)

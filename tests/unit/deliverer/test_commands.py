@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from services.deliverer.commands import notice_address, smtp_password, smtp_token
-from services.runtime.settings import ConfigError, load_config
+from services.deliverer.commands import notice_address, smtp_password, smtp_token, state_path
+from services.runtime.kafka import KafkaLog
+from services.runtime.settings import ConfigError, DeploymentSettings, load_config
 from tests.unit.runtime.test_settings import GOOD, write
 
 
@@ -49,3 +50,14 @@ def test_the_default_keeps_the_password_login_and_sends_no_notices(tmp_path: Pat
 def test_notify_postmaster_sends_notices_to_the_configured_postmaster(tmp_path: Path) -> None:
     config = load_config(config_with(tmp_path, "notify_postmaster = true"))
     assert notice_address(config) == "postmaster@example.com"
+
+
+def test_two_topic_prefixes_on_one_data_dir_keep_their_ledger_stores_apart(tmp_path: Path) -> None:
+    log = KafkaLog("127.0.0.1:9")  # never connected: only its kind matters here
+    first = state_path(log, DeploymentSettings(data_dir=str(tmp_path), topic_prefix="a-"))
+    second = state_path(log, DeploymentSettings(data_dir=str(tmp_path), topic_prefix="b-"))
+
+    assert first is not None
+    assert second is not None
+    assert first.parent == second.parent == tmp_path / "deliverer"
+    assert first != second
