@@ -25,6 +25,7 @@ Errors:
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
@@ -33,6 +34,13 @@ from pathlib import Path
 
 from services.runtime import sqlite_state
 from services.runtime.sqlite_state import StateStoreError
+
+__all__ = [  # StateStoreError is the shared one, named here too: it is what this store raises
+    "CACHE_KIB", "CHECKPOINTS", "STATE_FILE", "LedgerStore", "Pair", "StateStoreError",
+    "ensure_ledger_tables", "open_store", "store_error",
+]
+
+logger = logging.getLogger(__name__)
 
 CACHE_KIB = 32 * 1024  # SQLite's page cache for the store: what it holds in memory, whatever the history
 STATE_FILE = "deliverer-ledger.sqlite3"
@@ -130,7 +138,10 @@ def open_store(path: Path, topic: str, *, dedicated: bool = True) -> LedgerStore
     """The store in `path`. `dedicated`: a file of its own (Kafka mode), deleted and rebuilt from the
     changelog when it is corrupt; False: the embedded log's file, whose corruption is the log's to report."""
     try:
-        conn = sqlite_state.open_or_rebuild(path, _connect, _WHAT) if dedicated else _connect(path)
+        if dedicated:
+            conn = sqlite_state.open_or_rebuild(path, _connect, _WHAT, log=logger)
+        else:
+            conn = _connect(path)
     except sqlite3.Error as exc:
         raise store_error(exc, path) from exc
     return LedgerStore(conn, path, topic)

@@ -81,7 +81,7 @@ class FetchStateStore:
 
     def __init__(self, path: Path, *, dedicated: bool = False) -> None:
         self._conn = (
-            sqlite_state.open_or_rebuild(path, _open, "fetch state") if dedicated else _open(path)
+            sqlite_state.open_or_rebuild(path, _open, "fetch state", log=_log) if dedicated else _open(path)
         )
 
     def close(self) -> None:

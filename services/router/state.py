@@ -69,7 +69,7 @@ def open_partition_file(path: Path) -> sqlite3.Connection:
     """The SQLite file of one partition, created when missing (0600 in a 0700 directory: Message-IDs and
     addresses); a corrupt one is deleted (with a warning) and started afresh, so the partition is
     restored from the changelog."""
-    return sqlite_state.open_or_rebuild(path, _open, "router state")
+    return sqlite_state.open_or_rebuild(path, _open, "router state", log=log)
 
 
 def _open(path: Path) -> sqlite3.Connection:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from services.runtime.embedded.files import create_private
+from services.runtime.embedded.schema import transaction as _log_transaction
 from services.runtime.log import LogError
 
 logger = logging.getLogger(__name__)
@@ -72,16 +73,18 @@ def open_state_file(
 Opener = Callable[[Path], sqlite3.Connection]
 
 
-def open_or_rebuild(path: Path, opener: Opener, what: str) -> sqlite3.Connection:
+def open_or_rebuild(
+    path: Path, opener: Opener, what: str, *, log: logging.Logger = logger
+) -> sqlite3.Connection:
     """`opener(path)`; when SQLite finds the file corrupt or not a database, it is deleted (with its -wal
-    and -shm) with one warning and opened empty: the caller restores it from the changelog. Any other
-    failure (disk full, I/O, locked) is raised as it is: deleting would not help."""
+    and -shm) with one warning on the store's `log` and opened empty: the caller restores it from the
+    changelog. Any other failure (disk full, I/O, locked) is raised as it is: deleting would not help."""
     try:
         return opener(path)
     except sqlite3.DatabaseError as exc:
         if isinstance(exc, sqlite3.OperationalError) and not corrupt(exc):
             raise
-        logger.warning("%s %s is unreadable (%s): deleted, rebuilding it from the changelog", what, path, exc)
+        log.warning("%s %s is unreadable (%s): deleted, rebuilding it from the changelog", what, path, exc)
         for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             leftover.unlink(missing_ok=True)
         return opener(path)
@@ -107,16 +110,12 @@ def state_error(exc: sqlite3.Error, path: Path, what: str) -> StateStoreError:
 def transaction(
     conn: sqlite3.Connection, errors: ErrorMapper | None = None
 ) -> Iterator[None]:
-    """BEGIN IMMEDIATE (the write lock up front, so it never fails half way on a busy lock) .. COMMIT,
-    rolled back on any error. With `errors`, a SQLite error leaves as `errors(exc)` (e.g. state_error)."""
+    """The embedded log's transaction, the one of every SQLite file here: BEGIN IMMEDIATE (the write lock
+    up front, so it never fails half way on a busy lock) .. COMMIT, rolled back on any error. With
+    `errors`, a SQLite error leaves as `errors(exc)` (e.g. state_error)."""
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _log_transaction(conn):
             yield
-            conn.execute("COMMIT")
-        finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
     except sqlite3.Error as exc:
         if errors is None:
             raise
