@@ -13,6 +13,9 @@ and the embedded log is SQLite already: there the ledger is one more table in th
 Durability: the store may lose its last transactions in a power cut (`synchronous=NORMAL`): the changelog
 has them, and the checkpoint is lost with them (one transaction), so a restore reads them again.
 
+Opening, corruption, transactions, errors and the checkpoint table are the shared ones of every local
+state store (services.runtime.sqlite_state).
+
 Errors:
     LogError (services.runtime.log)
     └── StateStoreError     not retriable: the disk is full (SQLITE_FULL), or the store cannot be opened
@@ -25,24 +28,27 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 
-from services.runtime.log import LogError
+from services.runtime import sqlite_state
+from services.runtime.sqlite_state import StateStoreError
+
+__all__ = [  # StateStoreError is the shared one, named here too: it is what this store raises
+    "CACHE_KIB", "CHECKPOINTS", "STATE_FILE", "LedgerStore", "Pair", "StateStoreError",
+    "ensure_ledger_tables", "open_store", "store_error",
+]
 
 logger = logging.getLogger(__name__)
 
 CACHE_KIB = 32 * 1024  # SQLite's page cache for the store: what it holds in memory, whatever the history
 STATE_FILE = "deliverer-ledger.sqlite3"
-_BUSY_TIMEOUT = 30.0  # in the embedded log's file the log's own writers share the write lock
+CHECKPOINTS = "deliverer_ledger_checkpoints"
+_WHAT = "deliverer state"  # how errors and warnings name the file
 
 Pair = tuple[str, str, int]
 """(fetch id, recipient, delivered at in ms since the epoch)."""
-
-
-class StateStoreError(LogError):
-    """The deliverer's state store cannot do what was asked; the stage stops, committing nothing more."""
-
-    retriable = False
 
 
 def ensure_ledger_tables(conn: sqlite3.Connection) -> None:
@@ -54,10 +60,7 @@ def ensure_ledger_tables(conn: sqlite3.Connection) -> None:
         " WITHOUT ROWID"
     )
     conn.execute("CREATE INDEX IF NOT EXISTS deliverer_ledger_by_time ON deliverer_ledger (delivered_ms)")
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS deliverer_ledger_checkpoints (topic TEXT NOT NULL, part INTEGER NOT NULL,"
-        " next_offset INTEGER NOT NULL, PRIMARY KEY (topic, part)) WITHOUT ROWID"
-    )
+    sqlite_state.create_checkpoint_table(conn, CHECKPOINTS)
 
 
 class LedgerStore:
@@ -79,11 +82,7 @@ class LedgerStore:
 
     def checkpoint(self, partition: int) -> int:
         """The next changelog offset to apply for `partition` (0: nothing applied yet)."""
-        row = self._conn.execute(
-            "SELECT next_offset FROM deliverer_ledger_checkpoints WHERE topic = ? AND part = ?",
-            (self.topic, partition),
-        ).fetchone()
-        return 0 if row is None else int(row[0])
+        return sqlite_state.checkpoint(self._conn, CHECKPOINTS, self.topic, partition)
 
     def apply(self, partition: int, pairs: Iterable[Pair], next_offset: int) -> None:
         """Changelog records up to `next_offset` (exclusive) read: their pairs and the checkpoint, at once."""
@@ -124,87 +123,36 @@ class LedgerStore:
         )
 
     def _set_checkpoint(self, partition: int, next_offset: int) -> None:
-        self._conn.execute(
-            "INSERT INTO deliverer_ledger_checkpoints VALUES (?, ?, ?)"
-            " ON CONFLICT DO UPDATE SET next_offset = excluded.next_offset",
-            (self.topic, partition, next_offset),
-        )
+        sqlite_state.set_checkpoint(self._conn, CHECKPOINTS, self.topic, partition, next_offset)
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._conn, self.path)
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE .. COMMIT, rolled back on any error; SQLite errors become StateStoreError."""
-
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self._conn, self._path = conn, path
-
-    def __enter__(self) -> None:
-        self._run("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-        if exc is None:
-            self._run("COMMIT")
-        if self._conn.in_transaction:
-            self._conn.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.Error):
-            raise store_error(exc, self._path) from exc
-
-    def _run(self, statement: str) -> None:
-        try:
-            self._conn.execute(statement)
-        except sqlite3.Error as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            raise store_error(exc, self._path) from exc
+    def _transaction(self) -> AbstractContextManager[None]:
+        """SQLite errors inside become StateStoreError (one line naming the file)."""
+        return sqlite_state.transaction(self._conn, partial(store_error, path=self.path))
 
 
 def store_error(exc: sqlite3.Error, path: Path) -> StateStoreError:
-    name = getattr(exc, "sqlite_errorname", type(exc).__name__)
-    if _corrupt(exc):
-        return StateStoreError(f"deliverer state {path}: corrupt ({name}): stop the deliverer and delete"
-                               " it, the next start rebuilds it from the changelog")
-    if name == "SQLITE_FULL":
-        return StateStoreError(f"deliverer state {path}: disk full ({name}): free space or give the state"
-                               " directory a larger volume; nothing after this was committed")
-    return StateStoreError(f"deliverer state {path}: {name}: {exc}")
+    return sqlite_state.state_error(exc, path, _WHAT)
 
 
 def open_store(path: Path, topic: str, *, dedicated: bool = True) -> LedgerStore:
     """The store in `path`. `dedicated`: a file of its own (Kafka mode), deleted and rebuilt from the
     changelog when it is corrupt; False: the embedded log's file, whose corruption is the log's to report."""
     try:
-        return LedgerStore(_connect(path), path, topic)
-    except sqlite3.DatabaseError as exc:
-        if not dedicated or (isinstance(exc, sqlite3.OperationalError) and not _corrupt(exc)):
-            raise store_error(exc, path) from exc
-        logger.warning("deliverer state %s is unreadable (%s): deleted, rebuilding it from the changelog",
-                       path, exc)
-        for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-            leftover.unlink(missing_ok=True)
-        try:
-            return LedgerStore(_connect(path), path, topic)
-        except sqlite3.Error as again:
-            raise store_error(again, path) from again
-
-
-def _corrupt(exc: sqlite3.Error) -> bool:
-    return getattr(exc, "sqlite_errorname", "") in {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
+        if dedicated:
+            conn = sqlite_state.open_or_rebuild(path, _connect, _WHAT, log=logger)
+        else:
+            conn = _connect(path)
+    except sqlite3.Error as exc:
+        raise store_error(exc, path) from exc
+    return LedgerStore(conn, path, topic)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None)
-    try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
-        ensure_ledger_tables(conn)
-        # Reads the schema and the checkpoints (a few pages). Not `PRAGMA quick_check`: it reads every page,
-        # seconds for a large ledger on every start; damage found later is handled where it is met.
-        conn.execute("SELECT count(*) FROM deliverer_ledger_checkpoints").fetchone()
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+    return sqlite_state.open_state_file(path, _prepare, synchronous="NORMAL", cache_kib=CACHE_KIB)
+
+
+def _prepare(conn: sqlite3.Connection) -> None:
+    ensure_ledger_tables(conn)
+    # Reads the schema and the checkpoints (a few pages). Not `PRAGMA quick_check`: it reads every page,
+    # seconds for a large ledger on every start; damage found later is handled where it is met.
+    conn.execute(f"SELECT count(*) FROM {CHECKPOINTS}").fetchone()  # noqa: S608 - a constant name

@@ -19,6 +19,8 @@ transaction: a crash leaves the file consistent, and the tail is read again.
 `FetchStateStore` is sync; `FetchMemory` runs it on its own thread and catches it up with the changelog
 (what to read: services.fetcher.memory). Memory is bounded whatever the history: the store's page cache,
 plus the rows of the UIDLs listed in the sessions in progress (at most `max_parallel_mailboxes`).
+Opening, a corrupt file, transactions and the checkpoint table are the shared ones of every local state
+store (services.runtime.sqlite_state).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import contextlib
 import logging
 import sqlite3
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -37,26 +39,22 @@ from typing import Protocol, TypeVar
 from schemas import codec
 from schemas.events import FetchRecorded
 from services.fetcher.memory import chunks, tail_ranges
+from services.runtime import sqlite_state
 from services.runtime.log import Record, Written
 
 T = TypeVar("T")
 _log = logging.getLogger("popbridge.fetcher")
 
-_BUSY_TIMEOUT = 30.0  # seconds a write waits for another connection (embedded: the log's own writers)
 # SQLite page cache of this connection (negative: KiB): the memory bound of the store, whatever its size.
 CACHE_KIB = 16 * 1024
 _IN_CHUNK = 500  # UIDLs per query: under SQLite's oldest limit of 999 parameters
 
-_TABLES = (
-    # One row per key of the topic: what plan_pass needs per UIDL, decoded from `value` when read.
-    """CREATE TABLE IF NOT EXISTS fetch_state (
-        topic TEXT NOT NULL, mailbox_id TEXT NOT NULL, uidl TEXT NOT NULL, part INTEGER NOT NULL,
-        record_offset INTEGER NOT NULL, value BLOB NOT NULL,
-        PRIMARY KEY (topic, mailbox_id, uidl)) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS fetch_state_checkpoint (
-        topic TEXT NOT NULL, part INTEGER NOT NULL, next_offset INTEGER NOT NULL,
-        PRIMARY KEY (topic, part)) WITHOUT ROWID""",
-)
+# One row per key of the topic: what plan_pass needs per UIDL, decoded from `value` when read.
+_TABLE = """CREATE TABLE IF NOT EXISTS fetch_state (
+    topic TEXT NOT NULL, mailbox_id TEXT NOT NULL, uidl TEXT NOT NULL, part INTEGER NOT NULL,
+    record_offset INTEGER NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY (topic, mailbox_id, uidl)) WITHOUT ROWID"""
+CHECKPOINTS = "fetch_state_checkpoint"
 
 # A newer record of a key replaces an older one; an older one read late never replaces a newer one.
 _UPSERT = """INSERT INTO fetch_state (topic, mailbox_id, uidl, part, record_offset, value)
@@ -68,44 +66,29 @@ _UPSERT = """INSERT INTO fetch_state (topic, mailbox_id, uidl, part, record_offs
 
 def create_fetch_state_tables(conn: sqlite3.Connection) -> None:
     """The fetch-state tables, in a file of their own or in the embedded log's file (idempotent)."""
-    for statement in _TABLES:
-        conn.execute(statement)
+    conn.execute(_TABLE)
+    sqlite_state.create_checkpoint_table(conn, CHECKPOINTS)
 
 
 Row = tuple[int, int, bytes]  # (partition, offset, encoded FetchRecorded)
 
 
 class FetchStateStore:
-    """The fetch-state tables of one SQLite file. Not thread-safe: one thread uses it at a time."""
+    """The fetch-state tables of one SQLite file. Not thread-safe: one thread uses it at a time.
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(
-            path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+    `dedicated`: a file of its own (Kafka mode), deleted and rebuilt from the changelog when it is
+    corrupt; False: the embedded log's file, whose corruption is the log's to report."""
+
+    def __init__(self, path: Path, *, dedicated: bool = False) -> None:
+        self._conn = (
+            sqlite_state.open_or_rebuild(path, _open, "fetch state", log=_log) if dedicated else _open(path)
         )
-        try:
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            # A cache of the changelog: a write lost to a power cut is read again from the topic.
-            self._conn.execute("PRAGMA synchronous = NORMAL")
-            self._conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
-            with self._transaction():
-                create_fetch_state_tables(self._conn)
-        except BaseException:
-            self._conn.close()
-            raise
 
     def close(self) -> None:
         self._conn.close()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            self._conn.execute("COMMIT")
-        finally:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return sqlite_state.transaction(self._conn)
 
     def known(
         self, topic: str, mailbox_id: str, uidls: Iterable[str] | None = None, *, content_keys: bool = False
@@ -133,10 +116,7 @@ class FetchStateStore:
 
     def checkpoint(self, topic: str) -> dict[int, int]:
         """Per partition, the next changelog offset to read."""
-        rows = self._conn.execute(
-            "SELECT part, next_offset FROM fetch_state_checkpoint WHERE topic = ?", (topic,)
-        )
-        return dict(rows.fetchall())
+        return sqlite_state.checkpoints(self._conn, CHECKPOINTS, topic)
 
     def apply(self, topic: str, rows: Iterable[Row], checkpoint: Mapping[int, int] | None = None) -> int:
         """Upsert records (changelog order or not) and, in the same transaction, move the checkpoint."""
@@ -144,18 +124,27 @@ class FetchStateStore:
         with self._transaction():
             self._conn.executemany(_UPSERT, values)
             for part, next_offset in (checkpoint or {}).items():
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO fetch_state_checkpoint (topic, part, next_offset) "
-                    "VALUES (?, ?, ?)",
-                    (topic, part, next_offset),
-                )
+                sqlite_state.set_checkpoint(self._conn, CHECKPOINTS, topic, part, next_offset)
         return len(values)
 
     def forget(self, topic: str) -> None:
         """Drop the mirror of `topic` (the topic was recreated: its offsets start again)."""
         with self._transaction():
             self._conn.execute("DELETE FROM fetch_state WHERE topic = ?", (topic,))
-            self._conn.execute("DELETE FROM fetch_state_checkpoint WHERE topic = ?", (topic,))
+            self._conn.execute(f"DELETE FROM {CHECKPOINTS} WHERE topic = ?", (topic,))  # noqa: S608 - a constant
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    # synchronous NORMAL: a cache of the changelog, a write lost to a power cut is read again from the topic.
+    return sqlite_state.open_state_file(
+        path, _prepare, synchronous="NORMAL", cache_kib=CACHE_KIB, check_same_thread=False
+    )
+
+
+def _prepare(conn: sqlite3.Connection) -> None:
+    with sqlite_state.transaction(conn):
+        create_fetch_state_tables(conn)
+    conn.execute(f"SELECT count(*) FROM {CHECKPOINTS}").fetchone()  # noqa: S608 - reads a page: damage fails here
 
 
 def _identity(value: bytes) -> tuple[str, str]:
@@ -242,7 +231,8 @@ async def open_memory(log_: ChangelogReader, topic: str, path: Path | None) -> A
         if path is None:
             path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="popbridge-fetch-state-")))
             path /= "fetch-state.sqlite3"
-        memory = FetchMemory(FetchStateStore(path), log_, topic)
+        dedicated = path != getattr(log_, "path", None)  # not the embedded log's own file (store_path)
+        memory = FetchMemory(FetchStateStore(path, dedicated=dedicated), log_, topic)
         try:
             read = await memory.catch_up()
             _log.info("fetch state: %d records read from the changelog since the checkpoint", read)

@@ -18,13 +18,13 @@ The local file may hold a change the changelog lacks (written just before a kill
 never acknowledged). That is harmless: such a change belongs to a record whose input offset is not
 committed either, so the record is routed again, by its own fetch id, which dedupe never suppresses.
 
-A file SQLite cannot open as a database is deleted with a warning, and the partition is rebuilt from
-the changelog.
+A file SQLite finds corrupt or not a database is deleted with a warning, and the partition is rebuilt
+from the changelog. Opening, that, and transactions are the shared ones of every local state store
+(services.runtime.sqlite_state).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
@@ -39,8 +39,7 @@ from faust.streams import current_event
 from faust.types import TP, EventT
 
 from services.router.dedupe import DEFAULT_WINDOW, decode_seen, encode_seen, oldest_seen, prune
-from services.runtime import state_table
-from services.runtime.embedded.files import create_private
+from services.runtime import sqlite_state, state_table
 
 log = logging.getLogger("popbridge.router")
 
@@ -67,33 +66,23 @@ def prune_at_ms(window: timedelta) -> PruneAt:
 
 
 def open_partition_file(path: Path) -> sqlite3.Connection:
-    """The SQLite file of one partition, created when missing; a file that is not a usable database is
-    deleted (with a warning) and started afresh, so the partition is restored from the changelog."""
-    try:
-        return _open(path)
-    except sqlite3.DatabaseError as exc:
-        log.warning("router state %s is unreadable (%s); deleting it, the partition is restored from the"
-                    " changelog", path, exc)  # fmt: skip
-        for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-            stale.unlink(missing_ok=True)
-        return _open(path)
+    """The SQLite file of one partition, created when missing (0600 in a 0700 directory: Message-IDs and
+    addresses); a corrupt one is deleted (with a warning) and started afresh, so the partition is
+    restored from the changelog."""
+    return sqlite_state.open_or_rebuild(path, _open, "router state", log=log)
 
 
 def _open(path: Path) -> sqlite3.Connection:
-    create_private(path)  # Message-IDs and addresses: the owner's only (0700 directory, 0600 file)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")  # the WAL shrinks back after a checkpoint
-        # NORMAL: a committed write survives a kill of the process (the WAL is in the kernel's pages); a
-        # power cut may lose the last ones, changes and offset together, and the changelog has them.
-        conn.execute("PRAGMA synchronous = NORMAL")
-        state_table.create_table(conn, TABLE)
-        state_table.applied_offset(conn, TABLE, 0)  # reads a page: a damaged file fails here, not later
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+    # NORMAL: a committed write survives a kill of the process (the WAL is in the kernel's pages); a
+    # power cut may lose the last ones, changes and offset together, and the changelog has them.
+    return sqlite_state.open_state_file(
+        path, _prepare, synchronous="NORMAL", journal_size_limit=WAL_LIMIT, check_same_thread=False
+    )
+
+
+def _prepare(conn: sqlite3.Connection) -> None:
+    state_table.create_table(conn, TABLE)
+    state_table.applied_offset(conn, TABLE, 0)  # reads a page: a damaged file fails here, not later
 
 
 class SeenCopiesStore(SerializedStore[bytes, bytes]):
@@ -156,7 +145,7 @@ class SeenCopiesStore(SerializedStore[bytes, bytes]):
             offsets[message.partition] = max(message.offset, offsets.get(message.partition, -1))
         for partition, partition_changes in changes.items():
             conn = self._file(partition)
-            with _transaction(conn):
+            with sqlite_state.transaction(conn):
                 state_table.write(conn, TABLE, partition_changes)
                 state_table.set_applied_offset(conn, TABLE, partition, offsets[partition])
 
@@ -203,7 +192,7 @@ class SeenCopiesStore(SerializedStore[bytes, bytes]):
     def _clear(self) -> None:
         for partition in list(self._files):
             conn = self._file(partition)
-            with _transaction(conn):
+            with sqlite_state.transaction(conn):
                 state_table.clear(conn, TABLE)
 
     # --- used by expiry and tests -------------------------------------------------------------------
@@ -246,17 +235,6 @@ class SeenCopiesStore(SerializedStore[bytes, bytes]):
             self._close(partition)
         for path in self.directory.glob(f"{self.table.changelog_topic.get_topic_name()}-*.sqlite3*"):
             path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    finally:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
 
 
 class SeenCopiesTable(faust.Table[bytes, bytes]):

@@ -3,9 +3,12 @@ and a restart reads only the changelog's tail (on the embedded log, the store's 
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
+
+import pytest
 
 from schemas import codec
 from schemas.events import FetchRecorded, fetch_state_key
@@ -107,3 +110,20 @@ async def test_a_recreated_topic_is_read_again_from_its_start(tmp_path: Path) ->
     await write(fresh, [record("box", "only")])
     async with open_memory(fresh, FETCH_STATE, store) as memory:
         assert set(await memory.known("box")) == {"only"}
+
+
+async def test_a_corrupt_store_file_is_deleted_with_a_warning_and_read_again_from_the_topic(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = await state_log(tmp_path / "log")
+    await write(log, [record("box", f"u{k}") for k in range(5)])
+    store = tmp_path / "kafka-mode" / "fetch-state.sqlite3"
+    async with open_memory(log, FETCH_STATE, store):
+        pass
+    store.write_bytes(b"this is not a database" * 100)  # a torn or overwritten file
+    with caplog.at_level(logging.WARNING, logger="popbridge.fetcher"):
+        async with open_memory(log, FETCH_STATE, store) as memory:
+            assert memory.last_catch_up == 5  # the whole topic, once
+            assert set(await memory.known("box")) == {f"u{k}" for k in range(5)}
+    assert any("unreadable" in r.getMessage() and str(store) in r.getMessage() for r in caplog.records)
+    assert store.stat().st_mode & 0o777 == 0o600
