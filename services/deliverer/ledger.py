@@ -12,7 +12,6 @@ checkpoint to the end) before it handles any record of that partition.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -170,12 +169,7 @@ class CoPartitionError(LogError):
 
 async def check_co_partitioned(log: Log, topics: Sequence[str]) -> None:
     """Raise CoPartitionError (one line) unless every topic of `topics` has the same number of partitions."""
-    # All at once, one admin client (a metadata request) each: this runs before the replica joins its
-    # group, again after each failed start. Topic after topic, with an admin client and a consumer each
-    # (14 client start-ups), a replica started during a broker outage joined 26 s after the broker was
-    # back in a chaos run (load ~25 on 2 cores): that run's recovery was 38 s.
-    found = await asyncio.gather(*(log.partitions(topic) for topic in topics))
-    counts = {topic: len(partitions) for topic, partitions in zip(topics, found, strict=True)}
+    counts = {topic: len(await log.end_offsets(topic)) for topic in topics}
     unknown = sorted(topic for topic, count in counts.items() if count == 0)
     if unknown:  # just created, the metadata not everywhere yet (a missing topic is reported before this)
         raise LogError(f"deliverer: no partitions known yet for {', '.join(unknown)}")

@@ -147,10 +147,6 @@ class Log(Protocol):
         """Every record of `topic`, from its beginning to its end at the time of the call."""
         ...
 
-    async def partitions(self, topic: str) -> list[int]:
-        """The partition numbers of `topic` (empty when it does not exist)."""
-        ...
-
     async def end_offsets(self, topic: str) -> dict[int, int]:
         """Per partition, the offset the next record written will get."""
         ...
