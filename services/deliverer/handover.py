@@ -82,7 +82,11 @@ class Handover:
         batch = self.current
         if batch is None or not tps & batch.pending.keys():
             return
+        started = asyncio.get_running_loop().time()
         done, _ = await asyncio.wait({batch.task}, timeout=self.timeout)
+        waited = asyncio.get_running_loop().time() - started
+        if waited >= 1.0:  # the whole group waited with this member (its JoinGroup comes after this)
+            log.info("deliverer %s: rebalance waited %.1f s for the batch in hand", self.name, waited)
         if not done:
             log.warning("deliverer %s: batch still running %.0f s into a rebalance: abandoned, not committed",
                         self.name, self.timeout)
@@ -101,8 +105,12 @@ class Handover:
                 del batch.pending[tp]
             if not offsets or self.consumer is None:
                 return
+            started = asyncio.get_running_loop().time()
             try:
                 await self.consumer.commit(offsets)
+                took = asyncio.get_running_loop().time() - started
+                if took >= 5.0:
+                    log.info("deliverer %s: commit took %.1f s", self.name, took)
             except LogError as exc:
                 if not exc.retriable:
                     raise

@@ -245,16 +245,19 @@ class Deliverer:
             idle = False
             while not stop.is_set():
                 await self._resume_due(consumer, held)
-                records = handover.owned(await self._fetch(consumer, held if idle else {}))
+                with _slow("fetch"):
+                    records = handover.owned(await self._fetch(consumer, held if idle else {}))
                 # Restore before handling: a partition gained in this fetch is read from its changelog first.
-                await self._ledger.own({tp.partition for tp in consumer.assignment()})
+                with _slow("ledger restore"):
+                    await self._ledger.own({tp.partition for tp in consumer.assignment()})
                 owned = self._ledger.owned
                 records = [r for r in handover.owned(records) if r.partition in owned]  # none moved meanwhile
                 idle = not records
                 if records:
                     due = await self._hold_not_due(consumer, records, held)
                     offsets = next_offsets([record for record, _ in due])
-                    await handover.run(offsets, partial(self._handle, due))
+                    with _slow(f"batch of {len(due)} records (attempts, publish, commit)"):
+                        await handover.run(offsets, partial(self._handle, due))
                     self._progressed()
                 elif until_idle and await consumer.caught_up(ignoring=held.keys()):
                     return
@@ -345,7 +348,8 @@ class Deliverer:
         the batch commits."""
         try:
             result = await self._attempt(job)
-            written = await self._publish(self._outgoing(result, partition))
+            with _slow(f"publishing the outcomes of fetch {job.routed.fetch_id}"):
+                written = await self._publish(self._outgoing(result, partition))
             ledger = [w for w in written if w.topic == self.topics.delivered]
             self._ledger.record(partition, result.delivered, ledger)
             return result
@@ -445,6 +449,22 @@ class Deliverer:
 
     def _now_ms(self) -> int:
         return int(self.clock.now().timestamp() * 1000)
+
+
+SLOW_STEP_SECONDS = 5.0
+"""A step of the loop that takes longer is logged: while it runs this replica handles nothing else, and a
+rebalance waits for its batch (services.deliverer.handover)."""
+
+
+@contextmanager
+def _slow(step: str) -> Iterator[None]:
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        took = time.monotonic() - started
+        if took >= SLOW_STEP_SECONDS:
+            logger.info("deliverer: %s took %.1f s", step, took)
 
 
 def _first_job(record: Record) -> Job | None:

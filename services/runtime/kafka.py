@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -49,6 +51,9 @@ from services.runtime.log import (
 )
 from services.runtime.outage import BROKER
 from services.runtime.settings import ConfigError, DeploymentSettings
+
+group_log = logging.getLogger("popbridge.kafka.group")
+_SLOW_HANDOVER_SECONDS = 1.0  # a revocation listener that takes longer is logged (it holds the group)
 
 # Room for the event framing and Kafka's record overhead on top of the largest message.
 _REQUEST_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
@@ -125,17 +130,29 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka i
 
     The protocol is eager: every rebalance revokes every partition, and assigns afresh."""
 
-    def __init__(self, on_revoked: OnRevoked | None) -> None:
+    def __init__(self, on_revoked: OnRevoked | None, group: str = "") -> None:
         self.on_revoked = on_revoked
+        self.group = group
         self.revoking = False  # between a revocation and the next assignment
+        self._revoked_at: float | None = None
 
     async def on_partitions_revoked(self, revoked: set[KafkaTopicPartition]) -> None:
         self.revoking = True
+        self._revoked_at = started = time.monotonic()
         if self.on_revoked is not None and revoked:
             await self.on_revoked({TopicPartition(tp.topic, tp.partition) for tp in revoked})
+        # The broker waits for this member's JoinGroup (up to the rebalance timeout) while the listener runs:
+        # a slow hand-over holds every member of the group, so it is worth a line.
+        took = time.monotonic() - started
+        if took >= _SLOW_HANDOVER_SECONDS:
+            group_log.info("group %s: rebalance: %d partitions handed over in %.1f s", self.group,
+                           len(revoked), took)
 
     async def on_partitions_assigned(self, assigned: set[KafkaTopicPartition]) -> None:
         self.revoking = False
+        if self._revoked_at is not None:
+            group_log.info("group %s: rebalance: %d partitions assigned %.1f s after the revocation",
+                           self.group, len(assigned), time.monotonic() - self._revoked_at)
 
 
 @dataclass
@@ -457,7 +474,7 @@ class KafkaLog:
         range default), which splits partition N of two topics between members; `co_partitioned` takes the
         range assignor, which lays each topic's partitions out over the members sorted by id, so with equal
         partition counts partition N of every topic lands on one member."""
-        rebalance = _Rebalance(on_revoked)
+        rebalance = _Rebalance(on_revoked, group)
         extra = {"rebalance_timeout_ms": int(REVOKE_TIMEOUT * 1000)} if on_revoked is not None else {}
         consumer = AIOKafkaConsumer(
             **self._client_options(),
