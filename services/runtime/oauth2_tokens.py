@@ -17,7 +17,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 # waits at most their sum before it uses a still-valid token or fails (the next poll tries again).
 BACKOFF = (1.0, 4.0, 15.0)
 MAX_STATE_BYTES = 64 * 1024  # a token file larger than this is not ours
+# A token or device-authorization reply is a few KB (Microsoft's with an id_token ~8 KB); an endpoint that
+# sends more is broken or hostile and must not cost the process its memory.
+MAX_REPLY_BYTES = 256 * 1024
 DELIVERY = "delivery"  # the name of the deliverer's SMTP login in the cache, status and metrics
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -117,17 +120,62 @@ class TokenEndpoint(Protocol):
     async def device_authorization(self, oauth2: OAuth2, secret: str | None, name: str) -> dict[str, Any]: ...
 
 
+class ReplyTooLargeError(httpx.TransportError):
+    """The endpoint sent more than MAX_REPLY_BYTES."""
+
+
+class _BoundedBody(httpx.AsyncByteStream):
+    def __init__(self, body: httpx.AsyncByteStream, request: httpx.Request, limit: int) -> None:
+        self._body, self._request, self._limit = body, request, limit
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._body:
+            seen += len(chunk)
+            if seen > self._limit:
+                raise ReplyTooLargeError(f"the reply is over {self._limit} bytes", request=self._request)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._body.aclose()
+
+
+class BoundedTransport(httpx.AsyncBaseTransport):
+    """Any transport, with the reply body cut off at `limit` bytes: httpx has no size limit of its own, and
+    authlib reads the whole reply into memory before it looks at it."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, limit: int = MAX_REPLY_BYTES) -> None:
+        self._inner, self._limit = inner, limit
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._limit:
+            await response.aclose()
+            raise ReplyTooLargeError(f"the reply is over {self._limit} bytes", request=request)
+        body = response.stream
+        assert isinstance(body, httpx.AsyncByteStream)  # an async transport streams asynchronously
+        return httpx.Response(response.status_code, headers=response.headers, extensions=response.extensions,
+                              stream=_BoundedBody(body, request, self._limit), request=request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class AuthlibEndpoint:
     """The token endpoint through authlib's httpx client; `transport` is for tests (httpx.MockTransport)."""
 
     def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._transport = transport
 
+    def _bounded(self) -> BoundedTransport:
+        return BoundedTransport(self._transport or httpx.AsyncHTTPTransport())  # one per client: it closes it
+
     def _client(self, oauth2: OAuth2, secret: str | None) -> AsyncOAuth2Client:
         return AsyncOAuth2Client(
             client_id=oauth2.client_id, client_secret=secret, scope=" ".join(endpoints(oauth2).scopes),
             token_endpoint_auth_method="client_secret_post" if secret else "none",
-            timeout=oauth2.timeout, transport=self._transport, follow_redirects=False,
+            timeout=oauth2.timeout, transport=self._bounded(), follow_redirects=False,
         )  # fmt: skip
 
     async def token(self, oauth2: OAuth2, secret: str | None, name: str, **params: str) -> dict[str, Any]:
@@ -153,7 +201,7 @@ class AuthlibEndpoint:
         if secret:
             data["client_secret"] = secret
         try:
-            async with httpx.AsyncClient(timeout=oauth2.timeout, transport=self._transport) as client:
+            async with httpx.AsyncClient(timeout=oauth2.timeout, transport=self._bounded()) as client:
                 response = await client.post(found.device_authorization_url, data=data)
             document = response.json()
         except (httpx.HTTPError, ValueError) as exc:
@@ -172,6 +220,8 @@ def _describe(exc: Exception) -> str:
         return f"HTTP {exc.response.status_code}"
     if isinstance(exc, ValueError):
         return "the reply is not an OAuth2 JSON document"
+    if isinstance(exc, ReplyTooLargeError):
+        return str(exc)
     return type(exc).__name__
 
 

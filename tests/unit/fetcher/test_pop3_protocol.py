@@ -212,17 +212,29 @@ def test_replies_to_pipelined_commands_come_back_in_command_order() -> None:
     ]
 
 
-def test_a_multi_megabyte_message_in_small_reads_parses_in_linear_time() -> None:
+def _parse_seconds(lines: int) -> float:
+    """Best of three parses of a RETR reply of `lines` dot-stuffed lines, fed in 16 KiB reads."""
     line = b".%08d a line of text in the body of a big message, starting with a dot\r\n"
-    message = b"".join(line % i for i in range(300_000))
+    message = b"".join(line % i for i in range(lines))
     wire = retr_reply(message)
-    conn = connected()
-    conn.send(command("RETR", 1))
-    started = time.perf_counter()
-    events = feed(conn, [wire[i : i + 16384] for i in range(0, len(wire), 16384)])
-    elapsed = time.perf_counter() - started
-    assert [e.body for e in events if isinstance(e, Reply)] == [message]
-    assert elapsed < 3.0, f"{len(message) / 1e6:.0f} MB took {elapsed:.2f} s: per-byte work crept in?"
+    chunks = [wire[i : i + 16384] for i in range(0, len(wire), 16384)]
+    best = float("inf")
+    for _ in range(3):
+        conn = connected()
+        conn.send(command("RETR", 1))
+        started = time.perf_counter()
+        events = feed(conn, chunks)
+        best = min(best, time.perf_counter() - started)
+        assert [e.body for e in events if isinstance(e, Reply)] == [message]
+    return best
+
+
+def test_a_multi_megabyte_message_in_small_reads_parses_in_linear_time() -> None:
+    # Relative, not absolute: a loaded CI machine slows both sizes alike (an absolute 3 s bound once failed
+    # at 6.9 s under load), while per-read rescanning of the buffer makes 8x the bytes cost ~64x the time.
+    small, large = _parse_seconds(20_000), _parse_seconds(160_000)
+    ratio = large / small
+    assert ratio < 24, f"8x the bytes took {ratio:.1f}x the time ({small:.3f} s, then {large:.3f} s)"
 
 
 def test_a_reply_over_the_size_limit_fails() -> None:

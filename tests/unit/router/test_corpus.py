@@ -32,6 +32,7 @@ def test_every_corpus_message_routes_to_a_valid_decision(rules: RoutingRules, pa
     raw = path.read_bytes()
     started = time.perf_counter()
     decision = resolve(raw, rules)
-    # Generous: the slowest file (a 130 KB To field) takes a few milliseconds.
-    assert time.perf_counter() - started < 1.0
+    # A guard against runaway parsing (backtracking, quadratic header folding), not a speed target: the
+    # slowest file (a 130 KB To field) takes a few milliseconds, so 5 s holds on a loaded machine.
+    assert time.perf_counter() - started < 5.0
     assert_valid_decision(decision, raw, rules)

@@ -103,7 +103,8 @@ async def test_a_waiting_fetch_wakes_when_a_record_is_written(tmp_path: Path) ->
         started = time.monotonic()
         await produce(log, keyed(1))
         assert values(await waiting) == [b"value-0"]
-        assert time.monotonic() - started < 1
+        # Woken by the write, not by its 30 s timeout; the margin is wide for a loaded machine.
+        assert time.monotonic() - started < 10
 
 
 CHILD_PRODUCER = """

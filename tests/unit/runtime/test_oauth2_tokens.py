@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -23,7 +23,13 @@ from services.runtime.oauth2 import (
     endpoints,
     xoauth2_error,
 )
-from services.runtime.oauth2_tokens import AuthlibEndpoint, TokenSource, TokenStore, device_login
+from services.runtime.oauth2_tokens import (
+    MAX_REPLY_BYTES,
+    AuthlibEndpoint,
+    TokenSource,
+    TokenStore,
+    device_login,
+)
 from services.runtime.settings import OAuth2
 
 TOKEN_URL = "https://login.example.test/token"
@@ -139,6 +145,29 @@ async def test_while_the_endpoint_is_down_it_retries_with_backoff_and_keeps_usin
     assert caught.value.retriable
     assert "still-valid" not in caplog.text
     assert "rt" not in source.store.load("cloud").last_error.split()
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "streamed"])
+async def test_an_endpoint_that_answers_without_end_is_cut_off_and_treated_as_down(
+    tmp_path: Path, declared: bool
+) -> None:
+    clock, sent = Clock(), []
+
+    async def endless() -> AsyncIterator[bytes]:
+        for _ in range(10_000):  # 640 MB if nobody stops reading
+            sent.append(1)
+            yield b'{"access_token": "' + b"x" * 65_536
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        headers = {"content-length": str(640 * 2**20)} if declared else {}
+        return httpx2.Response(200, headers=headers, content=endless())
+
+    source = make_source(tmp_path, handler, clock)
+    source.store.save("cloud", TokenState(access_token="old", expires_at=clock.now - 1, refresh_token="rt"))
+    with pytest.raises(TokenEndpointDownError, match=f"the reply is over {MAX_REPLY_BYTES} bytes"):
+        await source.access_token()
+    assert clock.slept == [1.0, 4.0, 15.0]  # retried like any failing endpoint
+    assert len(sent) <= 4 * (MAX_REPLY_BYTES // 65_536 + 1)
 
 
 async def test_a_token_the_server_refused_is_renewed_even_though_our_clock_says_it_is_valid(
