@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 import pytest
 
 from services.fetcher.pop3 import (
-    IN_USE_RETRY_AFTER,
-    LOGIN_DELAY_RETRY_AFTER,
     Pop3AuthError,
     Pop3Client,
     Pop3CommandError,
@@ -29,9 +27,9 @@ from services.fetcher.pop3 import (
     Pop3TemporaryError,
     Pop3TlsError,
     TlsMode,
-    error_for_reply,
     tls_context,
 )
+from services.fetcher.pop3_errors import IN_USE_RETRY_AFTER, LOGIN_DELAY_RETRY_AFTER, error_for_reply
 from services.fetcher.pop3_protocol import Reply
 
 GREETING = b"+OK ready <1.2@test>\r\n"
