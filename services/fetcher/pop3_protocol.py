@@ -1,5 +1,7 @@
 """The POP3 client protocol as a pure state machine: commands in, bytes out; bytes in, replies out.
 
+Over 500 lines on purpose: the whole POP3 wire contract in one pure module, as h11 keeps HTTP/1.1's.
+
 No sockets and no asyncio here (python-hyper/h11 is the model): `Pop3Connection.send` turns a
 `Command` into the bytes to write and remembers which reply shape to expect; `receive_data` takes
 whatever arrived and returns the replies it completed, in the order the commands were sent, so any

@@ -1,5 +1,7 @@
 """The fetcher stage: drain each configured POP3 mailbox into the fetched topic.
 
+Over 500 lines on purpose: the pass loop's never-lose-mail ordering reads in one place (pure: plan, memory).
+
 Never lose a message: a message is deleted (delete mode) only after the broker acknowledged both its
 `MailFetched` event and the `FetchRecorded` memory entry; a message published but not deleted (the
 session dropped before QUIT) is deleted on the next pass without publishing again, once its bytes proved

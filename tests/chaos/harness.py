@@ -1,5 +1,7 @@
 """One chaos run: real broker, real Dovecot, the scripted SMTP server, every stage replica its own process.
 
+Over 500 lines on purpose: ChaosRun is one run's phases in order; processes, faults, accounting live apart.
+
 Phases: set up (own broker, Dovecot, SMTP server, topics, mailboxes with part of the mail), start the
 stages (replica 1 of each, the others a few seconds later; or all at once with `cold_start`), the fault
 phase (`duration` seconds: more mail arrives, the seeded faults run one after another), the settle phase

@@ -1,5 +1,7 @@
 """The Kubernetes manifests (deploy/k8s): both overlays render, validate offline, and keep their promises.
 
+Over 500 lines on purpose: every promise of the manifests, on one rendering per overlay (module fixtures).
+
 Rendering needs kustomize (deploy/tools/install_kustomize.sh). Without it these tests skip, except under
 CI (env CI set), where they fail: a machine without kustomize must not turn the checks into a green skip.
 """
