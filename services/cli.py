@@ -54,6 +54,15 @@ class LazyGroup(click.Group):
             raise TypeError(f"{target} is not a click command")
         return command
 
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            # Ctrl-C where no stage's own handler runs (starting up, `router --until-idle`): one line and
+            # the shell's 130, as `popbridge run` ends after SIGINT; click alone says "Aborted!", exit 1.
+            click.echo("popbridge: interrupted", err=True)
+            raise SystemExit(130) from None
+
 
 def deployment_settings(environ: dict[str, str]) -> DeploymentSettings:
     """Deployment knobs from the environment, as Kubernetes sets them."""

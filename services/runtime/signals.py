@@ -18,12 +18,8 @@ _logger = logging.getLogger(__name__)
 
 
 def stop_on_signals() -> asyncio.Event:
-    """An event that SIGTERM or SIGINT sets, in the running loop."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, stop.set)
-    return stop
+    """An event that SIGTERM or SIGINT sets, in the running loop; the first says so in one line."""
+    return StopSignals().stop  # the loop's handlers hold the StopSignals; its context is never left
 
 
 class StopSignals:

@@ -3,6 +3,8 @@ its stderr read as it comes, and SIGTERM'd at the end of the block, where it mus
 
     async with stage_process("deliverer", config, stage_environ(bootstrap, settings)) as stage:
         assert "Unable connect to" in await stage.next_line()
+
+`signalled` runs a short script the same way, for a signal test that must never signal pytest itself.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
@@ -82,3 +85,18 @@ async def stage_process(
     output = "".join(stage.lines)
     assert process.returncode == 0, output[-3000:]
     assert "Traceback" not in output
+
+
+def signalled(script: str, signum: signal.Signals) -> tuple[str, int]:
+    """Run `script` in a child process (so the signal never reaches pytest itself), send it `signum`
+    once it printed "ready", and return what it printed after that and its exit code."""
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                          cwd=Path(__file__).resolve().parents[2]) as child:
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == "ready\n"
+            child.send_signal(signum)
+            out, _ = child.communicate(timeout=20)
+        finally:
+            child.kill()  # no-op once it exited; ends it when an assertion failed first
+    return out, child.returncode

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from services.runtime.signals import until_stopped
+from tests.support.stages import signalled
 
 
 async def test_work_that_ends_gives_its_result() -> None:
@@ -53,21 +51,6 @@ asyncio.run(main())
 """
 
 
-def signalled(script: str, signum: signal.Signals) -> tuple[str, int]:
-    """Run `script` in a child process (so the signal never reaches pytest itself), send it `signum`
-    once it printed "ready", and return what it printed after that and its exit code."""
-    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                          cwd=Path(__file__).resolve().parents[3]) as child:
-        try:
-            assert child.stdout is not None
-            assert child.stdout.readline() == "ready\n"
-            child.send_signal(signum)
-            out, _ = child.communicate(timeout=20)
-        finally:
-            child.kill()  # no-op once it exited; ends it when an assertion failed first
-    return out, child.returncode
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_sets_the_stop_event_and_the_process_ends_cleanly(signum: signal.Signals) -> None:
     assert signalled(CHILD, signum) == ("stopped\n", 0)
@@ -89,3 +72,24 @@ asyncio.run(main())
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signals_names_the_signal_and_removes_its_handlers(signum: signal.Signals) -> None:
     assert signalled(STOP_SIGNALS_CHILD, signum) == (f"{signum.name} True\n", 0)
+
+
+LOGGED_CHILD = """
+import asyncio, logging, sys
+from services.runtime.signals import stop_on_signals
+
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+
+async def main() -> None:
+    stop = stop_on_signals()
+    print("ready", flush=True)
+    await stop.wait()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stage_says_in_one_line_which_signal_stops_it(signum: signal.Signals) -> None:
+    expected = f"{signum.name} received: stopping at the next safe point\n"
+    assert signalled(LOGGED_CHILD, signum) == (expected, 0)
