@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,33 +16,20 @@ import pytest
 from schemas.topics import ROUTED
 from services.deliverer.outcome import Verdict
 from services.deliverer.retry import RetryPolicy
-from services.deliverer.service import Counts, Deliverer
-from services.deliverer.smtp import SmtpTransport
+from services.deliverer.service import Deliverer
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import LogError, Outgoing
 from services.runtime.settings import DeploymentSettings
-from tests.support.deliverer import FakeClock, deployment, publish, routed_event, smtp_target
+from tests.support.deliverer import FakeClock, deployment, publish, routed_event, running_deliverer
 from tests.support.kafka import start_local_broker, stop_local_broker
 from tests.support.mail_config import delivery_to, mailbox, write_mail_config
-from tests.support.smtp import ReceivedMessage, SmtpSink
+from tests.support.smtp import DataGate, SmtpSink
 from tests.support.stages import stage_environ, stage_process
 
 pytestmark = pytest.mark.integration
 
 COORDINATOR = "aiokafka.consumer.group_coordinator"
 OUTAGE = 12.0  # seconds the broker is away in the restart test: longer than the retry delay (8 s)
-
-
-class Gate:
-    """Holds every SMTP DATA until opened; `reached` is set by the first one."""
-
-    def __init__(self) -> None:
-        self.reached = threading.Event()
-        self.open = threading.Event()
-
-    def __call__(self, _: ReceivedMessage) -> None:
-        self.reached.set()
-        self.open.wait(60)
 
 
 class Revocations(logging.Handler):
@@ -74,22 +59,6 @@ def revocations() -> Iterator[type[Revocations]]:
         logger.setLevel(before)
 
 
-@asynccontextmanager
-async def running(
-    log: KafkaLog, settings: DeploymentSettings, port: int, policy: RetryPolicy | None = None
-) -> AsyncIterator[asyncio.Task[Counts]]:
-    """A deliverer running until the block ends; the task is handed out to check it did not crash."""
-    stop = asyncio.Event()
-    async with SmtpTransport(smtp_target(port, timeout=90.0)) as transport:
-        stage = Deliverer(log, settings, transport, poll_seconds=0.2, policy=policy or RetryPolicy())
-        task = asyncio.create_task(stage.run(stop=stop))
-        try:
-            yield task
-        finally:
-            stop.set()
-            await asyncio.wait({task}, timeout=60)
-
-
 async def drained(log: KafkaLog, settings: DeploymentSettings) -> None:
     """Until the deliverer group committed the routed topic to its end."""
     topic, group = settings.topic(ROUTED), settings.group("deliverer")
@@ -112,14 +81,14 @@ async def test_a_replica_joining_mid_batch_duplicates_nothing_and_crashes_nothin
     settings, log = await deployment(kafka_bootstrap, kafka_topic_prefix)
     recipients = [f"user{i}@example.com" for i in range(18)]
     await publish(log, settings, *(routed_event(f"u{i}", [r]) for i, r in enumerate(recipients)))
-    gate = Gate()
+    gate = DataGate(hold=60.0)
     smtp_sink.data_reply = gate
     watch = revocations(settings.group("deliverer"))
     logging.getLogger(COORDINATOR).addHandler(watch)
     try:
-        async with running(log, settings, smtp_sink.port) as first:
+        async with running_deliverer(log, settings, smtp_sink.port) as first:
             assert await asyncio.to_thread(gate.reached.wait, 60)  # the first replica's batch is in SMTP
-            async with running(log, settings, smtp_sink.port) as second:
+            async with running_deliverer(log, settings, smtp_sink.port) as second:
                 await asyncio.wait_for(watch.seen.wait(), 60)  # the join revokes the first one's partitions
                 gate.open.set()
                 await asyncio.wait_for(drained(log, settings), 120)
@@ -167,7 +136,7 @@ async def test_a_running_deliverer_rides_out_a_broker_restart(
     refusals = iter(["451 4.3.0 try again later"])
     smtp_sink.rcpt_reply = lambda _: next(refusals, None)
     policy = RetryPolicy(delays=(8.0,))
-    async with running(log, settings, smtp_sink.port, policy) as stage:
+    async with running_deliverer(log, settings, smtp_sink.port, policy) as stage:
         await publish(log, settings, routed_event("u1", ["alice@example.com"], routed_at=datetime.now(UTC)))
         await asyncio.to_thread(_wait_for_refusal, smtp_sink)  # deferred: retry tier 1 due in 8 s
         await asyncio.to_thread(stop_local_broker, directory)

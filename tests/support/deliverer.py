@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -110,3 +111,20 @@ async def deliver_until_idle(
             log, settings, transport, clock=clock, policy=policy or RetryPolicy(), poll_seconds=0.2
         )
         return await stage.run(until_idle=True)
+
+
+@asynccontextmanager
+async def running_deliverer(
+    log: KafkaLog, settings: DeploymentSettings, port: int, policy: RetryPolicy | None = None
+) -> AsyncIterator[asyncio.Task[Counts]]:
+    """A deliverer (SMTP to `port`) running until the block ends; the task is handed out to check it did
+    not crash. At the end it is stopped and given 60 s to finish its batch."""
+    stop = asyncio.Event()
+    async with SmtpTransport(smtp_target(port, timeout=90.0)) as transport:
+        stage = Deliverer(log, settings, transport, poll_seconds=0.2, policy=policy or RetryPolicy())
+        task = asyncio.create_task(stage.run(stop=stop))
+        try:
+            yield task
+        finally:
+            stop.set()
+            await asyncio.wait({task}, timeout=60)

@@ -57,6 +57,20 @@ def accept_all(_: object) -> None:
     """The default reply policy: accept every recipient and every message."""
 
 
+class DataGate:
+    """A `data_reply` that holds every DATA (in the sink's thread) until `open` is set, then accepts it;
+    `reached` is set by the first one, so a test knows a batch is in SMTP. `hold` bounds each wait."""
+
+    def __init__(self, hold: float = 120.0) -> None:
+        self.hold = hold
+        self.reached = threading.Event()
+        self.open = threading.Event()
+
+    def __call__(self, _: ReceivedMessage) -> None:
+        self.reached.set()
+        self.open.wait(self.hold)
+
+
 class _SinkSMTP(SMTP):
     # aiosmtpd refuses DATA lines over 1001 octets; the sink records bytes instead of policing
     # RFC 5321's line limit, so a client that forwards long lines unchanged can be checked byte for byte.
@@ -255,13 +269,21 @@ class SmtpSink:
         with self._journal.changed:
             return list(self._journal.refused_recipients)
 
-    def wait_for(self, count: int, timeout: float = DEFAULT_WAIT) -> list[ReceivedMessage]:
-        """Block until at least `count` messages were accepted; fail the test after `timeout` seconds."""
+    def wait_for(
+        self, count: int, timeout: float = DEFAULT_WAIT, *, recipient: str | None = None
+    ) -> list[ReceivedMessage]:
+        """Block until at least `count` messages were accepted (for `recipient` when given: copies with it
+        on their envelope); fail the test after `timeout` seconds."""
         journal = self._journal
+
+        def counted() -> int:
+            return sum(recipient is None or recipient in m.rcpt_tos for m in journal.messages)
+
         with journal.changed:
-            if not journal.changed.wait_for(lambda: len(journal.messages) >= count, timeout):
+            if not journal.changed.wait_for(lambda: counted() >= count, timeout):
+                whose = f" for {recipient}" if recipient else ""
                 raise AssertionError(
-                    f"the SMTP sink accepted {len(journal.messages)} of {count} messages within {timeout} s"
+                    f"the SMTP sink accepted {counted()} of {count} messages{whose} within {timeout} s"
                 )
             return list(journal.messages)
 
