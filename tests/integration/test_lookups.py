@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 from schemas import codec
 from schemas.events import (
@@ -38,13 +37,13 @@ from schemas.topics import (
     TOPICS,
     TopicSpec,
 )
-from services.cli import cli
 from services.ops.locate import kafka_partition
 from services.runtime.connect import open_log
 from services.runtime.embedded.records import partition_for_key
 from services.runtime.log import Outgoing, Record
 from services.runtime.settings import DeploymentSettings
 from services.runtime.stages import router_repartition_topic
+from tests.support.operator import fetch_id_of, popbridge
 
 pytestmark = pytest.mark.integration
 
@@ -68,16 +67,6 @@ async def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Deployme
     return settings
 
 
-async def popbridge(settings: DeploymentSettings, *args: str) -> Result:
-    environ = {
-        "POPBRIDGE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
-        "POPBRIDGE_TOPIC_PREFIX": settings.topic_prefix,
-        "POPBRIDGE_GROUP_PREFIX": settings.group_prefix,
-        "POPBRIDGE_DATA_DIR": settings.data_dir,
-    }
-    return await asyncio.to_thread(CliRunner().invoke, cli, list(args), env=environ, catch_exceptions=False)
-
-
 async def publish(settings: DeploymentSettings, topic: str, events: Sequence[tuple[bytes, Event]]) -> None:
     async with open_log(settings).producer() as producer:
         await producer.send_all([Outgoing(topic, codec.encode(e), key=key) for key, e in events])
@@ -85,14 +74,7 @@ async def publish(settings: DeploymentSettings, topic: str, events: Sequence[tup
 
 def keyed(*events: Event) -> list[tuple[bytes, Event]]:
     """Each event keyed by its fetch id, as the stages key them."""
-    return [(_fetch_id(e).encode(), e) for e in events]
-
-
-def _fetch_id(event: Event) -> str:
-    if isinstance(event, DeliveryDeadLettered | RetryScheduled):
-        return event.routed.fetch_id
-    fetch_id: str = getattr(event, "fetch_id", "")
-    return fetch_id
+    return [(fetch_id_of(e).encode(), e) for e in events]
 
 
 def fetched(fetch_id: str, message_id: str) -> MailFetched:

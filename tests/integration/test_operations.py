@@ -7,7 +7,6 @@ asyncio.run) while the test's own loop keeps, where needed, a consumer alive in 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Sequence
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from click.testing import CliRunner, Result
 
 from schemas import codec
 from schemas.events import (
@@ -28,7 +26,6 @@ from schemas.events import (
     RecipientsResolved,
 )
 from schemas.topics import DEAD_LETTERS, DELIVERY_ATTEMPTS, FETCHED, ROUTED, TopicSpec, topic_spec
-from services.cli import cli
 from services.ops.shadow import shadow_topic
 from services.router.stage import route_fetched
 from services.runtime.health import LagWatch, ProgressTracker, serve_health
@@ -37,6 +34,7 @@ from services.runtime.log import LogConsumer, Outgoing, Record, next_offsets
 from services.runtime.metrics import Metrics
 from services.runtime.settings import DeploymentSettings, load_config
 from tests.support.mail_config import write_mail_config
+from tests.support.operator import fetch_id_of, popbridge
 
 pytestmark = pytest.mark.integration
 
@@ -62,29 +60,12 @@ def kafka(settings: DeploymentSettings) -> KafkaLog:
     return KafkaLog(settings.kafka_bootstrap)
 
 
-async def popbridge(settings: DeploymentSettings, *args: str) -> Result:
-    """Run the CLI as an operator would, with the deployment's POPBRIDGE_* environment."""
-    environ = {
-        "POPBRIDGE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
-        "POPBRIDGE_TOPIC_PREFIX": settings.topic_prefix,
-        "POPBRIDGE_GROUP_PREFIX": settings.group_prefix,
-    }
-    return await asyncio.to_thread(CliRunner().invoke, cli, list(args), env=environ, catch_exceptions=False)
-
-
 async def publish(settings: DeploymentSettings, topic: str, events: Sequence[Event]) -> None:
     """The events on the deployment's `topic`, keyed by fetch id as the stages key them."""
     async with kafka(settings).producer() as producer:
         await producer.send_all(
-            [Outgoing(settings.topic(topic), codec.encode(e), key=_fetch_id(e).encode()) for e in events]
+            [Outgoing(settings.topic(topic), codec.encode(e), key=fetch_id_of(e).encode()) for e in events]
         )
-
-
-def _fetch_id(event: Event) -> str:
-    if isinstance(event, DeliveryDeadLettered):
-        return event.routed.fetch_id
-    fetch_id: str = getattr(event, "fetch_id", "")
-    return fetch_id
 
 
 def fetched(fetch_id: str, to: str = "alice@example.com") -> MailFetched:
