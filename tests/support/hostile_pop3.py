@@ -22,13 +22,16 @@ import itertools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from services.demo.listener import HOST, Listener
 from services.demo.pop3 import stored_form, stuffed
+from services.runtime.settings import Mailbox
 
 LOGIN = "victim"
 PASSWORD = "hostile-test-password"
+PASSWORD_ENV = "HOSTILE_POP3_PASSWORD"  # where a stage under test reads PASSWORD
+MB = 1_000_000
 MAX_COMMAND_LINE = 512
 
 Script = Callable[[asyncio.StreamWriter], Awaitable[None]]
@@ -267,3 +270,23 @@ class _Session:
             self.writer.write(b"+OK deleted\r\n")
         else:
             self.writer.write(b"-ERR unknown command\r\n")
+
+
+def mail(n: int, size: int = 2_000) -> bytes:
+    """Message `n` (its Message-ID and subject say n) of about `size` bytes, to alice@example.com."""
+    head = (
+        f"From: a@example.test\r\nTo: alice@example.com\r\nMessage-ID: <m{n}@test>\r\nSubject: m{n}\r\n\r\n"
+    )
+    line = f"message {n} ".encode().ljust(70, b"x") + b"\r\n"
+    return head.encode() + line * max(1, size // len(line))
+
+
+def mailbox(server: HostilePop3Server, mailbox_id: str = "box", **overrides: Any) -> Mailbox:
+    """A single-user mailbox on `server` in clear text, with short limits (5 s idle, 10 s a reply, 1 MB)."""
+    fields: dict[str, Any] = {
+        "id": mailbox_id, "host": server.host, "port": server.port, "tls": "none", "username": LOGIN,
+        "password_env": PASSWORD_ENV, "recipients": ("alice@example.com",), "timeout": 5.0,
+        "command_deadline": 10.0, "max_message_size": MB,
+    }  # fmt: skip
+    fields.update(overrides)
+    return Mailbox(**fields)
