@@ -138,7 +138,7 @@ async def test_a_running_deliverer_rides_out_a_broker_restart(
     policy = RetryPolicy(delays=(8.0,))
     async with running_deliverer(log, settings, smtp_sink.port, policy) as stage:
         await publish(log, settings, routed_event("u1", ["alice@example.com"], routed_at=datetime.now(UTC)))
-        await asyncio.to_thread(_wait_for_refusal, smtp_sink)  # deferred: retry tier 1 due in 8 s
+        await asyncio.to_thread(smtp_sink.wait_for_refusals, 1, 60)  # deferred: retry tier 1 due in 8 s
         await asyncio.to_thread(stop_local_broker, directory)
         await asyncio.sleep(OUTAGE)  # the fault: the broker stays away past the retry's due time
         assert not stage.done()
@@ -150,13 +150,6 @@ async def test_a_running_deliverer_rides_out_a_broker_restart(
         assert not stage.done()
     assert stage.exception() is None
     assert copies(smtp_sink) == Counter({"alice@example.com": 1})
-
-
-def _wait_for_refusal(sink: SmtpSink) -> None:
-    deadline = time.monotonic() + 60
-    while not sink.refused_recipients:
-        assert time.monotonic() < deadline, "the first attempt was never refused"
-        time.sleep(0.05)
 
 
 async def test_a_deliverer_started_before_the_broker_waits_for_it_then_delivers(

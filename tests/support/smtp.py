@@ -287,6 +287,17 @@ class SmtpSink:
                 )
             return list(journal.messages)
 
+    def wait_for_refusals(self, count: int, timeout: float = DEFAULT_WAIT) -> list[RefusedRecipient]:
+        """Block until `rcpt_reply` refused at least `count` recipients; fail the test after `timeout` s."""
+        journal = self._journal
+        with journal.changed:
+            if not journal.changed.wait_for(lambda: len(journal.refused_recipients) >= count, timeout):
+                raise AssertionError(
+                    f"the SMTP sink refused {len(journal.refused_recipients)} of {count} recipients within "
+                    f"{timeout} s"
+                )
+            return list(journal.refused_recipients)
+
     def start(self) -> None:
         self._server = SmtpServer(smtp_protocol(
             _Handler(self, self._journal),
