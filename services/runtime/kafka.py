@@ -173,12 +173,13 @@ async def _retired(producer: AIOKafkaProducer) -> None:
     fails (its callers send it again through the new producer)."""
     stopping = asyncio.ensure_future(producer.stop())
     try:
-        await asyncio.wait_for(asyncio.shield(stopping), RETIRE_WITHIN)
-    except TimeoutError:
-        # aiokafka has no abort: stop() waits for every pending batch, and an idempotent batch already sent
-        # once is retried until the broker answers. Failing them lets stop() go on to close the sender.
-        producer._message_accumulator.fail_all(KafkaConnectionError("producer retired after a failed send"))
-        await stopping
+        try:
+            await asyncio.wait_for(asyncio.shield(stopping), RETIRE_WITHIN)
+        except TimeoutError:
+            # aiokafka has no abort: stop() waits for every pending batch, and an idempotent batch already
+            # sent once is retried until the broker answers. Failing them lets stop() close the sender.
+            producer._message_accumulator.fail_all(KafkaConnectionError("producer retired after a failure"))
+            await stopping
     except Exception:  # a stop that fails leaves nothing we could still deliver; the next send is elsewhere
         producer_log.debug("a retired producer failed to stop", exc_info=True)
 
