@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.topics import TopicSpec
+from schemas.topics import MAX_MESSAGE_BYTES, TopicSpec
+from services.runtime import kafka
 from services.runtime.kafka import KafkaLog, KafkaProducer
 from services.runtime.log import LogError, Outgoing
 from tests.support.kafka import start_local_broker, stop_local_broker
@@ -38,6 +39,26 @@ async def test_a_producer_whose_sends_failed_while_the_broker_was_away_sends_aga
         written = await producer.send(Outgoing(topic, b"after", b"k"))
     read = await log.read(topic, 0, written.offset, written.offset + 1)
     assert [r.value for r in read] == [b"after"]
+
+
+async def test_a_producer_retired_while_the_broker_is_away_lets_go_of_what_it_held_within_its_bound(
+    own_broker: tuple[str, Path], kafka_topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A retired producer's stop() waits for every batch it holds, and aiokafka retries a batch until the
+    # broker answers: without the bound, a stage stopping during an outage would wait for the broker.
+    monkeypatch.setattr(kafka, "RETIRE_WITHIN", 1.0)
+    bootstrap, directory = own_broker
+    log = KafkaLog(bootstrap)
+    topic = kafka_topic_prefix + "out"
+    await log.ensure_topics([TopicSpec(topic, 1, {})])
+    async with asyncio.timeout(120):  # the broker stays away for the rest of the test
+        async with log.producer() as producer:
+            await producer.send(Outgoing(topic, b"before", b"k"))
+            await asyncio.to_thread(stop_local_broker, directory)
+            held = Outgoing(topic, b"held", b"k")
+            too_big = Outgoing(topic, bytes(MAX_MESSAGE_BYTES * 2), b"k")
+            with pytest.raises(LogError, match="MessageSizeTooLarge"):  # "held" is with the producer now
+                await producer.send_all([held, too_big])
 
 
 async def failed_send_during_a_stop(producer: KafkaProducer, topic: str, directory: Path) -> LogError:
