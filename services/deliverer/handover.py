@@ -9,9 +9,8 @@ them go. The next owner starts after the batch, so a rebalance without a kill de
 Only time while the broker is reachable counts towards FINISH_TIMEOUT: a batch waiting for the broker to
 take its outcomes would only be abandoned and its copies sent again by the next owner, and no member moves
 on while the broker is away anyway. A batch still running after FINISH_TIMEOUT is abandoned: cancelled and
-not committed. The next owner reads
-it again and the ledger skips the copies this member recorded; a copy cut off in the middle of its SMTP
-transaction may arrive twice, as after a kill.
+not committed. The next owner reads it again and the ledger skips the copies this member recorded; a copy
+cut off in the middle of its SMTP transaction may arrive twice, as after a kill.
 
 Each partition of a batch is committed once, by whichever comes first (the loop or the revocation), and
 only while this member owns it: committing a partition no longer assigned is aiokafka's IllegalStateError.
