@@ -6,9 +6,11 @@ closes) awaits `Handover.revoked` before the group gives them to another member:
 finish (up to FINISH_TIMEOUT), commits it while this member still owns the partitions, and only then lets
 them go. The next owner starts after the batch, so a rebalance without a kill delivers nothing twice.
 
-A batch still running after FINISH_TIMEOUT is abandoned: cancelled and not committed. The next owner reads
-it again and the ledger skips the copies this member recorded; a copy cut off in the middle of its SMTP
-transaction may arrive twice, as after a kill.
+Only time while the broker is reachable counts towards FINISH_TIMEOUT: a batch waiting for the broker to
+take its outcomes would only be abandoned and its copies sent again by the next owner, and no member moves
+on while the broker is away anyway. A batch still running after FINISH_TIMEOUT is abandoned: cancelled and
+not committed. The next owner reads it again and the ledger skips the copies this member recorded; a copy
+cut off in the middle of its SMTP transaction may arrive twice, as after a kill.
 
 Each partition of a batch is committed once, by whichever comes first (the loop or the revocation), and
 only while this member owns it: committing a partition no longer assigned is aiokafka's IllegalStateError.
@@ -24,10 +26,17 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from services.runtime.log import REVOKE_TIMEOUT, LogConsumer, LogError, Record, TopicPartition
+from services.runtime.outage import BROKER
 
 log = logging.getLogger("popbridge.deliverer")
 
 FINISH_TIMEOUT = REVOKE_TIMEOUT * 0.75  # leaves the revocation time to commit before the group moves on
+CHECK_EVERY = 1.0  # seconds between two looks at the broker while a revocation waits for the batch
+
+
+def broker_reachable() -> bool:
+    """Whether this process sees the broker now (services.runtime.outage)."""
+    return not BROKER.down
 
 
 @dataclass(eq=False)
@@ -47,6 +56,8 @@ class Handover:
     timeout: float = FINISH_TIMEOUT
     consumer: LogConsumer | None = None
     current: Batch | None = None
+    reachable: Callable[[], bool] = broker_reachable  # the wait counts only while this says True
+    check_every: float = CHECK_EVERY
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def owned(self, records: Sequence[Record]) -> list[Record]:
@@ -83,13 +94,13 @@ class Handover:
         if batch is None or not tps & batch.pending.keys():
             return
         started = asyncio.get_running_loop().time()
-        done, _ = await asyncio.wait({batch.task}, timeout=self.timeout)
+        done = await self._finished(batch.task)
         waited = asyncio.get_running_loop().time() - started
         if waited >= 1.0:  # the whole group waited with this member (its JoinGroup comes after this)
             log.info("deliverer %s: rebalance waited %.1f s for the batch in hand", self.name, waited)
         if not done:
-            log.warning("deliverer %s: batch still running %.0f s into a rebalance: abandoned, not committed",
-                        self.name, self.timeout)
+            log.warning("deliverer %s: batch still running %.0f s into a rebalance (the broker reachable): "
+                        "abandoned, not committed", self.name, self.timeout)
             batch.abandoned = True
             batch.task.cancel()
             await asyncio.wait({batch.task})
@@ -97,6 +108,18 @@ class Handover:
         if batch.task.cancelled() or batch.task.exception() is not None:
             return  # the loop sees the failure; nothing handled is committed
         await self._commit(batch, tps)
+
+    async def _finished(self, task: asyncio.Future[object]) -> bool:
+        """True once `task` is done; False after `timeout` seconds of waiting with the broker reachable."""
+        counted = 0.0
+        while counted < self.timeout:
+            step = min(self.check_every, self.timeout - counted)
+            done, _ = await asyncio.wait({task}, timeout=step)
+            if done:
+                return True
+            if self.reachable():
+                counted += step
+        return False
 
     async def _commit(self, batch: Batch, owned: set[TopicPartition]) -> None:
         async with self._lock:

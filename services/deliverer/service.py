@@ -328,28 +328,34 @@ class Deliverer:
             self.metrics.skipped("deliverer", sum(job is None for _, job in items))
         claimed = [(record.partition, self._claim(job)) for record, job in items if job is not None]
         jobs = [(partition, job) for partition, job in claimed if job is not None]
+        publishes: list[float] = []  # seconds each job's outcomes took to publish
         try:
-            results = await asyncio.gather(*(self._attempt_and_record(job, p) for p, job in jobs))
+            results = await asyncio.gather(*(self._attempt_and_record(job, p, publishes) for p, job in jobs))
         finally:
             for _, job in jobs:
                 self._in_flight.difference_update((job.routed.fetch_id, r) for r in job.recipients)
+            line = slow_publishes(publishes)
+            if line is not None:
+                logger.info("%s", line)
         for result in results:
             self.counts.add(result)
             self._observe(result)
         await self._notify([dead for result in results for dead in result.dead])
 
-    async def _attempt_and_record(self, job: Job, partition: int) -> Followups:
+    async def _attempt_and_record(self, job: Job, partition: int, publishes: list[float]) -> Followups:
         """One job's attempt, and what follows it made durable at once, not with the rest of the batch:
         a copy the server accepted reaches the ledger milliseconds later, so a kill of this process
         sends again only the copies whose SMTP transaction (or ledger write) was under way, never every
         copy the batch had delivered before (seen in the chaos suite: one kill, 30 copies twice).
         `partition`: the pair's partition, of the record the job came from; its ledger entry and its
         retry go to that partition of their topics (co-partitioned), and the store has the entry before
-        the batch commits."""
+        the batch commits. `publishes` gets the seconds the publish took (one line per batch says the slow
+        ones: services.deliverer.service.slow_publishes)."""
         try:
             result = await self._attempt(job)
-            with _slow(f"publishing the outcomes of fetch {job.routed.fetch_id}"):
-                written = await self._publish(self._outgoing(result, partition))
+            started = time.monotonic()
+            written = await self._publish(self._outgoing(result, partition))
+            publishes.append(time.monotonic() - started)
             ledger = [w for w in written if w.topic == self.topics.delivered]
             self._ledger.record(partition, result.delivered, ledger)
             return result
@@ -454,6 +460,16 @@ class Deliverer:
 SLOW_STEP_SECONDS = 5.0
 """A step of the loop that takes longer is logged: while it runs this replica handles nothing else, and a
 rebalance waits for its batch (services.deliverer.handover)."""
+
+
+def slow_publishes(took: Sequence[float]) -> str | None:
+    """One line for the jobs of a batch whose outcomes took SLOW_STEP_SECONDS or more to publish (the broker
+    slow or away), or None: all the jobs of a batch publish at once, and a line each was a flood."""
+    slow = sorted(t for t in took if t >= SLOW_STEP_SECONDS)
+    if not slow:
+        return None
+    return (f"deliverer: publishing the outcomes of {len(slow)} of {len(took)} jobs took "
+            f"{slow[0]:.1f}-{slow[-1]:.1f} s")
 
 
 @contextmanager

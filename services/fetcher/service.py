@@ -70,6 +70,7 @@ from services.runtime.health import ProgressTracker
 from services.runtime.log import LogError, LogProducer, Outgoing
 from services.runtime.metrics import Metrics
 from services.runtime.oauth2_tokens import TokenSources, oauth2_directory
+from services.runtime.outage import BROKER
 from services.runtime.secrets import CredentialError
 from services.runtime.settings import ConfigError, DeploymentSettings, Mailbox
 
@@ -177,7 +178,7 @@ def classify(exc: BaseException) -> Failure:
     ]
     for kind, found in states:
         if isinstance(exc, kind):
-            return Failure(found, reason)
+            return Failure(found, reason, outage=isinstance(exc, LogError) and exc.retriable)
     if isinstance(exc, ValueError):  # LocalProtocolError: e.g. a user name POP3 cannot carry
         return Failure("config-error", reason)
     return Failure("internal-error", f"{type(exc).__name__}: {reason}")
@@ -251,6 +252,8 @@ class Fetcher:
         return progress.result(mailbox.id)
 
     def _observe(self, mailbox: Mailbox, failure: Failure | None) -> None:
+        if failure is not None and failure.outage:  # a few lines a minute for all mailboxes together
+            BROKER.failed(f"fetcher: mailbox {mailbox.id}: {failure.reason}")
         change = self.states.observe(mailbox.id, failure)
         if change is not None:
             log.log(logging.INFO if change.quiet else logging.WARNING, "%s", change.message())

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from services.fetcher.fetch_state import FetchMemory
 from services.fetcher.placement import Change, Ownership
 from services.runtime.log import REVOKE_TIMEOUT, LogConsumer, LogError, TopicPartition
+from services.runtime.outage import BROKER
 from services.runtime.settings import Mailbox
 
 log = logging.getLogger("popbridge.fetcher")
@@ -42,7 +43,10 @@ async def hold_assignment(
         try:
             await consumer.fetch(every)  # the topic carries no records: this waits `every` seconds
         except LogError as exc:
-            log.warning("mailbox assignment: fetch failed, retrying: %s", exc)
+            if exc.retriable:  # the broker away: within the outage's bound of lines, not one a second
+                BROKER.failed(f"mailbox assignment: fetch failed, retrying: {exc}")
+            else:
+                log.warning("mailbox assignment: fetch failed, retrying: %s", exc)
             await asyncio.sleep(every)
         change = ownership.update({tp.partition for tp in consumer.assignment() if tp.topic == topic})
         if change:

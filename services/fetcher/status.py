@@ -4,6 +4,11 @@ when to poll it next. Pure: the service feeds outcomes in and logs what comes ou
 A mailbox is `ok` or in one failure state (`auth-failed`, `tls-failed`, ...). Only a change of state is
 logged: ok -> auth-failed logs once, the same failure again stays quiet, and the first good pass after
 it logs "recovered". So a wrong password polled every minute writes one line, not 1,440 a day.
+
+A broker outage is not a mailbox's state: a pass that could not publish because the log was out of
+reach (`Failure.outage`) leaves the mailbox's state as it was, and the process reports the outage once for
+all its mailboxes (services.runtime.outage: the first failure, "still unreachable" once a minute,
+"reconnected"), not one line per mailbox as it fails and another as it recovers.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Failure:
     state: State
     reason: str
     retry_after: float | None = None
+    outage: bool = False  # the log (Kafka) was out of reach: the broker's trouble, not the mailbox's
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,10 @@ class MailboxStates:
         return self._states.get(mailbox_id, "ok")
 
     def observe(self, mailbox_id: str, failure: Failure | None) -> Change | None:
-        """Record the outcome of a pass; a Change when the state differs from the last one."""
+        """Record the outcome of a pass; a Change when the state differs from the last one. A broker
+        outage changes nothing here (the module docstring says why)."""
+        if failure is not None and failure.outage:
+            return None
         before = self.state(mailbox_id)
         after: State = "ok" if failure is None else failure.state
         self._states[mailbox_id] = after

@@ -5,6 +5,10 @@ Over 500 lines on purpose: KafkaLog is the one implementation of the log interfa
 aiokafka's defaults are weaker than Java's (acks=1, no idempotence), so the producer sets
 `acks="all"` and `enable_idempotence=True` explicitly: `send` returns only after every in-sync replica
 has the record. Size limits follow schemas.topics.MAX_MESSAGE_BYTES so a 50 MB mail passes end to end.
+
+Over 500 lines because it is the one adapter to Kafka: producer, group consumer, ranged reads and admin
+calls share the client options, the error wrapping and the SASL diagnosis; the error classification
+(kafka_faults) and the security options (kafka_security) are modules of their own already.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -55,6 +59,7 @@ from services.runtime.outage import BROKER
 from services.runtime.settings import ConfigError, DeploymentSettings
 
 group_log = logging.getLogger("popbridge.kafka.group")
+producer_log = logging.getLogger("popbridge.kafka.producer")
 _SLOW_HANDOVER_SECONDS = 1.0  # a revocation listener that takes longer is logged (it holds the group)
 
 # Room for the event framing and Kafka's record overhead on top of the largest message.
@@ -106,24 +111,83 @@ def _wrap(exc: KafkaError, doing: str) -> KafkaLogError:
     return KafkaLogError(f"kafka: {doing}: {type(exc).__name__}: {exc}", retriable=recoverable(exc))
 
 
+# Seconds a producer taken out of service (KafkaProducer) may take to deliver what it still holds (other
+# callers wait for those sends) before what is left fails and it is closed: an outage would otherwise
+# keep it, its connections and its sender retrying, for as long as the outage lasts.
+RETIRE_WITHIN = 30.0
+
+
 @dataclass
 class KafkaProducer:
-    """LogProducer on an idempotent aiokafka producer with acks=all."""
+    """LogProducer on an idempotent aiokafka producer with acks=all, replaced by a fresh one (a new
+    producer id) after any failed send.
 
-    producer: AIOKafkaProducer
+    Why: aiokafka 0.14 numbers a batch (the idempotent producer's per-partition sequence) when it leaves
+    the accumulator, also when it leaves only to fail. A broker that shuts down answers "no leader" for its
+    partitions; a batch to a partition without a known leader waits in the accumulator and, after
+    request_timeout_ms (40 s), is failed with a sequence number the broker never saw. The next batch to that
+    partition is refused with OutOfOrderSequenceNumber, which ends aiokafka's sender task: the producer
+    never sends again (seen in the chaos runs as stalled stages and duplicates). A failed send may have left
+    such a gap, so the producer that failed is retired and the next send opens another."""
+
+    open: Callable[[], Awaitable[AIOKafkaProducer]]  # a started producer, or KafkaLogError
+    producer: AIOKafkaProducer | None = None  # None after a failure, until the next send opens one
+    _opening: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _retiring: set[asyncio.Task[None]] = field(default_factory=set, repr=False)  # at most one per failure
 
     async def send(self, record: Outgoing) -> Written:
         return (await self.send_all([record]))[0]
 
     async def send_all(self, records: Sequence[Outgoing]) -> list[Written]:
+        producer = await self._current()
         try:
-            futures = [await self.producer.send(r.topic, r.value, key=r.key, partition=r.partition)
+            futures = [await producer.send(r.topic, r.value, key=r.key, partition=r.partition)
                        for r in records]
             results = await asyncio.gather(*futures)
         except KafkaError as exc:
+            self._retire(producer)
             raise _wrap(exc, "publish") from exc
         BROKER.recovered()
         return [Written(m.topic, m.partition, m.offset) for m in results]
+
+    async def _current(self) -> AIOKafkaProducer:
+        async with self._opening:  # concurrent sends after a failure share one new producer
+            if self.producer is None:
+                self.producer = await self.open()
+            return self.producer
+
+    def _retire(self, producer: AIOKafkaProducer) -> None:
+        if self.producer is not producer:
+            return  # retired already by another of its failed sends
+        self.producer = None
+        task = asyncio.create_task(_retired(producer))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def close(self) -> None:
+        """Stop the producer in service (delivering what it holds) and wait for the retired ones."""
+        producer, self.producer = self.producer, None
+        try:
+            if producer is not None:
+                await producer.stop()
+        finally:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+
+
+async def _retired(producer: AIOKafkaProducer) -> None:
+    """Stop a producer taken out of service: what it holds has RETIRE_WITHIN seconds to be delivered, then
+    fails (its callers send it again through the new producer)."""
+    stopping = asyncio.ensure_future(producer.stop())
+    try:
+        try:
+            await asyncio.wait_for(asyncio.shield(stopping), RETIRE_WITHIN)
+        except TimeoutError:
+            # aiokafka has no abort: stop() waits for every pending batch, and an idempotent batch already
+            # sent once is retried until the broker answers. Failing them lets stop() close the sender.
+            producer._message_accumulator.fail_all(KafkaConnectionError("producer retired after a failure"))
+            await stopping
+    except Exception:  # a stop that fails leaves nothing we could still deliver; the next send is elsewhere
+        producer_log.debug("a retired producer failed to stop", exc_info=True)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
@@ -443,6 +507,13 @@ class KafkaLog:
 
     @asynccontextmanager
     async def producer(self) -> AsyncIterator[KafkaProducer]:
+        producer = KafkaProducer(self._started_producer, await self._started_producer())
+        try:
+            yield producer
+        finally:
+            await producer.close()
+
+    async def _started_producer(self) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
             **self._client_options(),
             acks="all",
@@ -458,10 +529,7 @@ class KafkaLog:
             if isinstance(exc, KafkaError):
                 raise await self._failed(exc, "connect producer") from exc
             raise
-        try:
-            yield KafkaProducer(producer)
-        finally:
-            await producer.stop()
+        return producer
 
     @asynccontextmanager
     async def consumer(

@@ -77,13 +77,35 @@ async def test_a_batch_still_running_at_the_deadline_is_abandoned_without_commit
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     consumer = Consumer({P0})
-    handover = Handover("routed", consumer=consumer, timeout=0.01)
+    handover = Handover("routed", consumer=consumer, timeout=0.01, reachable=lambda: True)
     loop = asyncio.create_task(handover.run({P0: 9}, asyncio.Event().wait))
     await asyncio.sleep(0)
     await handover.revoked({P0})
     await loop  # returns: the loop goes on with its next fetch
     assert consumer.commits == []
     assert "abandoned, not committed" in caplog.text
+
+
+async def test_time_while_the_broker_is_away_does_not_count_towards_abandoning_the_batch() -> None:
+    # Seen in the chaos runs: a batch waiting for the broker to take its outcomes was abandoned by a
+    # rebalance, and its next owner sent its copies again (duplicates).
+    consumer = Consumer({P0})
+    release = asyncio.Event()
+    looks = 0
+
+    def reachable() -> bool:  # the broker is away; it comes back (the batch publishes) on the 5th look
+        nonlocal looks
+        looks += 1
+        if looks == 5:
+            release.set()
+        return False
+
+    handover = Handover("routed", consumer=consumer, timeout=0.01, check_every=0.01, reachable=reachable)
+    loop = asyncio.create_task(handover.run({P0: 4}, release.wait))
+    await asyncio.sleep(0)
+    await handover.revoked({P0})
+    await loop
+    assert consumer.commits == [{P0: 4}]  # finished and committed, not abandoned
 
 
 async def test_a_commit_the_group_refuses_is_one_line_not_a_crash(caplog: pytest.LogCaptureFixture) -> None:

@@ -35,6 +35,28 @@ def test_another_failure_is_a_new_change_and_in_use_is_quiet() -> None:
     assert states.state("mb") == "in-use"
 
 
+def test_a_broker_outage_is_no_mailbox_state_change_so_each_mailbox_stays_silent() -> None:
+    # Seen in the chaos runs: an outage wrote a "publish-failed" line per mailbox, and a "recovered" per
+    # mailbox after it; the outage is reported once for the process (services.runtime.outage).
+    outage = Failure("publish-failed", "kafka: publish: KafkaConnectionError", outage=True)
+    states = MailboxStates()
+    states.observe("down", Failure("unreachable", "pop3: connection refused"))
+    for mailbox in ("a", "b", "down"):
+        assert states.observe(mailbox, outage) is None
+    assert [states.state(m) for m in ("a", "b", "down")] == ["ok", "ok", "unreachable"]
+    assert states.observe("a", None) is None
+    recovered = states.observe("down", None)
+    assert recovered is not None
+    assert recovered.message() == "mailbox down: recovered (unreachable before)"
+
+
+def test_a_publish_refused_for_good_is_the_mailbox_s_state_change() -> None:
+    states = MailboxStates()
+    change = states.observe("a", Failure("publish-failed", "kafka: not authorized"))
+    assert change is not None
+    assert change.message() == "mailbox a: publish-failed: kafka: not authorized"
+
+
 def test_the_interval_has_ten_percent_jitter_and_login_delay_is_its_floor() -> None:
     rng = random.Random(1)
     delays = [next_delay(Timing(60), rng) for _ in range(200)]
