@@ -1,7 +1,5 @@
 """The Kafka implementation of the log interface (services.runtime.log), on aiokafka.
 
-Over 500 lines on purpose: KafkaLog is the one implementation of the log interface on aiokafka, kept whole.
-
 aiokafka's defaults are weaker than Java's (acks=1, no idempotence), so the producer sets
 `acks="all"` and `enable_idempotence=True` explicitly: `send` returns only after every in-sync replica
 has the record. Size limits follow schemas.topics.MAX_MESSAGE_BYTES so a 50 MB mail passes end to end.
