@@ -12,8 +12,8 @@ Costs, for the operator who runs them on a busy system:
   fetched record (cost: the records fetched since, on that partition), the others from that fetch on
   (services.ops.locate; the fetched one only up to that record), within `--since`/`--until`. By
   Message-ID: one partition of the router's by-message-id topic names the copies' fetch ids; without it,
-  the routed topic within the window. All of it through one reader (`OpsLog.reading`: on Kafka one
-  consumer; a client per lookup and read made a trace of recent mail 2.4 s instead of 0.5 s).
+  the routed topic within the window. All of it through one reader (`OpsLog.reading`: on Kafka a few
+  consumers; a client per lookup and read made a trace of recent mail 2.4 s instead of 0.5 s).
 """
 
 from __future__ import annotations

@@ -547,10 +547,11 @@ class KafkaLog:
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[KafkaReads]:
-        """One plain consumer for an ops command's offset lookups and ranged reads (services.runtime
-        .kafka_reads), instead of a client started for each."""
-        async with self._plain_consumer("read", fetch_bytes=_READ_BYTES) as consumer:
-            yield KafkaReads(consumer, self.partitions)
+        """A few plain consumers for an ops command's offset lookups and ranged reads (services.runtime
+        .kafka_reads), instead of a client started for each; all stopped at the end."""
+        async with contextlib.AsyncExitStack() as consumers:
+            yield KafkaReads(lambda: consumers.enter_async_context(
+                self._plain_consumer("read", fetch_bytes=_READ_BYTES)), self.partitions)
 
     async def active_members(self, group: str) -> list[KafkaGroupMember]:
         """The members of `group` now (empty when the group is Empty, Dead or unknown)."""

@@ -6,6 +6,7 @@ EmbeddedLog in a temporary directory and on a KafkaLog on the session's real bro
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -163,6 +164,10 @@ async def test_one_reader_answers_lookups_and_ranged_reads_in_a_row(subject: Sub
         other = await reads.read(subject.topic, 1, 8, 99)  # past the end: up to the end
         again = await reads.read(subject.topic, 0, 3, 5)  # the partition read before, once more
         empty = await reads.read(subject.topic, 2, 0, 5)
+        together = await asyncio.gather(*(reads.read(subject.topic, p, 0, 10) for p in (0, 1, 0, 1, 2, 0)))
+    assert [[r.value for r in rs] for rs in together] == [
+        [b"v%d" % i for i in range(p, 20, 2)] if p < 2 else [] for p in (0, 1, 0, 1, 2, 0)
+    ]
     assert [[r.value for r in rs] for rs in newest_first] == [[b"v14", b"v16", b"v18"],
                                                              [b"v6", b"v8", b"v10", b"v12"]]
     assert [(r.offset, r.value) for r in other] == [(8, b"v17"), (9, b"v19")]
