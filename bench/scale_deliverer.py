@@ -4,18 +4,19 @@
 
 Fills a fresh ledger topic (12 partitions, as schemas.topics.DELIVERY_PARTITIONS) on a real broker with
 `--pairs` synthetic RecipientDelivered records, written with the producer (not through the pipeline),
-each in the partition of its fetch id as the deliverer writes them. Then, each in a fresh process (so
-its peak RSS is its own), and in the same run:
+spread over the partitions by key as Kafka's partitioner does (scale_common.fill). Then, each in a fresh
+process (so its peak RSS is its own), and in the same run:
 
   before       the old code path: the whole topic read into a Python set (services.deliverer.ledger before
                issue 16, which every replica did at start), its time and peak RSS;
   cold-third   the new path for a replica with no local state that owns 4 of the 12 partitions: restore
                them from the changelog into a fresh store, and 10,000 lookups;
+  warm-third   that replica restarted with its store: only the tail past the checkpoints, 10,000 lookups;
   cold-all     the same for all 12 partitions (this builds the store the next row restarts from);
   warm-all     a restart with the local state present: open the store, restore all 12 partitions (only
-               the tail past the checkpoints), 10,000 lookups;
-and the cold-all and warm-all rows again with `--small` pairs, to show that memory does not grow with
-the history. "Ready" is the ledger's restore finished, the deliverer's part of a start; the group join
+               the tail past the checkpoints), 10,000 lookups (`--replica-only` skips these two);
+and the rows again with `--small` pairs, to show that memory does not grow with the history. "Ready" is
+the ledger's restore finished, the deliverer's part of a start; the group join
 (a few seconds on Kafka) comes on top in both the old and the new path.
 """
 
@@ -32,10 +33,12 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
+from scale_common import Keyed
+from scale_common import fill as fill_topic
 
 from schemas.codec import decode, encode
 from schemas.events import RecipientDelivered
@@ -52,28 +55,21 @@ def fetch_id(i: int) -> str:
     return f"{(i * 0x9E3779B97F4A7C15) % 2**64:016x}{i:016x}"
 
 
+def ledger_records(pairs: int, at: datetime) -> Iterator[Keyed]:
+    """`pairs` ledger records as the deliverer writes them (keyed by fetch id + recipient)."""
+    for i in range(pairs):
+        entry = RecipientDelivered(fetch_id=fetch_id(i), recipient=f"user{i % 97}@example.com",
+                                   delivered_at=at)
+        yield Keyed(ledger_key(entry.fetch_id, entry.recipient), encode(entry))
+
+
 async def fill(bootstrap: str, topic: str, pairs: int, partitions: int) -> float:
-    """Write `pairs` ledger records; returns the seconds it took."""
+    """Write `pairs` ledger records, uncompressed as the deliverer writes them (scale_common.fill: batches
+    straight to the broker, ~10x the rate of a future per record); returns the seconds it took."""
     log = KafkaLog(bootstrap)
     await log.ensure_topics([TopicSpec(topic, partitions, dict(topic_spec(DELIVERED).config))])
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
-                                max_batch_size=512 * 1024)
-    started, at = time.monotonic(), datetime.now(UTC)
-    await producer.start()
-    try:
-        pending = []
-        for i in range(pairs):
-            entry = RecipientDelivered(fetch_id=fetch_id(i), recipient=f"user{i % 97}@example.com",
-                                       delivered_at=at)
-            key = ledger_key(entry.fetch_id, entry.recipient)
-            pending.append(await producer.send(topic, encode(entry), key=key, partition=i % partitions))
-            if len(pending) >= 20_000:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
-    return time.monotonic() - started
+    stats = await fill_topic(bootstrap, topic, ledger_records(pairs, datetime.now(UTC)), compression=None)
+    return stats.seconds
 
 
 async def before(bootstrap: str, topic: str, partitions: int) -> dict[str, float]:
@@ -133,7 +129,9 @@ def row(label: str, pairs: int, result: dict[str, float]) -> None:
           f"  peak RSS {result['rss_mb']:6.0f} MB{extra}", flush=True)
 
 
-def measure(bootstrap: str, pairs: int, partitions: int, scratch: Path, with_before: bool) -> None:
+def measure(
+    bootstrap: str, pairs: int, partitions: int, scratch: Path, *, with_before: bool, with_all: bool
+) -> None:
     topic = f"bench-{uuid.uuid4().hex[:8]}-{DELIVERED}"
     seconds = asyncio.run(fill(bootstrap, topic, pairs, partitions))
     print(f"filled {topic}: {pairs:,} pairs over {partitions} partitions in {seconds:.1f} s "
@@ -143,15 +141,22 @@ def measure(bootstrap: str, pairs: int, partitions: int, scratch: Path, with_bef
         row("before: whole topic into a set (old path)", pairs, result)
     third = ",".join(str(p) for p in range(partitions // 3))
     everything = ",".join(str(p) for p in range(partitions))
-    state = scratch / f"{topic}.sqlite3"
-    row(f"after: no local state, {partitions // 3} of {partitions} partitions", pairs,
-        run_phase("after", bootstrap, topic, partitions, scratch / f"{topic}-third.sqlite3", third, pairs))
-    row(f"after: no local state, all {partitions} partitions", pairs,
-        run_phase("after", bootstrap, topic, partitions, state, everything, pairs))
-    row("after: restart with local state, all partitions", pairs,
-        run_phase("after", bootstrap, topic, partitions, state, everything, pairs))
-    size = sum(f.stat().st_size for f in scratch.glob(f"{topic}.sqlite3*"))
-    print(f"store on disk with {pairs:,} pairs: {size / 1e6:.0f} MB ({size / pairs:.0f} bytes a pair)",
+    owned = f"{partitions // 3} of {partitions} partitions"
+    replica = scratch / f"{topic}-third.sqlite3"
+    row(f"after: no local state, {owned}", pairs, run_phase("after", bootstrap, topic, partitions, replica,
+                                                           third, pairs))
+    warm = run_phase("after", bootstrap, topic, partitions, replica, third, pairs)
+    row(f"after: restart with local state, {owned}", pairs, warm)
+    stored = int(warm["stored"])
+    if with_all:
+        state = scratch / f"{topic}.sqlite3"
+        row(f"after: no local state, all {partitions} partitions", pairs,
+            run_phase("after", bootstrap, topic, partitions, state, everything, pairs))
+        row("after: restart with local state, all partitions", pairs,
+            run_phase("after", bootstrap, topic, partitions, state, everything, pairs))
+        replica, stored = state, pairs
+    size = sum(f.stat().st_size for f in scratch.glob(f"{replica.name}*"))
+    print(f"store on disk with {stored:,} pairs: {size / 1e6:.0f} MB ({size / stored:.0f} bytes a pair)",
           flush=True)
 
 
@@ -165,10 +170,13 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=250_000, help="a second, smaller history")
     parser.add_argument("--partitions", type=int, default=DELIVERY_PARTITIONS)
     parser.add_argument("--no-before", action="store_true", help="skip the old path (slow and large)")
+    parser.add_argument("--replica-only", action="store_true",
+                        help="only a replica owning a third of the partitions (no all-partitions rows)")
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="scale-deliverer-") as scratch:
         for pairs in (arguments.small, arguments.pairs):
-            measure(arguments.kafka, pairs, arguments.partitions, Path(scratch), not arguments.no_before)
+            measure(arguments.kafka, pairs, arguments.partitions, Path(scratch),
+                    with_before=not arguments.no_before, with_all=not arguments.replica_only)
     print(f"(machine: {os.cpu_count()} cores shared with other work; figures are contended)")
 
 

@@ -34,14 +34,14 @@ from services.ops.dead_letters import (
     retry_text,
     summary,
 )
-from services.ops.locate import Window, key_reads, parse_since
+from services.ops.locate import Partitioner, Window, key_reads, parse_since
 from services.ops.oneshot import run_bounded, timeout_option
 from services.ops.reader import decoded, keyed, partition_counts, windowed
 from services.runtime.context import CommandContext, pass_command_context
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import LogError, Outgoing, Record
-from services.runtime.ops_log import OpsLog
+from services.runtime.ops_log import OpsLog, RangeReader
 from services.runtime.settings import DeploymentSettings
 
 T = TypeVar("T")
@@ -62,20 +62,27 @@ async def dead_letters(
 ) -> list[DeadLetter]:
     """The dead letters appended within `window` (only `fetch_id`'s partition when given), latest record
     per (fetch id, recipient), oldest first, each marked when the ledger says it was delivered since."""
-    topic = settings.topic(DEAD_LETTERS)
+    async with log.reading() as reads:
+        letters = await _letters(reads, partitioner_of(log), settings.topic(DEAD_LETTERS), window, fetch_id)
+        if not letters:
+            return []
+        since = Window(min(ms for ms, _ in letters))
+        ledger: list[Record] = [r async for r in windowed(reads, settings.topic(DELIVERED), since)]
+    delivered = (event for _, event in decoded(ledger, (RecipientDelivered,)))
+    return latest_dead_letters(letters, delivered)
+
+
+async def _letters(
+    log: RangeReader, partitioner: Partitioner, topic: str, window: Window, fetch_id: str | None
+) -> list[tuple[int, DeliveryDeadLettered]]:
+    """The dead-letter records within `window` (only `fetch_id`'s partition when given), with their times."""
     if fetch_id is None:
         records = [record async for record in windowed(log, topic, window)]
     else:
         counts = await partition_counts(log, [topic])
-        records = [record for read in key_reads(fetch_id.encode(), counts, partitioner_of(log), window)
+        records = [record for read in key_reads(fetch_id.encode(), counts, partitioner, window)
                    async for record in keyed(log, read)]
-    letters = [(record.timestamp_ms, event) for record, event in decoded(records, (DeliveryDeadLettered,))]
-    if not letters:
-        return []
-    since = Window(min(ms for ms, _ in letters))
-    ledger: list[Record] = [r async for r in windowed(log, settings.topic(DELIVERED), since)]
-    delivered = (event for _, event in decoded(ledger, (RecipientDelivered,)))
-    return latest_dead_letters(letters, delivered)
+    return [(record.timestamp_ms, event) for record, event in decoded(records, (DeliveryDeadLettered,))]
 
 
 def _read(

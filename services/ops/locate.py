@@ -117,12 +117,14 @@ class Window:
 
 @dataclass(frozen=True)
 class KeyRead:
-    """Read one partition of `topic` within `window`, keeping the records keyed `key`."""
+    """Read one partition of `topic` within `window`, keeping the records keyed `key`; not past offset `stop`
+    when given (a trace read the fetched topic's newest records already, down to the anchor)."""
 
     topic: str
     partition: int
     key: bytes
     window: Window
+    stop: int | None = None
 
 
 def key_reads(

@@ -23,7 +23,7 @@ from schemas import codec
 from schemas.events import Event
 from services.ops.locate import CHUNK, KeyRead, Window, next_chunk
 from services.runtime.log import LogError, LogRefusedError, Record
-from services.runtime.ops_log import OpsLog
+from services.runtime.ops_log import OpsLog, RangeReader
 
 E = TypeVar("E", bound=Event)
 
@@ -48,14 +48,14 @@ async def events(log: OpsLog, topic: str, wanted: tuple[type[E], ...]) -> AsyncI
             yield pair
 
 
-async def partition_counts(log: OpsLog, topics: Iterable[str]) -> dict[str, int]:
+async def partition_counts(log: RangeReader, topics: Iterable[str]) -> dict[str, int]:
     """Per topic, its partition count; 0 for a topic not created (yet). The topics are asked at once (a
     Kafka lookup costs a client start)."""
     names = list(topics)
     return dict(zip(names, await asyncio.gather(*(_count(log, t) for t in names)), strict=True))
 
 
-async def _count(log: OpsLog, topic: str) -> int:
+async def _count(log: RangeReader, topic: str) -> int:
     try:
         return len(await log.end_offsets(topic))
     except LogError as exc:
@@ -64,7 +64,7 @@ async def _count(log: OpsLog, topic: str) -> int:
         return 0  # the embedded log's "unknown topic"
 
 
-async def offset_bounds(log: OpsLog, topic: str, window: Window) -> dict[int, tuple[int, int]]:
+async def offset_bounds(log: RangeReader, topic: str, window: Window) -> dict[int, tuple[int, int]]:
     """Per partition, the offsets [start, end) of the records appended within `window`; the end is fixed
     now (what is written later is outside the read)."""
     # asked at once: on Kafka each lookup starts a client
@@ -79,11 +79,12 @@ async def offset_bounds(log: OpsLog, topic: str, window: Window) -> dict[int, tu
 
 
 async def keyed(
-    log: OpsLog, read: KeyRead, *, newest_first: bool = False, chunk: int = CHUNK
+    log: RangeReader, read: KeyRead, *, newest_first: bool = False, chunk: int = CHUNK
 ) -> AsyncIterator[Record]:
     """The records keyed `read.key` on `read.partition` within `read.window`, in log order (or newest first).
     Keys are compared before anything is decoded."""
     start, end = (await offset_bounds(log, read.topic, read.window)).get(read.partition, (0, 0))
+    end = end if read.stop is None else min(end, read.stop)
     async for records in growing_reads(log, read.topic, read.partition, start, end,
                                            newest_first=newest_first, chunk=chunk):
         for record in reversed(records) if newest_first else records:
@@ -91,7 +92,9 @@ async def keyed(
                 yield record
 
 
-async def windowed(log: OpsLog, topic: str, window: Window, *, chunk: int = CHUNK) -> AsyncIterator[Record]:
+async def windowed(
+    log: RangeReader, topic: str, window: Window, *, chunk: int = CHUNK
+) -> AsyncIterator[Record]:
     """Every record of `topic` appended within `window`, partition by partition, in log order."""
     for partition, (start, end) in sorted((await offset_bounds(log, topic, window)).items()):
         reads = growing_reads(log, topic, partition, start, end, newest_first=False, chunk=chunk)
@@ -101,7 +104,7 @@ async def windowed(log: OpsLog, topic: str, window: Window, *, chunk: int = CHUN
 
 
 async def growing_reads(
-    log: OpsLog, topic: str, partition: int, start: int, end: int, *, newest_first: bool, chunk: int
+    log: RangeReader, topic: str, partition: int, start: int, end: int, *, newest_first: bool, chunk: int
 ) -> AsyncIterator[list[Record]]:
     """The records of one partition in [start, end), oldest or newest range first, in reads that grow while
     their records are small and shrink when large (services.ops.locate.next_chunk: bytes per read bounded)."""
@@ -114,7 +117,7 @@ async def growing_reads(
 
 
 async def read_chunks(
-    log: OpsLog, topic: str, partition: int, start: int, end: int, *, chunk: int = 100
+    log: RangeReader, topic: str, partition: int, start: int, end: int, *, chunk: int = 100
 ) -> AsyncIterator[list[Record]]:
     """The records of one partition from `start` up to `end`, `chunk` offsets per read (a bounded batch)."""
     while start < end:
@@ -124,7 +127,7 @@ async def read_chunks(
 
 
 async def read_range(
-    log: OpsLog, topic: str, partition: int, start: int, end: int, *, chunk: int = 100
+    log: RangeReader, topic: str, partition: int, start: int, end: int, *, chunk: int = 100
 ) -> AsyncIterator[Record]:
     """The records of one partition from `start` up to `end`, one by one (read as `read_chunks`)."""
     async for records in read_chunks(log, topic, partition, start, end, chunk=chunk):

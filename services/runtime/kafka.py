@@ -42,6 +42,7 @@ from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from schemas.topics import MAX_MESSAGE_BYTES, TopicSpec
 from services.runtime.kafka_faults import recoverable
+from services.runtime.kafka_reads import KafkaReads
 from services.runtime.kafka_security import PLAINTEXT, KafkaSecurity, kafka_security
 from services.runtime.log import (
     REVOKE_TIMEOUT,
@@ -611,6 +612,14 @@ class KafkaLog:
                 batches = await consumer.getmany(tp, timeout_ms=1000)
                 records += [_record(m) for m in batches.get(tp, []) if start <= m.offset < end]
         return records
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[KafkaReads]:
+        """A few plain consumers for an ops command's offset lookups and ranged reads (services.runtime
+        .kafka_reads), instead of a client started for each; all stopped at the end."""
+        async with contextlib.AsyncExitStack() as consumers:
+            yield KafkaReads(lambda: consumers.enter_async_context(
+                self._plain_consumer("read", fetch_bytes=_READ_BYTES)), self.partitions)
 
     async def active_members(self, group: str) -> list[KafkaGroupMember]:
         """The members of `group` now (empty when the group is Empty, Dead or unknown)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Protocol
 
@@ -28,9 +29,9 @@ class GroupMember(Protocol):
     def client(self) -> str: ...
 
 
-class OpsLog(Protocol):
-    """What the ops commands need of a log. Offsets are per partition; a group's committed offset is the
-    next record it will read. Every method raises `LogError` when the log cannot answer."""
+class RangeReader(Protocol):
+    """Offset lookups and ranged reads: how the ops commands read topics (services.ops.reader). Offsets are
+    per partition. Every method raises `LogError` when the log cannot answer."""
 
     async def start_offsets(self, topic: str) -> dict[int, int]:
         """The offset of the earliest record still kept."""
@@ -40,16 +41,26 @@ class OpsLog(Protocol):
         """The offset the next record written will get."""
         ...
 
-    async def committed(self, group: str, topic: str) -> dict[int, int]:
-        """The group's committed offsets (partitions it never committed on are absent)."""
-        ...
-
     async def offsets_for_time(self, topic: str, timestamp_ms: int) -> dict[int, int]:
         """The first offset whose record timestamp is >= `timestamp_ms`, else the end offset."""
         ...
 
     async def read(self, topic: str, partition: int, start: int, end: int) -> list[Record]:
         """The records with `start <= offset < end` of one partition."""
+        ...
+
+
+class OpsLog(RangeReader, Protocol):
+    """What the ops commands need of a log. A group's committed offset is the next record it will read.
+    Every method raises `LogError` when the log cannot answer."""
+
+    def reading(self) -> AbstractAsyncContextManager[RangeReader]:
+        """A reader for many lookups and reads in a row (on Kafka one client for all of them, where each
+        call on the log starts its own)."""
+        ...
+
+    async def committed(self, group: str, topic: str) -> dict[int, int]:
+        """The group's committed offsets (partitions it never committed on are absent)."""
         ...
 
     async def active_members(self, group: str) -> Sequence[GroupMember]:

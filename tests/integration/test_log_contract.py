@@ -6,6 +6,7 @@ EmbeddedLog in a temporary directory and on a KafkaLog on the session's real bro
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -149,3 +150,26 @@ async def test_a_paused_partition_is_read_again_from_its_pause_offset_once_resum
             again = await read(consumer, 3)
     assert [r.value for r in first] == [b"v0", b"v1", b"v2", b"v3"]
     assert [r.value for r in again] == [b"v1", b"v2", b"v3"]
+
+
+async def test_one_reader_answers_lookups_and_ranged_reads_in_a_row(subject: Subject) -> None:
+    assert isinstance(subject.log, KafkaLog | EmbeddedLog)
+    async with subject.log.producer() as producer:
+        await producer.send_all([Outgoing(subject.topic, b"v%d" % i, partition=i % 2) for i in range(20)])
+    async with subject.log.reading() as reads:
+        assert await reads.end_offsets(subject.topic) == {0: 10, 1: 10, 2: 0}
+        assert await reads.start_offsets(subject.topic) == {0: 0, 1: 0, 2: 0}
+        assert await reads.offsets_for_time(subject.topic, 2**62) == {0: 10, 1: 10, 2: 0}
+        newest_first = [await reads.read(subject.topic, 0, a, b) for a, b in ((7, 10), (3, 7))]
+        other = await reads.read(subject.topic, 1, 8, 99)  # past the end: up to the end
+        again = await reads.read(subject.topic, 0, 3, 5)  # the partition read before, once more
+        empty = await reads.read(subject.topic, 2, 0, 5)
+        together = await asyncio.gather(*(reads.read(subject.topic, p, 0, 10) for p in (0, 1, 0, 1, 2, 0)))
+    assert [[r.value for r in rs] for rs in together] == [
+        [b"v%d" % i for i in range(p, 20, 2)] if p < 2 else [] for p in (0, 1, 0, 1, 2, 0)
+    ]
+    assert [[r.value for r in rs] for rs in newest_first] == [[b"v14", b"v16", b"v18"],
+                                                             [b"v6", b"v8", b"v10", b"v12"]]
+    assert [(r.offset, r.value) for r in other] == [(8, b"v17"), (9, b"v19")]
+    assert [r.value for r in again] == [b"v6", b"v8"]
+    assert empty == []

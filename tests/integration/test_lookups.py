@@ -178,6 +178,21 @@ async def test_trace_json_of_a_fetch_id_among_others_reads_its_partition(
     assert "nothing found for" in missing.stdout
 
 
+async def test_trace_shows_a_message_fetched_twice_with_both_fetched_records(
+    deployment: DeploymentSettings,
+) -> None:
+    # A second fetch of one UIDL (its POP3 DELE was lost) gives a second fetched record with the same key;
+    # the trace anchors on the newer one and must still show the older.
+    others = [fetch_id_for("catchall", f"u{i}") for i in range(12)]
+    copies = [*others, "f" * 32, *others, "f" * 32, *others]
+    await publish(deployment, deployment.topic(FETCHED), keyed(*(fetched(f, f"{f}@x") for f in copies)))
+
+    found = json.loads((await popbridge(deployment, "trace", "f" * 32, "--json")).stdout)["messages"]
+    offsets = [s["stored"]["offset"] for s in found[0]["steps"] if s["kind"] == "fetched"]
+    assert len(offsets) == 2
+    assert offsets[0] < offsets[1]
+
+
 async def test_trace_by_message_id_names_every_copy_through_the_by_message_id_topic(
     deployment: DeploymentSettings,
 ) -> None:

@@ -171,6 +171,11 @@ class EmbeddedLog:
             write_committed, group, offsets, self._now_ms() - int(self._member_timeout * 1000)
         )
 
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[EmbeddedLog]:
+        """The log itself: its lookups and reads cost no client start (OpsLog.reading)."""
+        yield self
+
     async def read(self, topic: str, partition: int, start: int, end: int) -> list[Record]:
         """The records of one partition with `start <= offset < end` (for trace and dead-letter commands)."""
         tp = TopicPartition(topic, partition)
