@@ -19,6 +19,7 @@ import click
 from schemas.events import MailFetched, RecipientsResolved
 from services.runtime.context import CommandContext
 from services.runtime.logs import setup_logging
+from services.runtime.memory import pin_mmap_threshold
 from services.runtime.settings import ConfigError, DeploymentSettings, MailConfig
 
 # name -> "module:attribute" of a click command; imported only when that command runs.
@@ -100,6 +101,8 @@ def _compression(value: str) -> str | None:
 def cli(ctx: click.Context) -> None:
     """popbridge: fetch mail from POP3 mailboxes and deliver it to the right local recipients."""
     environ = dict(os.environ)
+    if "MALLOC_MMAP_THRESHOLD_" not in environ:  # glibc's own knob, set by an operator: it wins
+        pin_mmap_threshold()
     settings = deployment_settings(environ)
     json_logs = {"json": True, "text": False}.get(environ.get("POPBRIDGE_LOG_FORMAT", ""))
     setup_logging(settings.log_level, json_lines=json_logs)

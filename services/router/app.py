@@ -67,6 +67,10 @@ _LOGGED_FAILURES = frozenset({0, 1})  # then one line every _LOG_EVERY_NTH_FAILU
 _LOG_EVERY_NTH_FAILURE = 6
 SESSION_TIMEOUT = 10.0  # seconds
 _FETCH_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
+# Fetched ahead per partition (aiokafka's max_partition_fetch_bytes), as services.runtime.kafka's consumers:
+# at _FETCH_BYTES each of the router's 12 partitions (fetched, repartition) could buffer 65 MB. A larger
+# record still comes (the broker returns the first batch of a response whatever its size).
+_PREFETCH_PARTITION_BYTES = 1024 * 1024
 
 
 def utc_now() -> datetime:
@@ -145,7 +149,7 @@ def create_app(
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_max_request_size=_FETCH_BYTES,
-        consumer_max_fetch_size=_FETCH_BYTES,
+        consumer_max_fetch_size=_PREFETCH_PARTITION_BYTES,
         broker_commit_every=100,
         broker_commit_interval=1.0,
         topic_partitions=partitions,

@@ -63,6 +63,14 @@ _SLOW_HANDOVER_SECONDS = 1.0  # a revocation listener that takes longer is logge
 
 # Room for the event framing and Kafka's record overhead on top of the largest message.
 _REQUEST_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
+# What a consumer fetches ahead, per partition and per fetch response. aiokafka keeps a fetched partition's
+# records until they are consumed, so these bound its buffer (at _REQUEST_BYTES a consumer could hold 65 MB
+# a partition: `run` on Kafka peaked at 413-427 MB). A record larger than them still comes: the broker
+# (Fetch v3+, KIP-74) returns the first batch of the first non-empty partition of a response whatever its
+# size, and turns a cut-off batch of a later partition into an empty answer that is asked again (aiokafka
+# shuffles the partitions of each request); tests/integration/test_topics.py reads 6 MB mail so.
+_PREFETCH_PARTITION_BYTES = 1024 * 1024
+_PREFETCH_BYTES = 4 * 1024 * 1024
 # aiokafka retries a failed connection, coordinator lookup or heartbeat every retry_backoff_ms (100 ms by
 # default): with seven clients a deliverer tried (and logged) ~70 times a second while the broker was
 # away. 500 ms keeps a returning broker noticed within half a second and makes a fifth of the attempts.
@@ -423,8 +431,8 @@ class KafkaLog:
         consumer = AIOKafkaConsumer(
             **self._client_options(),
             enable_auto_commit=False,
-            max_partition_fetch_bytes=_REQUEST_BYTES,
-            fetch_max_bytes=_REQUEST_BYTES,
+            max_partition_fetch_bytes=_PREFETCH_PARTITION_BYTES,
+            fetch_max_bytes=_PREFETCH_BYTES,
         )
         try:
             await consumer.start()
@@ -452,7 +460,7 @@ class KafkaLog:
         # 1 MiB a partition bounds what is buffered while the records are applied (the broker still sends a
         # larger first record whole, so nothing is cut off).
         consumer = AIOKafkaConsumer(**self._client_options(), enable_auto_commit=False,
-                                    max_partition_fetch_bytes=_READ_BYTES, fetch_max_bytes=_REQUEST_BYTES)
+                                    max_partition_fetch_bytes=_READ_BYTES, fetch_max_bytes=_PREFETCH_BYTES)
         try:
             await consumer.start()
             ends = {tp.partition: o for tp, o in (await consumer.end_offsets(list(tps.values()))).items()}
@@ -550,8 +558,8 @@ class KafkaLog:
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_partition_fetch_bytes=_REQUEST_BYTES,
-            fetch_max_bytes=_REQUEST_BYTES,
+            max_partition_fetch_bytes=_PREFETCH_PARTITION_BYTES,
+            fetch_max_bytes=_PREFETCH_BYTES,
             isolation_level="read_committed",
             partition_assignment_strategy=(
                 (RangePartitionAssignor,) if co_partitioned else (RoundRobinPartitionAssignor,)
@@ -684,7 +692,7 @@ class KafkaLog:
 
     @asynccontextmanager
     async def _plain_consumer(
-        self, doing: str, fetch_bytes: int = _REQUEST_BYTES
+        self, doing: str, fetch_bytes: int = _PREFETCH_PARTITION_BYTES
     ) -> AsyncIterator[AIOKafkaConsumer]:
         """A consumer outside any group, for offset lookups and ranged reads."""
         consumer = AIOKafkaConsumer(
@@ -692,7 +700,7 @@ class KafkaLog:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=fetch_bytes,
-            fetch_max_bytes=_REQUEST_BYTES,
+            fetch_max_bytes=_PREFETCH_BYTES,
         )
         try:
             await consumer.start()

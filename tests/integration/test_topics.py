@@ -112,3 +112,31 @@ async def test_a_25_mb_mail_passes_through_the_fetched_topic(
     assert len(records) == 1
     received = codec.decode(records[0].value, MailFetched)
     assert hashlib.sha256(received.raw).hexdigest() == event.sha256
+
+
+async def test_mail_larger_than_the_prefetch_is_read_among_small_mail_on_every_partition(
+    kafka_bootstrap: str, kafka_topic_prefix: str
+) -> None:
+    """A group consumer fetches 1 MiB a partition ahead; a 6 MB record on a partition that is not the first
+    of a fetch response still comes (the broker answers that partition again), in order, none skipped."""
+    log = KafkaLog(kafka_bootstrap)
+    topic = kafka_topic_prefix + "prefetch"
+    partitions = 6
+    await log.ensure_topics([TopicSpec(topic, partitions)])
+    sent: dict[int, list[bytes]] = {p: [] for p in range(partitions)}
+    async with log.producer() as producer:
+        for i in range(10):
+            for p in range(partitions):
+                size = 6 * 1024 * 1024 if (i, p) in {(2, 1), (5, 3), (5, 4), (9, 5)} else 20_000
+                value = b"%d-%d:" % (p, i) + os.urandom(size)
+                sent[p].append(value)
+                await producer.send(Outgoing(topic, value, None, p))
+    received: dict[int, list[bytes]] = {p: [] for p in range(partitions)}
+    async with log.consumer(kafka_topic_prefix + "g-prefetch", [topic]) as consumer:
+        for _ in range(120):
+            for record in await consumer.fetch(timeout=1.0):
+                received[record.partition].append(record.value)
+            if sum(map(len, received.values())) >= 10 * partitions:
+                break
+    assert {p: [hashlib.sha256(v).digest() for v in values] for p, values in received.items()} == {
+        p: [hashlib.sha256(v).digest() for v in values] for p, values in sent.items()}
