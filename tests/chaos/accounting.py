@@ -16,6 +16,10 @@ is a duplicate, and each extra copy is explained by the session that carried the
     scripted-drop      the server dropped that session after DATA, by script
     client-killed      the session broke (no QUIT) because its client, a deliverer process, was killed by
                        the harness after DATA, before it answered the 250 reply
+    ledger-window      the server sent the 250, then the harness SIGKILLed the deliverer process holding the
+                       session before any ledger record of the pair (fetch id, recipient) existed, within
+                       LEDGER_WINDOW seconds of the 250: the deliverer cannot know the copy went out
+                       (issue 13 item 7, the same at-least-once window as a kill before the reply)
     smtp-killed        the SMTP server itself was killed after DATA, before the client answered
     unexplained        anything else: the client had answered the reply (the deliverer knew), the copies
                        came from different POP3 copies (the router's dedupe let one through twice), or the
@@ -32,6 +36,9 @@ from dataclasses import dataclass, field
 
 OUTCOMES = ("delivered", "dead-lettered", "retrying", "stuck", "on-pop3", "lost")
 CLIENT_KILL_SLACK = 1.0  # seconds: a session's end is stamped by the server, a kill by the harness
+# Seconds after a 250 within which a kill can still fall before that copy's ledger record: the deliverer
+# writes it milliseconds after the reply, or seconds later while the broker is away.
+LEDGER_WINDOW = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +52,7 @@ class Copy:
     fetch_id: str = ""
     dropped: bool = False  # the scripted server dropped the connection instead of replying
     acked: bool = False  # the client spoke again after the 250 reply: it knew the copy was delivered
+    replied_at: float | None = None  # when the server sent the 250 (None: it never replied)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +86,8 @@ class Observations:
     on_pop3: frozenset[str] = frozenset()
     fetched_at: Mapping[str, float] = field(default_factory=dict)  # token -> first fetch (epoch seconds)
     endings: Mapping[int, str] = field(default_factory=dict)  # pid -> how that process ended, for causes
+    # (fetch id, recipient) -> when its first ledger record was written (epoch seconds, the record's time)
+    ledger: Mapping[tuple[str, str], float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,6 +183,13 @@ def _cause(seen: Observations, before: Copy, after: Copy) -> str:
     session = seen.sessions.get(before.session)
     if session is None:
         return f"unexplained: no session record for {before.session}"
+    unrecorded = _kill_before_ledger(seen, session, before)
+    if unrecorded is not None:
+        after_reply = unrecorded.at - (before.replied_at or 0.0)
+        return (
+            f"ledger-window: {unrecorded.role} pid {unrecorded.pid} {unrecorded.signal} {after_reply:.2f}s "
+            "after the 250, before the pair's ledger record"
+        )
     if before.acked:
         ended = seen.endings.get(session.client_pid or 0, "")
         return (
@@ -202,6 +219,23 @@ def _client_kill(kills: Iterable[Kill], session: SmtpSession, data_at: float) ->
             session.ended_at is None
             or abs(session.ended_at - kill.at) <= CLIENT_KILL_SLACK
             or (kill.signal == "SIGTERM" and session.ended_at >= kill.at)
+        ):
+            return kill
+    return None
+
+
+def _kill_before_ledger(seen: Observations, session: SmtpSession, copy: Copy) -> Kill | None:
+    """The SIGKILL of this session's client within LEDGER_WINDOW after the copy's 250, when no ledger record
+    of the pair existed yet. SIGKILL only: a SIGTERM'd deliverer must record what it sent before it exits."""
+    if copy.replied_at is None or not copy.fetch_id or session.client_pid is None:
+        return None
+    recorded = seen.ledger.get((copy.fetch_id, copy.recipient))
+    for kill in seen.kills:
+        if (
+            kill.pid == session.client_pid
+            and kill.signal == "SIGKILL"
+            and copy.replied_at <= kill.at <= copy.replied_at + LEDGER_WINDOW
+            and (recorded is None or recorded > kill.at)
         ):
             return kill
     return None

@@ -556,7 +556,7 @@ class ChaosRun:
             dead_letters=kafka.dead_letters, retrying=frozenset(kafka.retrying), stuck=frozenset(kafka.stuck),
             on_pop3=frozenset(tokens_in_maildirs(self.root / "dovecot" / "mail")),
             fetched_at=kafka.fetched_at,
-            endings=self._endings(),
+            endings=self._endings(), ledger=kafka.ledger,
         )  # fmt: skip
         processes = [*self.stages.values(), *([self.smtp] if self.smtp else [])]
         return build_report(

@@ -14,8 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from schemas import codec
-from schemas.events import DeliveryDeadLettered, MailFetched, RecipientsResolved, RetryScheduled
-from schemas.topics import DEAD_LETTERS, FETCHED, RETRY_TOPICS, ROUTED
+from schemas.events import (
+    DeliveryDeadLettered,
+    MailFetched,
+    RecipientDelivered,
+    RecipientsResolved,
+    RetryScheduled,
+)
+from schemas.topics import DEAD_LETTERS, DELIVERED, FETCHED, RETRY_TOPICS, ROUTED
 from services.runtime.kafka import KafkaLog
 from services.runtime.settings import DeploymentSettings
 from services.runtime.stages import router_repartition_topic
@@ -27,6 +33,7 @@ TOKEN = re.compile(rb"ctk-[0-9a-f]+-[0-9]+")
 def journal_copies(entries: Iterable[Mapping[str, Any]]) -> tuple[list[Copy], dict[str, SmtpSession]]:
     """Copies (one per recipient of each journaled DATA) and sessions, from the SMTP journal's lines."""
     acked: set[tuple[str, str]] = set()
+    replied: dict[tuple[str, str], float] = {}
     ended: dict[str, Mapping[str, Any]] = {}
     pids: dict[str, int | None] = {}
     datas: list[Mapping[str, Any]] = []
@@ -38,11 +45,14 @@ def journal_copies(entries: Iterable[Mapping[str, Any]]) -> tuple[list[Copy], di
             ended[entry["s"]] = entry
         elif kind == "acked":
             acked.add((entry["s"], entry["token"]))
+        elif kind == "replied":
+            replied.setdefault((entry["s"], entry["token"]), entry["t"])
         elif kind == "data":
             datas.append(entry)
     copies = [
         Copy(token=d["token"], recipient=rcpt, session=d["s"], at=d["t"], fetch_id=d.get("fetch_id", ""),
-             dropped=d["outcome"] == "dropped", acked=(d["s"], d["token"]) in acked)
+             dropped=d["outcome"] == "dropped", acked=(d["s"], d["token"]) in acked,
+             replied_at=replied.get((d["s"], d["token"])))
         for d in datas
         for rcpt in d["rcpts"]
     ]  # fmt: skip
@@ -93,6 +103,7 @@ class KafkaState:
     retrying: set[tuple[str, str]] = field(default_factory=set)
     stuck: set[str] = field(default_factory=set)
     routed_to: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    ledger: dict[tuple[str, str], float] = field(default_factory=dict)  # (fetch id, rcpt) -> first record
 
 
 async def read_kafka(bootstrap: str, settings: DeploymentSettings) -> KafkaState:
@@ -131,6 +142,11 @@ async def read_kafka(bootstrap: str, settings: DeploymentSettings) -> KafkaState
         reply = letter.smtp_text.splitlines()[0] if letter.smtp_text else ""
         reason = f"{letter.reason}: {letter.smtp_code or '-'} {reply}".strip()
         state.dead_letters[token_of(letter.routed.raw), letter.recipient] = reason
+    async for record in log.scan(settings.topic(DELIVERED)):
+        entry = codec.decode(record.value, RecipientDelivered)
+        at = record.timestamp_ms / 1000  # the producer's time: when the deliverer wrote it
+        pair = (entry.fetch_id, entry.recipient)
+        state.ledger[pair] = min(at, state.ledger.get(pair, at))
     return state
 
 

@@ -133,6 +133,57 @@ def test_a_duplicate_after_the_smtp_server_was_killed_mid_session_is_explained()
     assert result.duplicates[0].causes[0].startswith("smtp-killed")
 
 
+LEDGER_SESSIONS = {
+    "s1": SmtpSession(client_pid=CLIENT, ended_at=100.1, quit=True),
+    "s2": SmtpSession(client_pid=7, ended_at=None),
+}
+
+
+def test_a_duplicate_after_the_client_was_killed_between_the_250_and_its_ledger_record_is_explained() -> None:
+    # The 250 went out at 100.05 and the client even sent QUIT, but the harness SIGKILLed it before the
+    # pair's ledger record was written: the next owner saw no record and sent the copy again (its own
+    # record came at 121).
+    first = copy(at=100.0, acked=True, replied_at=100.05)
+    kill = Kill(at=100.07, role="deliverer", pid=CLIENT, signal="SIGKILL")
+
+    result = account(
+        observe(first, copy(at=120.0, session="s2"), sessions=LEDGER_SESSIONS, kills=(kill,),
+                ledger={("f1", A): 121.0})
+    )  # fmt: skip
+
+    (duplicate,) = result.duplicates
+    assert duplicate.explained
+    assert duplicate.causes[0].startswith("ledger-window: deliverer pid 4242 SIGKILL 0.02s after the 250")
+
+
+@pytest.mark.parametrize(
+    ("kill", "ledger"),
+    [
+        # The ledger record existed before the kill: the next owner should have seen it.
+        (Kill(at=100.07, role="deliverer", pid=CLIENT, signal="SIGKILL"), {("f1", A): 100.06}),
+        # The kill came long after the 250: the deliverer had all the time to record the copy.
+        (Kill(at=130.0, role="deliverer", pid=CLIENT, signal="SIGKILL"), {}),
+        # Another process was killed, not the one holding the session.
+        (Kill(at=100.07, role="deliverer", pid=999, signal="SIGKILL"), {}),
+        # A SIGTERM'd deliverer records what it sent before it exits.
+        (Kill(at=100.07, role="deliverer", pid=CLIENT, signal="SIGTERM"), {}),
+    ],
+    ids=["ledger-before-kill", "kill-long-after", "other-process", "sigterm"],
+)
+def test_a_kill_after_the_250_does_not_explain_a_duplicate_the_ledger_could_have_prevented(
+    kill: Kill, ledger: dict[tuple[str, str], float]
+) -> None:
+    first = copy(at=100.0, acked=True, replied_at=100.05)
+
+    result = account(
+        observe(first, copy(at=140.0, session="s2"), sessions=LEDGER_SESSIONS, kills=(kill,), ledger=ledger)
+    )
+
+    (duplicate,) = result.duplicates
+    assert not duplicate.explained
+    assert "answered the 250" in duplicate.causes[0]
+
+
 @pytest.mark.parametrize(
     ("first", "session", "why"),
     [
@@ -215,10 +266,10 @@ def test_journal_lines_become_one_copy_per_recipient_with_their_session() -> Non
 
     copies, sessions = journal_copies(entries)
 
-    assert [(c.token, c.recipient, c.acked, c.dropped) for c in copies] == [
-        ("t1", A, True, False),
-        ("t1", B, True, False),
-        ("t2", A, False, True),
+    assert [(c.token, c.recipient, c.acked, c.dropped, c.replied_at) for c in copies] == [
+        ("t1", A, True, False, 2.2),
+        ("t1", B, True, False, 2.2),
+        ("t2", A, False, True, None),
     ]
     assert sessions == {
         "1-1": SmtpSession(client_pid=CLIENT, ended_at=3.1, quit=False),
