@@ -39,7 +39,7 @@ from services.runtime.settings import DeploymentSettings
 from tests.chaos import mail
 from tests.chaos.accounting import Kill, Observations, account
 from tests.chaos.observe import KafkaState, journal_copies, read_kafka, token_of, tokens_in_maildirs
-from tests.chaos.processes import STOP_GRACE, Broker, Managed, free_port, line_count, tail
+from tests.chaos.processes import STOP_GRACE, Broker, Managed, free_port, line_count, process_running, tail
 from tests.chaos.report import Report, build_report
 from tests.chaos.schedule import STAGES, Fault, plan_faults
 from tests.support.dovecot import DovecotServer
@@ -76,10 +76,11 @@ class Timeline:
 
     events: list[tuple[float, str]] = field(default_factory=list)
     kills: list[Kill] = field(default_factory=list)
-    broker_stopped_at: float | None = None
+    broker_stopped_at: float | None = None  # the stop command began (the broker still serves a while)
+    broker_exited_at: float | None = None  # the broker's process was gone: the outage proper begins
     broker_ready_at: float | None = None
     broker_steps: dict[str, float] = field(default_factory=dict)  # when the stop ended, the start began
-    lines_at_stop: dict[str, int] = field(default_factory=dict)
+    lines_at_exit: dict[str, int] = field(default_factory=dict)
     lines_at_ready: dict[str, int] = field(default_factory=dict)
     origin: float = field(default_factory=time.time)
     phase_started: float = 0.0
@@ -444,8 +445,14 @@ class ChaosRun:
 
     def _broker_stop(self, fault: Fault) -> Iterator[Wait]:
         self.timeline.broker_stopped_at = time.time()
-        self.timeline.lines_at_stop = self._log_lines()
+        pid = self.broker.pid()
         self.broker.begin("stop")
+        # The broker serves for a few seconds after the stop command (its controlled shutdown): the
+        # outage, and the log lines counted in it, begin when its process is gone.
+        yield self._broker_gone(pid)
+        self.timeline.broker_exited_at = time.time()
+        self.timeline.lines_at_exit = self._log_lines()
+        self.timeline.note(f"broker: pid {pid} exited")
         yield self._broker_done("stop")
         self.timeline.broker_steps["stop_finished_at"] = time.time()
         self._deliver_mail(self._outage_mail)
@@ -458,6 +465,10 @@ class ChaosRun:
         self.timeline.broker_ready_at = time.time()
         self.timeline.lines_at_ready = self._log_lines()
         self.timeline.note("broker: accepting connections again")
+
+    def _broker_gone(self, pid: int | None) -> Wait:
+        limit = time.monotonic() + STEP_TIMEOUT
+        return lambda: pid is None or not process_running(pid) or time.monotonic() > limit
 
     def _broker_done(self, action: str) -> Wait:
         def done() -> bool:

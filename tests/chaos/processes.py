@@ -137,6 +137,15 @@ def tail(path: Path, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def process_running(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has: it only waits to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def line_count(path: Path) -> int:
     try:
         return path.read_bytes().count(b"\n")
@@ -160,6 +169,13 @@ class Broker:
             raise RuntimeError(f"the chaos broker did not start: {result.stderr.strip()[-2000:]}")
         self.bootstrap = result.stdout.strip().splitlines()[-1]
         return self.bootstrap
+
+    def pid(self) -> int | None:
+        """The broker process's pid (DIR/broker.pid, written by kafka_broker.py start), None if unknown."""
+        try:
+            return int((self.directory / "broker.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     def begin(self, action: str) -> None:
         """Start `kafka_broker.py stop|start` without waiting; `finished()` says when it is done."""

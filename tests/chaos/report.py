@@ -61,7 +61,7 @@ def build_report(
         "self_crashes": _self_crashes(processes),
         "unclean_sigterm_exits": _unclean_sigterm_exits(processes),
         "signals": [{"at": k.at, "role": k.role, "pid": k.pid, "signal": k.signal} for k in timeline.kills],
-        "broker": _broker(timeline, copies),
+        "broker": broker_figures(timeline, copies),
         "latency_seconds": percentiles(accounting.latencies),
         "events": [{"at": at, "what": what} for at, what in timeline.events],
     }  # fmt: skip
@@ -106,19 +106,21 @@ def _unclean_sigterm_exits(processes: Sequence[Managed]) -> list[dict[str, Any]]
     ]
 
 
-def _broker(timeline: Timeline, copies: Sequence[Copy]) -> dict[str, Any]:
-    stopped, ready = timeline.broker_stopped_at, timeline.broker_ready_at
-    if stopped is None or ready is None:
+def broker_figures(timeline: Timeline, copies: Sequence[Copy]) -> dict[str, Any]:
+    """The broker stop's figures: its timeline, the recovery and the log lines per replica per minute
+    from the broker's exit (not the stop command: it serves for seconds after it) to its return."""
+    stopped, exited, ready = timeline.broker_stopped_at, timeline.broker_exited_at, timeline.broker_ready_at
+    if stopped is None or exited is None or ready is None:
         return {}
     delivered_after = sorted(c.at for c in copies if c.at > ready)
-    outage_minutes = max((ready - stopped) / 60, 1e-9)
+    outage_minutes = max((ready - exited) / 60, 1e-9)
     rates = {
         replica: round(lines / outage_minutes, 1)
-        for replica, lines in sorted(_lines_during(timeline.lines_at_stop, timeline.lines_at_ready).items())
+        for replica, lines in sorted(_lines_during(timeline.lines_at_exit, timeline.lines_at_ready).items())
     }
     return {
-        "stop_began_at": stopped,
-        **timeline.broker_steps, "ready_at": ready, "outage_seconds": round(ready - stopped, 1),
+        "stop_began_at": stopped, "exited_at": exited,
+        **timeline.broker_steps, "ready_at": ready, "outage_seconds": round(ready - exited, 1),
         "recovery_seconds": round(delivered_after[0] - ready, 1) if delivered_after else None,
         "copies_after_ready": len(delivered_after),
         "log_lines_per_minute_during_outage": rates,

@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 
-from tests.chaos.report import Report, failures
+from tests.chaos.accounting import Copy
+from tests.chaos.harness import Timeline
+from tests.chaos.report import Report, broker_figures, failures
 
 
 def clean(**changes: Any) -> Report:
@@ -49,3 +51,21 @@ def test_each_finding_fails_the_run(changes: dict[str, Any], finding: str) -> No
     (found,) = failures(clean(**changes))
 
     assert finding in found
+
+
+def test_log_lines_in_the_outage_count_from_the_broker_exit_not_from_the_stop_command() -> None:
+    # The stop command at 90; the broker served (and the deliverer logged its deliveries) until its
+    # process exited at 100; it accepted connections again at 130.
+    timeline = Timeline(
+        broker_stopped_at=90.0, broker_exited_at=100.0, broker_ready_at=130.0,
+        lines_at_exit={"router-1.0.log": 40, "deliverer-1.0.log": 75, "smtp.0.log": 9},
+        lines_at_ready={"router-1.0.log": 41, "router-1.1.log": 1, "deliverer-1.0.log": 75, "smtp.0.log": 90},
+    )  # fmt: skip
+    first_after = Copy(token="t1", recipient="a@example.com", session="s1", at=133.5)
+
+    figures = broker_figures(timeline, [first_after])
+
+    # Per replica (all its incarnations), per minute of the 30 s outage; the SMTP server is not a stage.
+    assert figures["log_lines_per_minute_during_outage"] == {"deliverer-1": 0.0, "router-1": 4.0}
+    assert figures["max_log_lines_per_minute"] == 4.0
+    assert (figures["outage_seconds"], figures["recovery_seconds"]) == (30.0, 3.5)
