@@ -114,15 +114,16 @@ class Ledger:
             if sum(map(len, pending.values())) >= RESTORE_CHUNK:
                 self._apply(pending, upto)
         self._apply(pending, upto)
+        self._store.merge_staged()
         for p in partitions:  # the end, past any tail the log holds no record at (compaction, markers)
             self._store.apply(p, (), max(starts[p], ends.get(p, 0)))
         logger.info("deliverer ledger: partitions %s restored, %d changelog records applied in %.1f s",
                     sorted(partitions), applied, time.monotonic() - started)
 
     def _apply(self, pending: dict[int, list[Pair]], upto: dict[int, int]) -> None:
-        """The pairs read, into the store with their checkpoints, one transaction per partition."""
+        """The pairs read, staged in the store with their checkpoints, one transaction per partition."""
         for partition, pairs in pending.items():
-            self._store.apply(partition, pairs, upto[partition])
+            self._store.stage(partition, pairs, upto[partition])
         pending.clear()
 
     def _checkpoint(self, partition: int, end: int) -> int:
@@ -137,12 +138,12 @@ class Ledger:
 
 
 EXPIRE_EVERY_MS = 60 * 60 * 1000  # the store drops pairs past the retention at most this often
-# Pairs read before they are written, sorted, in one go: inserted in key order, each page of the store's
-# index is written once per chunk instead of once per pair (random fetch ids; measured 2-3x faster).
-# Once the store outgrows SQLite's page cache a chunk rewrites nearly every page, so fewer, larger chunks
-# write less: restoring 3.3M pairs took 118 s with 100,000 a chunk, 75 s with 250,000 and 76 s with
-# 500,000 (bench/scale_deliverer.py). Bounds what a restore holds in memory: peak RSS 116 / 155 / 227 MB.
-RESTORE_CHUNK = 250_000
+# Pairs read before they are staged in the store in one transaction: bounds what a restore holds in memory.
+# Their order does not matter any more: the store merges what a restore staged in key order at its end
+# (LedgerStore.merge_staged). Before, each chunk was inserted at once, in key order, and rewrote nearly every
+# page of the table once the table outgrew the page cache: 4 of 12 partitions of 10M pairs took 133 s
+# (load 9), 47 s staged (load 4-5) (bench/scale_deliverer.py).
+RESTORE_CHUNK = 100_000
 
 
 def _ms(at: datetime) -> int:

@@ -59,7 +59,16 @@ def ensure_ledger_tables(conn: sqlite3.Connection) -> None:
         " part INTEGER NOT NULL, delivered_ms INTEGER NOT NULL, PRIMARY KEY (fetch_id, recipient))"
         " WITHOUT ROWID"
     )
-    conn.execute("CREATE INDEX IF NOT EXISTS deliverer_ledger_by_time ON deliverer_ledger (delivered_ms)")
+    # No index by time: a restore inserts in key order, and index entries in time order would land on random
+    # pages of it, rewriting the index once per bucket (`merge_staged`); `expire` scans the table instead.
+    conn.execute("DROP INDEX IF EXISTS deliverer_ledger_by_time")  # a store from before: dropped in place
+    # A restore's pairs, appended per bucket (the fetch id's first two characters) in arrival order, before
+    # they go into deliverer_ledger one bucket at a time in key order (`stage`, `merge_staged`).
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS deliverer_ledger_staged (bucket TEXT NOT NULL, seq INTEGER NOT NULL,"
+        " fetch_id TEXT NOT NULL, recipient TEXT NOT NULL, part INTEGER NOT NULL,"
+        " delivered_ms INTEGER NOT NULL, PRIMARY KEY (bucket, seq)) WITHOUT ROWID"
+    )
     sqlite_state.create_checkpoint_table(conn, CHECKPOINTS)
 
 
@@ -70,6 +79,7 @@ class LedgerStore:
         self._conn = conn
         self.path = path
         self.topic = topic
+        self._seq: int | None = None  # the next staged pair's sequence number (None: not asked yet)
 
     def close(self) -> None:
         self._conn.close()
@@ -89,6 +99,47 @@ class LedgerStore:
         with self._transaction():
             self._insert(partition, pairs)
             self._set_checkpoint(partition, next_offset)
+
+    def stage(self, partition: int, pairs: Iterable[Pair], next_offset: int) -> None:
+        """As `apply`, for a restore: the pairs are staged (appended, whatever their keys), not yet visible
+        to `delivered` until `merge_staged`. The checkpoint moves with them: staged pairs are the store's,
+        and a store opened with pairs staged merges them first, so a crash loses none of them."""
+        staged = list(pairs)
+        with self._transaction():
+            self._conn.executemany(
+                "INSERT INTO deliverer_ledger_staged VALUES (substr(?1, 1, 2), ?2, ?1, ?3, ?4, ?5)",
+                ((fetch_id, seq, recipient, partition, at)
+                 for seq, (fetch_id, recipient, at) in enumerate(staged, self._next_seq())),
+            )
+            self._set_checkpoint(partition, next_offset)
+        self._seq = self._next_seq() + len(staged)
+
+    def merge_staged(self) -> int:
+        """The staged pairs into the table, bucket by bucket in key order; how many were staged.
+
+        Inserted in key order, the pairs of a restore write each page of the table once, whatever its
+        size (the table and the staged pairs are both in key order), where inserting chunks of random
+        fetch ids rewrites nearly every page once per chunk as soon as the table outgrows the page cache
+        (bench/scale_deliverer.py). A bucket is ~1/256 of the staged pairs: SQLite sorts it in memory.
+        One transaction a bucket keeps the WAL small; a crash in between merges them again (INSERT OR
+        IGNORE) on the next open, and the staged pairs go in one last transaction."""
+        buckets = [b for (b,) in self._conn.execute("SELECT DISTINCT bucket FROM deliverer_ledger_staged")]
+        for bucket in buckets:
+            with self._transaction():
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO deliverer_ledger SELECT fetch_id, recipient, part, delivered_ms"
+                    " FROM deliverer_ledger_staged WHERE bucket = ? ORDER BY fetch_id, recipient", (bucket,)
+                )
+        with self._transaction():
+            cursor = self._conn.execute("DELETE FROM deliverer_ledger_staged")
+        return cursor.rowcount
+
+    def _next_seq(self) -> int:
+        """Past every staged pair's: asked of the table once (a scan: seq is not its first key column)."""
+        if self._seq is None:
+            row = self._conn.execute("SELECT max(seq) FROM deliverer_ledger_staged").fetchone()
+            self._seq = 0 if row[0] is None else int(row[0]) + 1
+        return self._seq
 
     def record(self, partition: int, pairs: Sequence[Pair], offsets: Sequence[int]) -> None:
         """Pairs this replica just wrote to the changelog at `offsets`. The checkpoint follows only where
@@ -116,7 +167,7 @@ class LedgerStore:
         return int(self._conn.execute("SELECT count(*) FROM deliverer_ledger").fetchone()[0])
 
     def _insert(self, partition: int, pairs: Iterable[Pair]) -> None:
-        # In key order: neighbouring pairs share index pages, each written once (see ledger.RESTORE_CHUNK).
+        # In key order: neighbouring pairs share pages, each written once (a restore stages instead).
         self._conn.executemany(
             "INSERT OR IGNORE INTO deliverer_ledger VALUES (?, ?, ?, ?)",
             ((fetch_id, recipient, partition, at) for fetch_id, recipient, at in sorted(pairs)),
@@ -144,7 +195,11 @@ def open_store(path: Path, topic: str, *, dedicated: bool = True) -> LedgerStore
             conn = _connect(path)
     except sqlite3.Error as exc:
         raise store_error(exc, path) from exc
-    return LedgerStore(conn, path, topic)
+    store = LedgerStore(conn, path, topic)
+    leftover = store.merge_staged()  # a restore cut short: its checkpoints cover these pairs
+    if leftover:
+        logger.info("deliverer state %s: %d pairs staged by an interrupted restore merged", path, leftover)
+    return store
 
 
 def _connect(path: Path) -> sqlite3.Connection:

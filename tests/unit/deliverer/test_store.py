@@ -99,5 +99,52 @@ def test_the_ledger_tables_leave_a_foreign_database_alone(tmp_path: Path) -> Non
     store.apply(1, [("f1", "a@x", 1)], next_offset=1)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
     assert {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {
-        "records", "deliverer_ledger", "deliverer_ledger_checkpoints"
+        "records", "deliverer_ledger", "deliverer_ledger_checkpoints", "deliverer_ledger_staged"
     }
+
+
+def test_a_restore_stages_pairs_and_merges_them_in_one_pass(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "ledger.sqlite3", TOPIC)
+    store.record(0, [("f2", "a@x", 1)], [0])
+    store.stage(0, [("f3", "a@x", 1), ("f2", "a@x", 1)], next_offset=2)  # f2: already there, kept once
+    store.stage(1, [("f1", "b@x", 1), ("01", "c@x", 1)], next_offset=7)
+    assert not store.delivered("f1", "b@x")  # staged, not yet the store's answer
+    assert store.merge_staged() == 4
+    assert all(store.delivered(f, r) for f, r in [("f1", "b@x"), ("01", "c@x"), ("f2", "a@x"), ("f3", "a@x")])
+    assert (store.count(), store.checkpoint(0), store.checkpoint(1)) == (4, 2, 7)
+    assert store.merge_staged() == 0
+
+
+def test_pairs_staged_by_a_restore_cut_short_are_merged_when_the_store_is_opened(tmp_path: Path) -> None:
+    # The checkpoint moved with the staged pairs: a restart must not read them again, nor miss them.
+    path = tmp_path / "ledger.sqlite3"
+    store = open_store(path, TOPIC)
+    store.stage(2, [("f1", "a@x", 1), ("f2", "a@x", 1)], next_offset=2)
+    store.close()  # killed before the restore's end merged them
+    reopened = open_store(path, TOPIC)
+    assert reopened.checkpoint(2) == 2
+    assert reopened.delivered("f1", "a@x")
+    assert reopened.delivered("f2", "a@x")
+    reopened.stage(2, [("f3", "a@x", 1)], next_offset=3)  # numbered past what was staged before
+    assert reopened.merge_staged() == 1
+
+
+def test_a_store_from_before_staging_is_opened_with_its_pairs_and_without_the_time_index(
+    tmp_path: Path,
+) -> None:
+    # The previous layout: the same table and checkpoints, plus an index by time that a restore in key order
+    # would write at random; it is dropped in place, nothing is rebuilt.
+    path = tmp_path / "ledger.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE deliverer_ledger (fetch_id TEXT NOT NULL, recipient TEXT NOT NULL, part"
+                 " INTEGER NOT NULL, delivered_ms INTEGER NOT NULL, PRIMARY KEY (fetch_id, recipient))"
+                 " WITHOUT ROWID")
+    conn.execute("CREATE INDEX deliverer_ledger_by_time ON deliverer_ledger (delivered_ms)")
+    conn.execute("INSERT INTO deliverer_ledger VALUES ('f1', 'a@x', 0, 1000)")
+    conn.commit()
+    conn.close()
+    store = open_store(path, TOPIC)
+    assert store.delivered("f1", "a@x")
+    assert store.expire(before_ms=2_000) == 1
+    indexes = store._conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")
+    assert [name for (name,) in indexes] == []
