@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -119,3 +120,12 @@ async def fill(
     finally:
         await producer.stop()
     return FillStats(topic, count, time.perf_counter() - started)
+
+
+def vm_hwm_mb() -> float:
+    """This process's peak RSS in MB. Not getrusage's ru_maxrss: Linux carries that over an exec, so a
+    phase started from a bench that had filled a topic reports the bench's peak when it is higher."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0

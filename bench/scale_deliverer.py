@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from scale_common import Keyed
+from scale_common import Keyed, vm_hwm_mb
 from scale_common import fill as fill_topic
 
 from schemas.codec import decode, encode
@@ -112,7 +111,7 @@ def phase(argv: list[str]) -> None:
     else:
         state, owned, pairs = Path(argv[4]), [int(p) for p in argv[5].split(",")], int(argv[6])
         result = asyncio.run(after(bootstrap, topic, state, owned, pairs))
-    result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["rss_mb"] = vm_hwm_mb()
     print(json.dumps(result))
 
 

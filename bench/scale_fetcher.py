@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+from scale_common import vm_hwm_mb
+
 from schemas import codec
 from schemas.events import FetchRecorded, fetch_state_key
 from schemas.topics import FETCH_STATE, FETCHED, TopicSpec, topic_spec
@@ -95,13 +97,6 @@ def poplib_cycle(port: int, count: int, parallel: int) -> float:
     with ThreadPoolExecutor(parallel) as pool:
         list(pool.map(session, range(count)))
     return time.perf_counter() - started
-
-
-def vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def child(args: argparse.Namespace) -> None:
