@@ -181,6 +181,14 @@ class KafkaProducer:
             await asyncio.gather(*self._retiring, return_exceptions=True)
 
 
+def fail_pending(producer: AIOKafkaProducer) -> None:
+    """Fail every batch `producer` still holds, so its stop() can end. The one private aiokafka call here
+    (tests/unit/runtime/test_aiokafka_seam.py fails on a release that moves it): aiokafka has no abort,
+    stop() waits for every pending batch, and an idempotent batch already sent once is retried until the
+    broker answers."""
+    producer._message_accumulator.fail_all(KafkaConnectionError("producer retired after a failure"))
+
+
 async def _retired(producer: AIOKafkaProducer) -> None:
     """Stop a producer taken out of service: what it holds has RETIRE_WITHIN seconds to be delivered, then
     fails (its callers send it again through the new producer)."""
@@ -189,9 +197,7 @@ async def _retired(producer: AIOKafkaProducer) -> None:
         try:
             await asyncio.wait_for(asyncio.shield(stopping), RETIRE_WITHIN)
         except TimeoutError:
-            # aiokafka has no abort: stop() waits for every pending batch, and an idempotent batch already
-            # sent once is retried until the broker answers. Failing them lets stop() close the sender.
-            producer._message_accumulator.fail_all(KafkaConnectionError("producer retired after a failure"))
+            fail_pending(producer)
             await stopping
     except Exception:  # a stop that fails leaves nothing we could still deliver; the next send is elsewhere
         producer_log.debug("a retired producer failed to stop", exc_info=True)
