@@ -38,11 +38,11 @@ from aiokafka.errors import (
     UnknownMemberIdError,
     for_code,
 )
-from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
+from aiokafka.structs import OffsetAndMetadata
 
 from schemas.topics import MAX_MESSAGE_BYTES, TopicSpec
 from services.runtime.kafka_faults import recoverable
-from services.runtime.kafka_reads import KafkaReads
+from services.runtime.kafka_reads import KafkaReads, record_of
 from services.runtime.kafka_security import PLAINTEXT, KafkaSecurity, kafka_security
 from services.runtime.log import (
     REVOKE_TIMEOUT,
@@ -476,7 +476,7 @@ class KafkaLog:
                 consumer.seek(tps[p], starts[p])
             while left:
                 batches = await consumer.getmany(*(tps[p] for p in left), timeout_ms=1000, max_records=5000)
-                batch = [_record(m) for tp, ms in batches.items() for m in ms
+                batch = [record_of(m) for tp, ms in batches.items() for m in ms
                          if m.offset < left.get(tp.partition, 0)]
                 if batch:
                     yield batch
@@ -591,49 +591,34 @@ class KafkaLog:
 
     async def start_offsets(self, topic: str) -> dict[int, int]:
         """Per partition, the offset of the earliest record still kept (retention moves it)."""
-        async with self._plain_consumer(f"start offsets of {topic}") as consumer:
-            tps = [KafkaTopicPartition(topic, p) for p in await self.partitions(topic)]
-            starts = await consumer.beginning_offsets(tps)
-        return {tp.partition: offset for tp, offset in starts.items()}
+        async with self.reading(f"start offsets of {topic}") as reads:
+            return await reads.start_offsets(topic)
 
     async def offsets_for_time(self, topic: str, timestamp_ms: int) -> dict[int, int]:
         """Per partition, the first offset whose record timestamp is >= `timestamp_ms`, else the end offset.
 
         The broker's time index answers (ListOffsets), as for `kafka-consumer-groups --to-datetime`.
         """
-        tps = [KafkaTopicPartition(topic, p) for p in await self.partitions(topic)]
-        async with self._plain_consumer(f"offsets by time of {topic}") as consumer:
-            found = await consumer.offsets_for_times(dict.fromkeys(tps, timestamp_ms))
-            ends = await consumer.end_offsets(tps)
-        return {tp.partition: ends[tp] if found[tp] is None else found[tp].offset for tp in tps}
+        async with self.reading(f"offsets by time of {topic}") as reads:
+            return await reads.offsets_for_time(topic, timestamp_ms)
 
     async def read(self, topic: str, partition: int, start: int, end: int) -> list[Record]:
         """The records of one partition with `start <= offset < end` (offsets past the log end are ignored).
 
-        Each call starts a consumer (~0.1 s): callers read a range in chunks, not one record per call.
+        Each call starts a consumer (~0.1 s): callers read a range in chunks, not one record per call, or
+        keep a `reading()` open for many.
         """
-        tp = KafkaTopicPartition(topic, partition)
-        records: list[Record] = []
-        # A small fetch size: the broker still sends a larger first batch whole, so nothing is cut off,
-        # but reading one record (the lag's oldest timestamp) does not fetch 64 MiB behind it.
-        async with self._plain_consumer(f"read {topic}/{partition}", fetch_bytes=_READ_BYTES) as consumer:
-            end = min(end, (await consumer.end_offsets([tp]))[tp])
-            if start >= end:
-                return records
-            consumer.assign([tp])
-            consumer.seek(tp, start)
-            while await consumer.position(tp) < end:
-                batches = await consumer.getmany(tp, timeout_ms=1000)
-                records += [_record(m) for m in batches.get(tp, []) if start <= m.offset < end]
-        return records
+        async with self.reading(f"read {topic}/{partition}") as reads:
+            return await reads.read(topic, partition, start, end)
 
     @asynccontextmanager
-    async def reading(self) -> AsyncIterator[KafkaReads]:
+    async def reading(self, doing: str = "read") -> AsyncIterator[KafkaReads]:
         """A few plain consumers for an ops command's offset lookups and ranged reads (services.runtime
-        .kafka_reads), instead of a client started for each; all stopped at the end."""
+        .kafka_reads), instead of a client started for each; all stopped at the end. `doing` names the
+        work in the error a Kafka failure becomes."""
         async with contextlib.AsyncExitStack() as consumers:
             yield KafkaReads(lambda: consumers.enter_async_context(
-                self._plain_consumer("read", fetch_bytes=_READ_BYTES)), self.partitions)
+                self._plain_consumer(doing, fetch_bytes=_READ_BYTES)), self.partitions)
 
     async def active_members(self, group: str) -> list[KafkaGroupMember]:
         """The members of `group` now (empty when the group is Empty, Dead or unknown)."""
@@ -761,7 +746,4 @@ def _refuse_unauthorized(described: Sequence[Mapping[str, Any]]) -> None:
             retriable=False,
         )
 
-
-def _record(m: ConsumerRecord[bytes, bytes]) -> Record:
-    return Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp)
 

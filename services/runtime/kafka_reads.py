@@ -17,10 +17,15 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka import TopicPartition as KafkaTopicPartition
+from aiokafka.structs import ConsumerRecord
 
 from services.runtime.log import Record
 
 READERS = 4  # consumers at most, each with its fetch buffer (1 MiB a partition): the bound on memory
+
+
+def record_of(m: ConsumerRecord[bytes, bytes]) -> Record:
+    return Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp)
 
 
 @dataclass
@@ -99,8 +104,7 @@ class KafkaReads:
                     # Records are unpacked as they are taken: a fetch of compressed batches holds many
                     # more than the range (a newest-first read stops far before the log's end).
                     batches = await consumer.getmany(tp, timeout_ms=1000, max_records=end - position)
-                    records += [Record(m.topic, m.partition, m.offset, m.key, m.value or b"", m.timestamp)
-                                for m in batches.get(tp, []) if start <= m.offset < end]
+                    records += [record_of(m) for m in batches.get(tp, []) if start <= m.offset < end]
             finally:
                 # Nothing is fetched ahead for a partition read to its end (a newest-first read goes
                 # backwards: what follows was read already).
