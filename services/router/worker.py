@@ -4,9 +4,11 @@ The process outlives its faust app. Whatever Kafka recovers from (the broker unr
 later, a commit that failed in a rebalance, a coordinator that moved, a request that timed out) makes
 faust raise from `start()` or crash the running app. The worker then reports not ready, logs one line,
 waits (1 s growing to 30 s), and starts a fresh app, which resumes from the committed offsets: records
-after them are routed again, repeats the deliverer's ledger absorbs. Only a permanent error ends the
-process, with one line and a non-zero exit: the configuration (exit 2), or what every stage counts as
-permanent (services.runtime.kafka_faults: a login or authorization Kafka refuses, a record too large; exit 1).
+after them are routed again, repeats the deliverer's ledger absorbs. While the broker is out of reach those
+lines go through the process's outage account (services.runtime.outage): the first, then one a minute.
+Only a permanent error ends the process, with one line and a non-zero exit: the configuration (exit 2), or
+what every stage counts as permanent (services.runtime.kafka_faults: a login or authorization Kafka refuses,
+a record too large; exit 1).
 
     RouterCannotRun (click.ClickException, exit 1): Kafka refuses us for good
     ConfigError (services.runtime.settings, exit 2): the configuration or environment is wrong
@@ -23,11 +25,12 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 import faust
+from aiokafka.errors import KafkaConnectionError
 from faust.exceptions import ConsistencyError
 
 from schemas.topics import FETCHED, ROUTED
@@ -40,6 +43,7 @@ from services.runtime.kafka import KafkaLog
 from services.runtime.kafka_faults import PERMANENT
 from services.runtime.log import LogError
 from services.runtime.metrics import Metrics
+from services.runtime.outage import BROKER, BrokerOutage, is_unreachable
 from services.runtime.settings import ConfigError, DeploymentSettings, MailConfig, load_config
 from services.runtime.signals import stop_on_signals
 
@@ -75,6 +79,15 @@ def describe(reason: BaseException) -> str:
     return f"{type(reason).__name__}: {text}"[:_REASON_CHARS]
 
 
+def is_outage(reason: BaseException, broker_down: bool) -> bool:
+    """Whether the app ended because the broker is out of reach: such restarts share the process's outage
+    account (a few lines a minute) instead of one line each, which during a long outage is one every 30 s
+    per router, on top of the clients' own."""
+    if broker_down or isinstance(reason, KafkaConnectionError):
+        return True
+    return is_unreachable(str(reason)) or isinstance(reason.__cause__, KafkaConnectionError)
+
+
 def restart_delay(failures_in_a_row: int) -> float:
     return RESTART_DELAYS[min(failures_in_a_row, len(RESTART_DELAYS)) - 1]
 
@@ -91,6 +104,7 @@ class Supervisor:
     stop: asyncio.Event
     until_idle: bool = False
     state_dir: Path | None = None  # None: the one `state_directory` gives for the settings
+    broker: BrokerOutage = field(default_factory=lambda: BROKER)  # the process's, shared with its clients
 
     async def run(self) -> None:
         if self.state_dir is not None:
@@ -113,9 +127,20 @@ class Supervisor:
                 discard_state(state_dir, reason)
             failures = 1 if time.monotonic() - started >= HEALTHY_RUN else failures + 1
             delay = restart_delay(failures)
-            log.warning("router down (%s); starting again in %.0f s", describe(reason), delay)
+            self._say_down(reason, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), delay)
+
+    def _say_down(self, reason: BaseException, delay: float) -> None:
+        line = f"router down ({describe(reason)}); starting again in {delay:.0f} s"
+        if not is_outage(reason, self.broker.down):
+            log.warning("%s", line)
+            return
+        verdict = self.broker.note_failure()
+        if verdict == "first":
+            log.warning("%s", line)
+        elif verdict is not None:
+            log.warning("%s: %s", verdict, line)
 
     async def _run_once(self, state_dir: Path) -> BaseException | None:
         """Run one app to its end: None when stopped or idle, else why it ended."""
@@ -130,6 +155,7 @@ class Supervisor:
                 progress=self.tracker.progressed, state_dir=state_dir,
             )
             await app.start()
+            self.broker.recovered()
             self.tracker.mark_ready()
             return await self._until_done(app)
         except Exception as exc:  # everything is retried unless permanent: see the module docstring

@@ -21,6 +21,7 @@ from services.router.worker import Supervisor
 from services.runtime.health import ProgressTracker
 from services.runtime.kafka import KafkaConsumer, KafkaLog
 from services.runtime.metrics import Metrics
+from services.runtime.outage import BrokerOutage
 from services.runtime.settings import DeploymentSettings
 from tests.integration.test_router_dedupe import start_router_process
 from tests.integration.test_router_rebalance import Pipeline, mail
@@ -129,22 +130,43 @@ async def test_started_while_kafka_is_down_the_router_waits_not_ready_and_routes
     events = [mail(n, message_id=n % 2 == 0) for n in range(20)]
     await pipeline.send_fetched(events)
     tracker = ProgressTracker()
+    outage = CountedOutage(enough=3)
     async with BrokerGate(pipeline.settings.kafka_bootstrap or "") as gate:
         settings = DeploymentSettings(
             kafka_bootstrap=f"{HOST}:{gate.bound}",
             topic_prefix=pipeline.settings.topic_prefix,
             group_prefix=pipeline.settings.group_prefix,
         )
-        running = asyncio.ensure_future(supervisor(pipeline, settings, tracker).run())
-        await lines.wait_downs(2)
+        run = supervisor(pipeline, settings, tracker)
+        run.broker = outage
+        running = asyncio.ensure_future(run.run())
+        await lines.wait_downs(1)
+        await asyncio.wait_for(outage.counted.wait(), 60)
         assert not tracker.ready
         gate.open = True
         await asyncio.wait_for(running, 120)
 
     assert {e.fetch_id for e in events} <= await pipeline.routed_fetch_ids()
     waiting = [line for line in lines.lines if line.startswith("router down")]
-    assert len(waiting) == 2  # one line per wait, then it ran
+    # Three failed starts within the outage account's minute: its first line only, then the app ran.
+    assert len(waiting) == 1
     assert "KafkaConnectionError" in waiting[0]
+    assert not outage.down  # the app's start ended the outage
+
+
+class CountedOutage(BrokerOutage):
+    """An outage account that says when it has counted `enough` failures."""
+
+    def __init__(self, enough: int) -> None:
+        super().__init__()
+        self.enough = enough
+        self.counted = asyncio.Event()
+
+    def note_failure(self) -> str | None:
+        verdict = super().note_failure()
+        if self.outage.attempts >= self.enough:
+            self.counted.set()
+        return verdict
 
 
 async def test_after_its_app_crashed_the_router_starts_a_fresh_one(
@@ -163,7 +185,8 @@ async def test_after_its_app_crashed_the_router_starts_a_fresh_one(
     tracker = ProgressTracker()
     stop = asyncio.Event()
     run = Supervisor(
-        pipeline.settings, pipeline.config, pipeline.log, tracker, Metrics(), stop, until_idle=False
+        pipeline.settings, pipeline.config, pipeline.log, tracker, Metrics(), stop, until_idle=False,
+        broker=BrokerOutage(),  # not the process's: another test may have left it in an outage
     )
     running = asyncio.ensure_future(run.run())
     try:

@@ -21,6 +21,7 @@ from services.router.worker import (
     RESTART_DELAYS,
     describe,
     discard_state,
+    is_outage,
     is_permanent,
     restart_delay,
     state_directory,
@@ -76,6 +77,23 @@ def test_a_reason_is_one_short_line() -> None:
     assert "\n" not in line
     assert line.startswith("KafkaConnectionError: KafkaConnectionError: Unable to bootstrap from")
     assert len(line) == 300
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 9092)]"),
+        KafkaLogError("kafka: create topics: KafkaConnectionError: Unable connect to node 1", retriable=True),
+    ],
+)
+def test_a_broker_out_of_reach_is_an_outage(reason: BaseException) -> None:
+    assert is_outage(reason, broker_down=False)
+
+
+def test_any_failure_while_the_broker_is_down_is_part_of_the_outage() -> None:
+    crash = CommitFailedError("Commit cannot be completed since the group has already rebalanced")
+    assert is_outage(crash, broker_down=True)
+    assert not is_outage(crash, broker_down=False)
 
 
 def test_the_wait_grows_with_failures_in_a_row_and_stays_bounded() -> None:
