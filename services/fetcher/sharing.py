@@ -3,8 +3,8 @@ the memory of a gained mailbox up to date before planning it (see services.fetch
 
 A replica holds its membership from its own task (`hold_assignment`), calling `fetch` every
 ASSIGNMENT_CHECK seconds, so a long POP3 pass never delays heartbeats or a rebalance. A replica that dies
-is dropped by the group after the session timeout (aiokafka's 10 s default) and its partitions, so its
-mailboxes, go to the survivors.
+is dropped by the group after the session timeout (6 s, services.runtime.log.GROUP_SESSION_TIMEOUT) and
+its partitions, so its mailboxes, go to the survivors.
 
 A graceful rebalance (a replica joins or leaves) hands a mailbox over without two replicas ever polling it
 at once: the assignment consumer's `on_revoked` (`Handover.revoked`) runs inside the rebalance, before the

@@ -49,6 +49,7 @@ from services.router.faust_patches import RouterApp
 from services.router.stage import route_fetched, to_postmaster
 from services.router.state import EXPIRE_EVERY, SeenCopiesTable, expire_partition, prune_at_ms
 from services.runtime.kafka_security import KafkaSecurity, kafka_security
+from services.runtime.log import GROUP_HEARTBEAT_INTERVAL, GROUP_SESSION_TIMEOUT
 from services.runtime.metrics import Metrics
 from services.runtime.settings import DeploymentSettings, MailConfig
 from services.runtime.stages import (
@@ -65,7 +66,6 @@ Sleep = Callable[[float], Awaitable[None]]
 SEND_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)  # seconds between tries of a send that failed
 _LOGGED_FAILURES = frozenset({0, 1})  # then one line every _LOG_EVERY_NTH_FAILURE: about one a minute
 _LOG_EVERY_NTH_FAILURE = 6
-SESSION_TIMEOUT = 10.0  # seconds
 _FETCH_BYTES = MAX_MESSAGE_BYTES + 1024 * 1024
 # Fetched ahead per partition (aiokafka's max_partition_fetch_bytes), as services.runtime.kafka's consumers:
 # at _FETCH_BYTES each of the router's 12 partitions (fetched, repartition) could buffer 65 MB. A larger
@@ -154,9 +154,9 @@ def create_app(
         broker_commit_interval=1.0,
         topic_partitions=partitions,
         # A killed replica's partitions wait for its session to expire before they move: faust's 60 s
-        # default held mail that long after a SIGKILL. 10 s is the Kafka clients' classic default.
-        broker_session_timeout=SESSION_TIMEOUT,
-        broker_heartbeat_interval=3.0,
+        # default held mail that long after a SIGKILL. Every stage's groups use the same (runtime.log).
+        broker_session_timeout=GROUP_SESSION_TIMEOUT,
+        broker_heartbeat_interval=GROUP_HEARTBEAT_INTERVAL,
         # Standby copies would prune keys their owner is writing; the changelog is the durable copy.
         table_standby_replicas=0,
     )

@@ -52,7 +52,7 @@ log = logging.getLogger("popbridge.router")
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # seconds before starting again, per failure in a row
 HEALTHY_RUN = 60.0  # seconds an app must have run for its crash to count as a first failure again
 # Liveness: records wait and nothing was routed for this long. A rebalance with a table to restore takes
-# seconds; a killed replica's partitions move after the 10 s session timeout (services.router.app).
+# seconds; a killed replica's partitions move after the 6 s session timeout (services.runtime.log).
 STALL_AFTER = 60.0
 _REASON_CHARS = 300
 MAX_STATE_SLOTS = 16  # router replicas sharing one data directory (one machine, tests, chaos runs)

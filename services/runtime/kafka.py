@@ -45,6 +45,8 @@ from services.runtime.kafka_faults import recoverable
 from services.runtime.kafka_reads import KafkaReads, record_of
 from services.runtime.kafka_security import PLAINTEXT, KafkaSecurity, kafka_security
 from services.runtime.log import (
+    GROUP_HEARTBEAT_INTERVAL,
+    GROUP_SESSION_TIMEOUT,
     REVOKE_TIMEOUT,
     LogError,
     LogRefusedError,
@@ -567,6 +569,8 @@ class KafkaLog:
             max_partition_fetch_bytes=_PREFETCH_PARTITION_BYTES,
             fetch_max_bytes=_PREFETCH_BYTES,
             isolation_level="read_committed",
+            session_timeout_ms=int(GROUP_SESSION_TIMEOUT * 1000),
+            heartbeat_interval_ms=int(GROUP_HEARTBEAT_INTERVAL * 1000),
             partition_assignment_strategy=(
                 (RangePartitionAssignor,) if co_partitioned else (RoundRobinPartitionAssignor,)
             ),

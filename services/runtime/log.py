@@ -35,6 +35,13 @@ from typing import Protocol
 from schemas.topics import TopicSpec
 
 REVOKE_TIMEOUT = 60.0  # seconds an `on_revoked` callback may take before the group moves on without it
+# Seconds without a heartbeat before the broker drops a member (every stage's groups, the router's faust app
+# too). A SIGKILLed replica's partitions, and the rejoin after a broker restart that lost a member, wait this
+# long: at the clients' classic 10 s a kill shortly before a broker stop held delivery 11-12 s after the
+# broker was back (chaos seed 7). 6 s is the broker's default floor (group.min.session.timeout.ms); with a
+# heartbeat every 2 s a member survives two lost heartbeats. A false expiry costs a rebalance, not mail.
+GROUP_SESSION_TIMEOUT = 6.0
+GROUP_HEARTBEAT_INTERVAL = 2.0
 
 
 class LogError(Exception):
