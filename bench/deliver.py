@@ -1,6 +1,6 @@
 """Benchmark the deliverer's SMTP sending core against a plain smtplib loop, into one aiosmtpd sink.
 
-    python bench/deliver.py [--messages 1000] [--connections 2] [--kafka HOST:PORT]
+    .venv/bin/python bench/deliver.py [--messages 1000] [--connections 2] [--kafka HOST:PORT]
 
 The same deterministic mix of messages (70% 2-10 KB, 25% 50-300 KB, 5% 1-5 MB; seed 42) goes, in the
 same run, into an aiosmtpd sink running in its own process (it counts bytes and stores nothing):

@@ -1,6 +1,6 @@
 """The yardstick: the bridge anyone writes in an afternoon. poplib RETR -> smtplib, one message at a time.
 
-    python -m bench.e2e_naive POP3_PORT USER PASSWORD SMTP_PORT [--catch-all]
+    .venv/bin/python -m bench.e2e_naive POP3_PORT USER PASSWORD SMTP_PORT [--catch-all]
 
 Single-drop: every message goes to alice@example.com. Catch-all: to the Delivered-To address when there is
 one, else to the To and Cc addresses at example.com (no Received, no list rules: naive). A message is

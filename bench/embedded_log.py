@@ -1,6 +1,6 @@
 """Throughput of the embedded log (services/runtime/embedded/): send and consume, 1 KB and 100 KB values.
 
-    /work/venv/bin/python bench/embedded_log.py [--records N] [--dir PATH] [--synchronous FULL|NORMAL]
+    .venv/bin/python bench/embedded_log.py [--records N] [--dir PATH] [--synchronous FULL|NORMAL]
 
 Sends are timed three ways: one at a time (a fetcher awaiting each mail), 16 concurrent senders on one
 producer (group commit: they share a transaction and its fsync) and `send_all` batches of 100. Consume

@@ -1,6 +1,6 @@
 """Drain a 1,000-message Dovecot mailbox into Kafka with popbridge's fetcher, beside a plain poplib loop.
 
-    /work/venv/bin/python -m bench.fetch [--messages 1000] [--kafka HOST:PORT] [--tls]
+    .venv/bin/python -m bench.fetch [--messages 1000] [--kafka HOST:PORT] [--tls]
 
 Starts its own Dovecot (tests/support/dovecot.py) and, without --kafka, its own broker
 (deploy/local/kafka_broker.py). The mailbox mixes sizes (70% 2-10 KB, 25% 50-300 KB, 5% 1-5 MB) with a

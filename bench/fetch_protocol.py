@@ -1,6 +1,6 @@
 """Retrieve N messages from a throwaway Dovecot: popbridge's client pipelined, one at a time, and poplib.
 
-    /work/venv/bin/python -m bench.fetch_protocol --messages 1000 [--tls] [--runs 3]
+    .venv/bin/python -m bench.fetch_protocol --messages 1000 [--tls] [--runs 3]
 
 The mailbox mixes sizes like the measurements in shared/notes/performance.md (70% 2-10 KB, 25%
 50-300 KB, 5% 1-5 MB), with a fixed seed; `--small` makes every message 2-10 KB. Nothing is

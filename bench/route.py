@@ -1,6 +1,6 @@
 """Throughput of the routing core over the public corpus, beside the stdlib header parser as a baseline.
 
-    /work/venv/bin/python bench/route.py [--passes K]
+    .venv/bin/python bench/route.py [--passes K]
 
 Every file under shared/corpus/public/messages is read into memory first, so only `resolve` is timed.
 The baseline parses the same bytes with `email.parser.BytesHeaderParser` (headersonly): the stdlib's

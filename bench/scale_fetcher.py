@@ -1,7 +1,7 @@
 """The fetcher at hosting-provider scale: 1,000 keep-mode mailboxes on one Dovecot, their fetch state
 holding `--uidls` kept UIDLs each, beside the old code (a checkout given by --old-tree) in the same run.
 
-    .venv/bin/python -m bench.scale_fetcher --kafka HOST:PORT [--mailboxes 1000] [--uidls 10000]
+    .venv/bin/python bench/scale_fetcher.py --kafka HOST:PORT [--mailboxes 1000] [--uidls 10000]
         [--old-tree /tmp/popbridge-old]   # git worktree add --detach /tmp/popbridge-old <old commit>
 
 Setup: Dovecot (services.demo.dovecot, its own config dir) with `--mailboxes` users, one message each;
