@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka import TopicPartition as KafkaTopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from services.runtime.log import Record
+from services.runtime.log import Record, kept
 
 READERS = 4  # consumers at most, each with its fetch buffer (1 MiB a partition): the bound on memory
 
@@ -88,9 +88,12 @@ class KafkaReads:
         ends = await consumer.end_offsets(tps)
         return {tp.partition: ends[tp] if found[tp] is None else found[tp].offset for tp in tps}
 
-    async def read(self, topic: str, partition: int, start: int, end: int) -> list[Record]:
-        """The records of one partition with `start <= offset < end` (offsets past the log end are ignored).
-        What the consumer fetches is bounded by its fetch sizes (the caller's choice)."""
+    async def read(
+        self, topic: str, partition: int, start: int, end: int, *, key: bytes | None = None
+    ) -> list[Record]:
+        """The records of one partition with `start <= offset < end` (offsets past the log end are ignored),
+        only those keyed `key` when given. What the consumer fetches is bounded by its fetch sizes (the
+        caller's choice)."""
         tp = KafkaTopicPartition(topic, partition)
         async with self._reader() as consumer:
             end = min(end, (await consumer.end_offsets([tp]))[tp])
@@ -104,7 +107,8 @@ class KafkaReads:
                     # Records are unpacked as they are taken: a fetch of compressed batches holds many
                     # more than the range (a newest-first read stops far before the log's end).
                     batches = await consumer.getmany(tp, timeout_ms=1000, max_records=end - position)
-                    records += [record_of(m) for m in batches.get(tp, []) if start <= m.offset < end]
+                    records += [record_of(m) for m in batches.get(tp, [])
+                                if kept(m.offset, m.key, start, end, key)]
             finally:
                 # Nothing is fetched ahead for a partition read to its end (a newest-first read goes
                 # backwards: what follows was read already).
