@@ -110,13 +110,14 @@ class KafkaReads:
         caller's choice)."""
         tp = KafkaTopicPartition(topic, partition)
         async with self._reader(topic) as consumer:
-            end = min(end, (await consumer.end_offsets([tp]))[tp])
-            if start >= end:
-                return []
+            # Assigned before the end is asked: the assignment requests the topic's metadata, which the
+            # lookup then waits for; asked first, a consumer new to the topic waited aiokafka's retry
+            # backoff (StaleMetadata, 100 ms) before its first read.
             consumer.assign([tp])
             consumer.seek(tp, start)
             records: list[Record] = []
             try:
+                end = min(end, (await consumer.end_offsets([tp]))[tp])
                 while (position := await consumer.position(tp)) < end:
                     # Records are unpacked as they are taken: a fetch of compressed batches holds many
                     # more than the range (a newest-first read stops far before the log's end).
