@@ -32,7 +32,9 @@ CLOCK_SKEW = timedelta(minutes=15)
 # Offsets per ranged read. A Kafka ranged read costs a client start (0.1 s, far more on a busy machine),
 # so a read of small records grows (x4, up to MAX_CHUNK offsets) while it stays under a quarter of
 # READ_BUDGET bytes, and shrinks (halves, down to CHUNK) above it: a read holds about the budget, plus
-# at most one record more than it (the topics allow 64 MiB records).
+# at most one record more than it (the topics allow 64 MiB records). A read for a key holds only that key's
+# records (the log builds no other: services.runtime.log.kept), so a key search grows to MAX_CHUNK; what
+# it fetches meanwhile is bounded by the consumer's fetch sizes.
 CHUNK = 500
 MAX_CHUNK = 50_000
 READ_BUDGET = 16 * 1024 * 1024

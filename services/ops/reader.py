@@ -82,14 +82,14 @@ async def keyed(
     log: RangeReader, read: KeyRead, *, newest_first: bool = False, chunk: int = CHUNK
 ) -> AsyncIterator[Record]:
     """The records keyed `read.key` on `read.partition` within `read.window`, in log order (or newest first).
-    Keys are compared before anything is decoded."""
+    The log compares keys before it builds a record, so nothing else is built or decoded, and the reads
+    grow to MAX_CHUNK offsets at once (they hold only the key's records)."""
     start, end = (await offset_bounds(log, read.topic, read.window)).get(read.partition, (0, 0))
     end = end if read.stop is None else min(end, read.stop)
     async for records in growing_reads(log, read.topic, read.partition, start, end,
-                                           newest_first=newest_first, chunk=chunk):
+                                       newest_first=newest_first, chunk=chunk, key=read.key):
         for record in reversed(records) if newest_first else records:
-            if record.key == read.key:
-                yield record
+            yield record
 
 
 async def windowed(
@@ -104,13 +104,15 @@ async def windowed(
 
 
 async def growing_reads(
-    log: RangeReader, topic: str, partition: int, start: int, end: int, *, newest_first: bool, chunk: int
+    log: RangeReader, topic: str, partition: int, start: int, end: int, *, newest_first: bool, chunk: int,
+    key: bytes | None = None,
 ) -> AsyncIterator[list[Record]]:
-    """The records of one partition in [start, end), oldest or newest range first, in reads that grow while
-    their records are small and shrink when large (services.ops.locate.next_chunk: bytes per read bounded)."""
+    """The records of one partition in [start, end) (only those keyed `key` when given), oldest or newest
+    range first, in reads that grow while their records are small and shrink when large (services.ops
+    .locate.next_chunk: bytes per read bounded)."""
     while start < end:
         a, b = (max(start, end - chunk), end) if newest_first else (start, min(end, start + chunk))
-        records = await log.read(topic, partition, a, b)
+        records = await log.read(topic, partition, a, b, key=key)
         yield records
         chunk = next_chunk(chunk, sum(len(r.value) + len(r.key or b"") for r in records))
         start, end = (start, a) if newest_first else (b, end)

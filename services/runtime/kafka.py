@@ -606,14 +606,17 @@ class KafkaLog:
         async with self.reading(f"offsets by time of {topic}") as reads:
             return await reads.offsets_for_time(topic, timestamp_ms)
 
-    async def read(self, topic: str, partition: int, start: int, end: int) -> list[Record]:
-        """The records of one partition with `start <= offset < end` (offsets past the log end are ignored).
+    async def read(
+        self, topic: str, partition: int, start: int, end: int, *, key: bytes | None = None
+    ) -> list[Record]:
+        """The records of one partition with `start <= offset < end` (offsets past the log end are ignored),
+        only those keyed `key` when given.
 
         Each call starts a consumer (~0.1 s): callers read a range in chunks, not one record per call, or
         keep a `reading()` open for many.
         """
         async with self.reading(f"read {topic}/{partition}") as reads:
-            return await reads.read(topic, partition, start, end)
+            return await reads.read(topic, partition, start, end, key=key)
 
     @asynccontextmanager
     async def reading(self, doing: str = "read") -> AsyncIterator[KafkaReads]:

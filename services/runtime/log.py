@@ -79,6 +79,13 @@ class Record:
         return TopicPartition(self.topic, self.partition)
 
 
+def kept(offset: int, key: bytes | None, start: int, end: int, wanted: bytes | None) -> bool:
+    """Whether a ranged read keeps a record: `start <= offset < end`, and keyed `wanted` when one is given.
+    Asked before the record is built: a key search over 150k records built them all, which took a third
+    of a 13-day-old message's trace (cProfile), to keep a handful."""
+    return start <= offset < end and (wanted is None or key == wanted)
+
+
 @dataclass(frozen=True)
 class Outgoing:
     """One record to write."""

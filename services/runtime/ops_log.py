@@ -45,8 +45,11 @@ class RangeReader(Protocol):
         """The first offset whose record timestamp is >= `timestamp_ms`, else the end offset."""
         ...
 
-    async def read(self, topic: str, partition: int, start: int, end: int) -> list[Record]:
-        """The records with `start <= offset < end` of one partition."""
+    async def read(
+        self, topic: str, partition: int, start: int, end: int, *, key: bytes | None = None
+    ) -> list[Record]:
+        """The records with `start <= offset < end` of one partition; only those keyed `key` when given (a
+        key search builds no record for the others: services.runtime.log.kept)."""
         ...
 
 

@@ -173,3 +173,17 @@ async def test_one_reader_answers_lookups_and_ranged_reads_in_a_row(subject: Sub
     assert [(r.offset, r.value) for r in other] == [(8, b"v17"), (9, b"v19")]
     assert [r.value for r in again] == [b"v6", b"v8"]
     assert empty == []
+
+
+async def test_a_ranged_read_for_a_key_returns_only_that_keys_records_in_the_range(subject: Subject) -> None:
+    assert isinstance(subject.log, KafkaLog | EmbeddedLog)
+    keys = [b"a", b"b"] * 5
+    async with subject.log.producer() as producer:
+        await producer.send_all([Outgoing(subject.topic, b"v%d" % i, key=k, partition=0)
+                                 for i, k in enumerate(keys)])
+    async with subject.log.reading() as reads:
+        found = await reads.read(subject.topic, 0, 2, 9, key=b"b")
+        none = await reads.read(subject.topic, 0, 0, 10, key=b"c")
+    assert [(r.offset, r.key, r.value) for r in found] == [(3, b"b", b"v3"), (5, b"b", b"v5"),
+                                                           (7, b"b", b"v7")]
+    assert none == []

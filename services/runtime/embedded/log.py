@@ -36,7 +36,7 @@ from services.runtime.embedded.records import FETCH_MAX_BYTES, EmbeddedProducer,
 from services.runtime.embedded.retention import cleanup_policies, compact_topic, expire_topic
 from services.runtime.embedded.schema import Synchronous, transaction
 from services.runtime.embedded.worker import Changes, Clock, Worker
-from services.runtime.log import LogError, OnRevoked, Record, TopicPartition
+from services.runtime.log import LogError, OnRevoked, Record, TopicPartition, kept
 
 POLL_INTERVAL = 0.2  # how soon a waiting fetch sees records another process wrote
 P = ParamSpec("P")
@@ -176,10 +176,14 @@ class EmbeddedLog:
         """The log itself: its lookups and reads cost no client start (OpsLog.reading)."""
         yield self
 
-    async def read(self, topic: str, partition: int, start: int, end: int) -> list[Record]:
-        """The records of one partition with `start <= offset < end` (for trace and dead-letter commands)."""
+    async def read(
+        self, topic: str, partition: int, start: int, end: int, *, key: bytes | None = None
+    ) -> list[Record]:
+        """The records of one partition with `start <= offset < end` (for trace and dead-letter commands),
+        only those keyed `key` when given."""
         tp = TopicPartition(topic, partition)
-        return await self._admin(read_records, tp, start, max(0, end - start), 2**62)
+        records = await self._admin(read_records, tp, start, max(0, end - start), 2**62)
+        return [r for r in records if kept(r.offset, r.key, start, end, key)]
 
     async def read_from(self, topic: str, starts: Mapping[int, int]) -> AsyncIterator[list[Record]]:
         """The records of the partitions of `starts`, from each start to the end at the time of the call."""
