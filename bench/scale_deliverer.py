@@ -1,6 +1,7 @@
 """Scale benchmark of the deliverer's ledger (issue 16): restore time and memory against the ledger's size.
 
-    .venv/bin/python bench/scale_deliverer.py --kafka HOST:PORT [--pairs 1000000] [--small 250000] [--partitions 12]
+    .venv/bin/python bench/scale_deliverer.py --kafka HOST:PORT [--pairs 1000000] [--small 250000]
+        [--partitions 12]
 
 Fills a fresh ledger topic (12 partitions, as schemas.topics.DELIVERY_PARTITIONS) on a real broker with
 `--pairs` synthetic RecipientDelivered records, written with the producer (not through the pipeline),
