@@ -133,14 +133,10 @@ class Supervisor:
 
     def _say_down(self, reason: BaseException, delay: float) -> None:
         line = f"router down ({describe(reason)}); starting again in {delay:.0f} s"
-        if not is_outage(reason, self.broker.down):
+        if is_outage(reason, self.broker.down):
+            self.broker.failed(line)
+        else:
             log.warning("%s", line)
-            return
-        verdict = self.broker.note_failure()
-        if verdict == "first":
-            log.warning("%s", line)
-        elif verdict is not None:
-            log.warning("%s: %s", verdict, line)
 
     async def _run_once(self, state_dir: Path) -> BaseException | None:
         """Run one app to its end: None when stopped or idle, else why it ended."""

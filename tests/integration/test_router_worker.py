@@ -72,7 +72,8 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 class Lines(logging.Handler):
-    """The router's log lines, and an event set at each "router down" line."""
+    """The router's log lines (its own and those of the outage account, popbridge.kafka), and an event set
+    at each "router down" line."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -82,7 +83,7 @@ class Lines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
-        if record.getMessage().startswith("router down"):
+        if "router down" in record.getMessage():
             self.downs += 1
             asyncio.get_running_loop().create_task(self._notify())
 
@@ -98,11 +99,13 @@ class Lines(logging.Handler):
 @pytest.fixture
 async def lines() -> AsyncIterator[Lines]:
     handler = Lines()
-    logger = logging.getLogger("popbridge.router")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    loggers = [logging.getLogger(name) for name in ("popbridge.router", "popbridge.kafka")]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     yield handler
-    logger.removeHandler(handler)
+    for logger in loggers:
+        logger.removeHandler(handler)
 
 
 @pytest.fixture
@@ -147,10 +150,10 @@ async def test_started_while_kafka_is_down_the_router_waits_not_ready_and_routes
         await asyncio.wait_for(running, 120)
 
     assert {e.fetch_id for e in events} <= await pipeline.routed_fetch_ids()
-    waiting = [line for line in lines.lines if line.startswith("router down")]
+    waiting = [line for line in lines.lines if "router down" in line]
     # Three failed starts within the outage account's minute: its first line only, then the app ran.
     assert len(waiting) == 1
-    assert "KafkaConnectionError" in waiting[0]
+    assert waiting[0].startswith("kafka: router down (") and "KafkaConnectionError" in waiting[0]
     assert not outage.down  # the app's start ended the outage
 
 
@@ -209,7 +212,7 @@ async def test_after_its_app_crashed_the_router_starts_a_fresh_one(
     assert {e.fetch_id for e in after} <= await pipeline.routed_fetch_ids()
     # Other passing errors may come on the way (a topic just created is not described yet, the group
     # settles after the crash): each is one more line, and the router goes on.
-    downs = [line for line in lines.lines if line.startswith("router down")]
+    downs = [line for line in lines.lines if "router down" in line]
     crashes = [down for down in downs if down.startswith("router down (CommitFailedError: ")]
     assert crashes
     assert re.search(r"\); starting again in \d+ s$", crashes[0])
