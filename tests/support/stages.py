@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -88,34 +87,22 @@ async def stage_process(
     assert "Traceback" not in output
 
 
+# Python installs its KeyboardInterrupt handler at startup only where SIGINT is not ignored, and a child
+# inherits an ignored SIGINT: pytest started as a background job (`cmd &` in a script) passes one on, through
+# pytest-xdist's workers, to every script here. Each starts with the handler an interactive run gets.
+_DEFAULT_SIGINT = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
 def signalled(script: str, signum: signal.Signals) -> tuple[str, int]:
     """Run `script` in a child process (so the signal never reaches pytest itself), send it `signum`
-    once it printed "ready" and waits in its event loop, and return what it printed after that and its
-    exit code."""
-    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+    once it printed "ready", and return what it printed after that and its exit code."""
+    with subprocess.Popen([sys.executable, "-c", _DEFAULT_SIGINT + script], stdout=subprocess.PIPE, text=True,
                           cwd=Path(__file__).resolve().parents[2]) as child:
         try:
             assert child.stdout is not None
             assert child.stdout.readline() == "ready\n"
-            _await_epoll_wait(child.pid)
             child.send_signal(signum)
             out, _ = child.communicate(timeout=20)
         finally:
             child.kill()  # no-op once it exited; ends it when an assertion failed first
     return out, child.returncode
-
-
-def _await_epoll_wait(pid: int, bound: float = 5.0) -> None:
-    """Return once `pid` sleeps in epoll_wait (its event loop waiting), or after `bound` seconds.
-
-    A Python-level SIGINT handler without a wakeup fd (asyncio.run's own) runs only between bytecodes: a
-    signal that lands after the loop's last check and before its epoll_wait starts is noticed when epoll
-    next returns, which in an idle loop is never (the Ctrl-C test hung so once, in a parallel default run
-    at load 5-6). A user's Ctrl-C meets the loop waiting; so does the test's."""
-    wchan = Path(f"/proc/{pid}/wchan")
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        with suppress(OSError):
-            if "epoll" in wchan.read_text():
-                return
-        time.sleep(0.01)
