@@ -95,9 +95,15 @@ fi
 # No arguments (CI): the default run, then the container image test in its own phase. The image build is
 # minutes of work on a machine that has not built it yet, so it is kept out of the default run's budget
 # but still runs here: it is the only proof the image works.
-step "pytest (default run: not slow, not container)"
+# The default run is spread over pytest-xdist workers (POPBRIDGE_TEST_WORKERS, default 2; 0 runs it
+# serially in one process): its integration tests mostly wait on brokers and servers, and each worker
+# starts its own session parts (broker, Dovecot, own_broker). --dist loadfile gives each module whole to
+# one worker, so tests that must not overlap stay in one module (not loadgroup: pytest-xdist 3.8's
+# xdist_group marks are silently ignored under pytest 9.2, whose node ids it can no longer rewrite).
+workers="${POPBRIDGE_TEST_WORKERS:-2}"
+step "pytest (default run: not slow, not container; $workers workers)"
 rc=0
-run_pytest -m "not slow and not container" || rc=$?
+run_pytest -n "$workers" --dist loadfile -m "not slow and not container" || rc=$?
 step "pytest -m container (builds the image with deploy/image/build.sh, runs every stage from it)"
 run_pytest -m "container and not slow" || rc=$?
 exit "$rc"

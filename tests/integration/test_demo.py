@@ -15,6 +15,9 @@ import pytest
 from services.demo.dovecot import dovecot_binary
 from tests.support.parts import missing_part
 
+# Both runs of the demo stay in this module, which a parallel run (pytest-xdist --dist loadfile) gives
+# whole to one worker: each checks that the demo left no popbridge-demo-* in /tmp, where the other (with
+# Dovecot) puts one while it runs.
 pytestmark = pytest.mark.integration
 
 POPBRIDGE = str(Path(sys.executable).with_name("popbridge"))

@@ -14,6 +14,7 @@ httpx.MockTransport in tests/unit/runtime/test_oauth2_tokens.py, not here.
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import json
 import os
@@ -49,26 +50,33 @@ _POM = f"""<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.
 
 
 def classpath(work: Path) -> str:
-    """The server's classpath, resolved by Maven from Central (cached in ~/.m2 after the first time)."""
+    """The server's classpath, resolved by Maven from Central (cached in ~/.m2 after the first time).
+
+    `work` is shared by every test session on the machine (pytest-xdist workers, other checkouts): one at a
+    time writes the pom and reads the classpath back, under an exclusive lock on `work/lock`."""
     work.mkdir(parents=True, exist_ok=True)
-    (work / "pom.xml").write_text(_POM)
-    output = work / "classpath.txt"
-    result = subprocess.run(
-        ["mvn", "-q", "-B", "-f", str(work / "pom.xml"), "dependency:build-classpath",
-         f"-Dmdep.outputFile={output}"],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(f"mvn could not fetch mock-oauth2-server {VERSION}:\n{result.stdout[-2000:]}")
-    return output.read_text().strip()
+    with (work / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        (work / "pom.xml").write_text(_POM)
+        output = work / "classpath.txt"
+        result = subprocess.run(
+            ["mvn", "-q", "-B", "-f", str(work / "pom.xml"), "dependency:build-classpath",
+             f"-Dmdep.outputFile={output}"],
+            capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"mvn could not fetch mock-oauth2-server {VERSION}:\n{result.stdout[-2000:]}")
+        return output.read_text().strip()
 
 
 class AuthorizationServer:
     """mock-oauth2-server on a free loopback port; a token for one of CLIENTS has `sub` = client_id (the
     request's `client_id` form field, so clients authenticate with client_secret_post)."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, maven: Path) -> None:
+        """`work` holds this server's log (one per session); `maven` is the shared classpath cache."""
         self._work = work
+        self._maven = maven
         self._process: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -96,7 +104,7 @@ class AuthorizationServer:
                "JSON_CONFIG": json.dumps(config)}
         log = (self._work / "server.log").open("ab")
         self._process = subprocess.Popen(
-            ["java", "-Xmx256m", "-cp", classpath(self._work / "maven"), MAIN],
+            ["java", "-Xmx256m", "-cp", classpath(self._maven), MAIN],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True,
         )  # fmt: skip
         log.close()
@@ -224,9 +232,8 @@ def authorization_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    work = Path.home() / ".cache" / "popbridge" / "mock-oauth2-server"
-    work.mkdir(parents=True, exist_ok=True)
-    with AuthorizationServer(work) as server:
+    maven = Path.home() / ".cache" / "popbridge" / "mock-oauth2-server" / "maven"
+    with AuthorizationServer(tmp_path_factory.mktemp("oauth2-server"), maven) as server:
         yield server
 
 

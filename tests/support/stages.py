@@ -87,10 +87,16 @@ async def stage_process(
     assert "Traceback" not in output
 
 
+# Python installs its KeyboardInterrupt handler at startup only where SIGINT is not ignored, and a child
+# inherits an ignored SIGINT: pytest started as a background job (`cmd &` in a script) passes one on, through
+# pytest-xdist's workers, to every script here. Each starts with the handler an interactive run gets.
+_DEFAULT_SIGINT = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
 def signalled(script: str, signum: signal.Signals) -> tuple[str, int]:
     """Run `script` in a child process (so the signal never reaches pytest itself), send it `signum`
     once it printed "ready", and return what it printed after that and its exit code."""
-    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+    with subprocess.Popen([sys.executable, "-c", _DEFAULT_SIGINT + script], stdout=subprocess.PIPE, text=True,
                           cwd=Path(__file__).resolve().parents[2]) as child:
         try:
             assert child.stdout is not None
