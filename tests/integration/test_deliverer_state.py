@@ -113,7 +113,9 @@ async def test_a_killed_deliverer_restarts_from_its_store_and_sends_no_copy_twic
     counts = await Deliverer(log, settings, transport, poll_seconds=0.2, batch_size=1,
                              state_path=state).run(until_idle=True)
     assert transport.copies == Counter({**{f"r{i}@example.com": 1 for i in range(20)}, "new@example.com": 1})
-    assert counts.skipped == 20
+    # The 20 replayed copies, plus the last record of the first run when the kill came between its copy
+    # and its offset commit (batches of one: at most one such record); the store skips it too.
+    assert 20 <= counts.skipped <= 21
     # Its own ledger writes moved the checkpoint: the restart read no changelog record, not 20.
     assert sum(restored_counts(restore_log)) == 0
 
