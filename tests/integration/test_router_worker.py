@@ -153,7 +153,8 @@ async def test_started_while_kafka_is_down_the_router_waits_not_ready_and_routes
     waiting = [line for line in lines.lines if "router down" in line]
     # Three failed starts within the outage account's minute: its first line only, then the app ran.
     assert len(waiting) == 1
-    assert waiting[0].startswith("kafka: router down (") and "KafkaConnectionError" in waiting[0]
+    assert waiting[0].startswith("kafka: router down (")
+    assert "KafkaConnectionError" in waiting[0]
     assert not outage.down  # the app's start ended the outage
 
 
