@@ -25,12 +25,12 @@ from typing import Protocol
 from schemas.events import DeliveryAttempted, DeliveryDeadLettered, MailFetched, RecipientsResolved
 from schemas.topics import DEAD_LETTERS, DELIVERY_ATTEMPTS, FETCHED, ROUTED
 from services.ops.locate import KeyRead, Partitioner, Window, kafka_partition, key_reads
-from services.ops.oneshot import gather_or_raise
 from services.ops.reader import decoded, keyed, partition_counts, read_chunks, windowed
 from services.ops.replay import PartitionWindow, ResetPlan, WindowPlan, reset_plan, to_ms, window_plan
 from services.ops.trace import Step, TracedEvent, TraceQuery, is_message_id, step_of, timelines
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.embedded.records import partition_for_key
+from services.runtime.gathering import gather_or_raise
 from services.runtime.log import LogProducer, Outgoing, Record, TopicPartition
 from services.runtime.ops_log import OpsLog, RangeReader
 from services.runtime.settings import DeploymentSettings

@@ -19,13 +19,14 @@ import click
 from services.ops.actions import collect_trace, copy_window, execute_replay, plan_replay, plan_window
 from services.ops.lag import UNKNOWN, Thresholds, lag_json, lag_status, lag_text
 from services.ops.locate import Window, parse_since
-from services.ops.oneshot import gather_or_raise, run_bounded, timeout_option
+from services.ops.oneshot import run_bounded, timeout_option
 from services.ops.replay import ResetPlan, parse_time, plan_text, to_ms, window_text
 from services.ops.shadow import report_text, shadow_replay
 from services.ops.trace import is_message_id, trace_json, trace_text
 from services.runtime.connect import open_log
 from services.runtime.context import CommandContext, Reroute, pass_command_context
 from services.runtime.embedded import EmbeddedLog
+from services.runtime.gathering import gather_or_raise
 from services.runtime.kafka import KafkaLog
 from services.runtime.lag import StageLag
 from services.runtime.log import LogError

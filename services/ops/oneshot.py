@@ -90,14 +90,3 @@ def timeout_of(ctx: click.Context) -> float:
     """The --timeout of the command being run (DEFAULT_TIMEOUT when it has none)."""
     value: Any = ctx.params.get("timeout", DEFAULT_TIMEOUT)
     return float(value)
-
-
-async def gather_or_raise(*work: Awaitable[T]) -> list[T]:
-    """`asyncio.gather` of `work` that, when some fail, raises the first failure with the others collected:
-    left unretrieved, asyncio prints each one's traceback (a refused user fails every read at once)."""
-    results = await asyncio.gather(*work, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return list(results)  # type: ignore[arg-type]  # no exception is left among them
-

@@ -15,13 +15,13 @@ record that does not decode is skipped: a foreign record is not part of any mess
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterable
 from typing import TypeVar
 
 from schemas import codec
 from schemas.events import Event
 from services.ops.locate import CHUNK, KeyRead, Window, next_chunk
+from services.runtime.gathering import gather_or_raise
 from services.runtime.log import LogError, LogRefusedError, Record
 from services.runtime.ops_log import OpsLog, RangeReader
 
@@ -52,7 +52,7 @@ async def partition_counts(log: RangeReader, topics: Iterable[str]) -> dict[str,
     """Per topic, its partition count; 0 for a topic not created (yet). The topics are asked at once (a
     Kafka lookup costs a client start)."""
     names = list(topics)
-    return dict(zip(names, await asyncio.gather(*(_count(log, t) for t in names)), strict=True))
+    return dict(zip(names, await gather_or_raise(*(_count(log, t) for t in names)), strict=True))
 
 
 async def _count(log: RangeReader, topic: str) -> int:
@@ -67,13 +67,13 @@ async def _count(log: RangeReader, topic: str) -> int:
 async def offset_bounds(log: RangeReader, topic: str, window: Window) -> dict[int, tuple[int, int]]:
     """Per partition, the offsets [start, end) of the records appended within `window`; the end is fixed
     now (what is written later is outside the read)."""
-    # asked at once: on Kafka each lookup starts a client
+    # asked at once (on Kafka each lookup starts a client); a failure waits for the others to end
     since = window.since_ms
     first = log.start_offsets(topic) if since is None else log.offsets_for_time(topic, since)
     lookups = [log.end_offsets(topic), first]
     if window.until_ms is not None:
         lookups.append(log.offsets_for_time(topic, window.until_ms))
-    ends, starts, *until = await asyncio.gather(*lookups)
+    ends, starts, *until = await gather_or_raise(*lookups)
     stops = until[0] if until else ends
     return {p: (starts.get(p, end), min(stops.get(p, end), end)) for p, end in ends.items()}
 

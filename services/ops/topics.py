@@ -17,9 +17,10 @@ from typing import Any, Literal
 import click
 
 from schemas.topics import TOPICS, TopicSpec
-from services.ops.oneshot import gather_or_raise, run_bounded, timeout_option
+from services.ops.oneshot import run_bounded, timeout_option
 from services.runtime.connect import kafka_log
 from services.runtime.context import CommandContext, pass_command_context
+from services.runtime.gathering import gather_or_raise
 from services.runtime.kafka import KafkaLog
 from services.runtime.log import LogError
 from services.runtime.settings import ConfigError, DeploymentSettings

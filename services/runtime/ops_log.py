@@ -8,12 +8,12 @@ few offset lookups, plus one single-record read per lagging partition.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Protocol
 
+from services.runtime.gathering import gather_or_raise
 from services.runtime.lag import StageLag, lag_report, position
 from services.runtime.log import LogError, LogRefusedError, Record, TopicPartition
 from services.runtime.stages import Stage
@@ -124,5 +124,5 @@ async def oldest_timestamps(
     """The timestamp (ms) of the record at the group's position, for every partition with lag."""
     waiting = {tp: position(committed.get(tp), starts.get(tp, 0)) for tp in ends}
     waiting = {tp: offset for tp, offset in waiting.items() if offset < ends[tp]}
-    found = await asyncio.gather(*(log.read(tp.topic, tp.partition, o, o + 1) for tp, o in waiting.items()))
+    found = await gather_or_raise(*(log.read(tp.topic, tp.partition, o, o + 1) for tp, o in waiting.items()))
     return {tp: records[0].timestamp_ms for tp, records in zip(waiting, found, strict=True) if records}
