@@ -46,7 +46,7 @@ class KafkaReads:
 
     start: Callable[[], Awaitable[AIOKafkaConsumer]]
     describe: Callable[[str], Awaitable[list[int]]]
-    _partitions: dict[str, list[int]] = field(default_factory=dict)
+    _partitions: dict[str, asyncio.Future[list[int]]] = field(default_factory=dict)
     _idle: list[AIOKafkaConsumer] = field(default_factory=list)
     _first: AIOKafkaConsumer | None = None
     _starting: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -77,9 +77,11 @@ class KafkaReads:
                 self._idle.append(reader)
 
     async def partitions(self, topic: str) -> list[int]:
+        # The lookup itself is kept, not its answer: lookups asked at once (offset_bounds' start and end)
+        # share one describe, where each started its own admin client.
         if topic not in self._partitions:
-            self._partitions[topic] = await self.describe(topic)
-        return self._partitions[topic]
+            self._partitions[topic] = asyncio.ensure_future(self.describe(topic))
+        return await self._partitions[topic]
 
     async def _tps(self, topic: str) -> list[KafkaTopicPartition]:
         return [KafkaTopicPartition(topic, p) for p in await self.partitions(topic)]
