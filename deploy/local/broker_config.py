@@ -127,6 +127,15 @@ def pick_ports(wanted: Ports, before: Ports) -> tuple[int, int]:
     return chosen[0], chosen[1]
 
 
+BIND_TRIES = 3  # starts of the broker when a port picked for it was taken before it bound it
+
+
+def lost_port_race(log_tail: str) -> bool:
+    """Whether a start failed because a port was taken between its pick (free then) and the broker's bind:
+    another process bound it, or an outgoing connection got it as its ephemeral port. Picking again helps."""
+    return "Address already in use" in log_tail
+
+
 def _is_free(port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the JVM does; TIME_WAIT is free

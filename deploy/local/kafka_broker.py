@@ -61,9 +61,11 @@ from pathlib import Path
 
 from broker_base import BrokerError, log
 from broker_config import (
+    BIND_TRIES,
     HOST,
     SCRAM_MECHANISM,
     Ports,
+    lost_port_race,
     pick_ports,
     previous_ports,
     scram_credentials,
@@ -212,20 +214,28 @@ def start(directory: Path, ports: Ports, heap: str, timeout: float, *,
     java = find_java()
     libs = ensure_jars(libs_dir())
     properties, data_dir = directory / "server.properties", directory / "data"
-    port, controller_port = pick_ports(ports, previous_ports(properties))
-    names = [] if scram is None else ["SASL_PLAINTEXT"] + (["SASL_SSL"] if keystore is not None else [])
-    secure = secure_ports(properties, names, [port, controller_port])
-    super_user = scram[0] if acls and scram is not None else None
-    properties.write_text(server_properties(data_dir, port, controller_port, secure, keystore,
-                                            super_user=super_user))
-    format_storage(java, libs, properties, data_dir, scram, more_users=more_users)
-    process = launch(java_command(java, libs, heap, BROKER_MAIN, str(properties)), directory)
-    (directory / "broker.pid").write_text(f"{process.pid}\n")
-    bootstrap = f"{HOST}:{port}"
-    (directory / "bootstrap").write_text(f"{bootstrap}\n")
-    for name in ("SASL_PLAINTEXT", "SASL_SSL"):
-        (directory / _secure_file(name)).unlink(missing_ok=True)
-    _wait_for_child(process, directory, port, timeout)
+    for attempt in range(1, BIND_TRIES + 1):
+        port, controller_port = pick_ports(ports, previous_ports(properties))
+        names = [] if scram is None else ["SASL_PLAINTEXT"] + (["SASL_SSL"] if keystore is not None else [])
+        secure = secure_ports(properties, names, [port, controller_port])
+        super_user = scram[0] if acls and scram is not None else None
+        properties.write_text(server_properties(data_dir, port, controller_port, secure, keystore,
+                                                super_user=super_user))
+        format_storage(java, libs, properties, data_dir, scram, more_users=more_users)
+        process = launch(java_command(java, libs, heap, BROKER_MAIN, str(properties)), directory)
+        (directory / "broker.pid").write_text(f"{process.pid}\n")
+        bootstrap = f"{HOST}:{port}"
+        (directory / "bootstrap").write_text(f"{bootstrap}\n")
+        for name in ("SASL_PLAINTEXT", "SASL_SSL"):
+            (directory / _secure_file(name)).unlink(missing_ok=True)
+        try:
+            _wait_for_child(process, directory, port, timeout)
+        except BrokerError as exc:
+            if attempt < BIND_TRIES and lost_port_race(exc.details):
+                log(f"a port picked for the broker was taken before it bound it; picking again ({attempt})")
+                continue
+            raise
+        break
     for name, secure_port in secure.items():
         wait_listening(secure_port, timeout)
         (directory / _secure_file(name)).write_text(f"{HOST}:{secure_port}\n")
