@@ -12,7 +12,9 @@
 127.0.0.1 only, limits sized for 50 MB mails), formats DIR/data, starts `kafka.Kafka` in its own session
 (output in DIR/broker.log, PID in DIR/broker.pid, address in DIR/bootstrap) and returns once the broker
 answers ApiVersions and lists itself in Metadata on its listener. The last line on stdout is the bootstrap
-address; progress goes to stderr. A second `start` on a running DIR only prints its address again.
+address; progress goes to stderr. A second `start` on a running DIR only prints its address again. Ports
+are picked free and bound by the JVM seconds later; if one was taken in between (the JVM exits with "Address
+already in use"), `start` picks again, up to 3 times.
 `fetch` only fills the jar cache (CI can warm it before the tests). Linux only: liveness is read in /proc.
 
 `--sasl-scram USER:PASSWORD` adds a SASL_PLAINTEXT listener with SCRAM-SHA-512 on another free port of
