@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from schemas.topics import FETCHED
 from services.runtime.embedded import EmbeddedLog
 from services.runtime.oauth2 import TokenState
 from services.runtime.oauth2_tokens import TokenStore, oauth2_directory
-from tests.support.oauth2_server import CLIENTS, AuthorizationServer, OAuth2Dovecot
+from tests.support.oauth2_server import CLIENTS, MAVEN_CACHE, AuthorizationServer, OAuth2Dovecot
 from tests.support.smtp import SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -239,3 +240,26 @@ async def test_the_deliverers_smtp_login_gets_its_own_token_and_dovecot_submissi
     assert store.load("delivery").access_token not in ("", "never-issued")  # cached apart from the mailbox's
     assert f"submission-login: Info: Login: user=<{login}>, method=XOAUTH2" in oauth2_dovecot.log_tail(400)
     assert_no_token_anywhere(store.load("delivery"), output, oauth2_dovecot.log_tail(400))
+
+
+def test_the_authorization_server_picks_another_port_when_its_first_is_taken_before_it_binds(
+    authorization_server: AuthorizationServer, tmp_path: Path
+) -> None:
+    """The port is picked free and bound by the JVM seconds later: one taken in between costs a new pick."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        picks: list[int] = []
+
+        class TakenFirst(AuthorizationServer):
+            def _pick_port(self) -> int:
+                picks.append(busy if not picks else super()._pick_port())
+                return picks[-1]
+
+        with TakenFirst(tmp_path, MAVEN_CACHE) as server:
+            assert server.port == picks[-1]
+            assert server.refresh_token_for(CLIENTS[0], "secret")
+    assert len(picks) == 2
+    assert picks[1] != busy
+    assert "Address already in use" in (tmp_path / "server.log").read_text(errors="replace")

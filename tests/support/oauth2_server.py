@@ -39,6 +39,7 @@ VERSION = "6.0.2"
 MAIN = "no.nav.security.mock.oauth2.StandaloneMockOAuth2ServerKt"
 ISSUER = "default"
 START_TIMEOUT = 60.0
+MAVEN_CACHE = Path.home() / ".cache" / "popbridge" / "mock-oauth2-server" / "maven"  # shared by sessions
 # Each test's client: its tokens carry `sub` = client_id, the Dovecot login of that test's mailbox.
 CLIENTS = tuple(f"cloud-{number}" for number in range(1, 9))
 REDIRECT_URI = "http://127.0.0.1/callback"
@@ -89,9 +90,27 @@ class AuthorizationServer:
         return f"{self.issuer}/token"
 
     def __enter__(self) -> Self:
+        # The port is picked free and bound by the JVM seconds later; if something took it in between (another
+        # session's pick, an outgoing connection's ephemeral port), pick again, as Dovecot and the broker do.
+        for _ in range(3):
+            if self._launch():
+                return self
+            if "Address already in use" not in self._log_tail():
+                break
+        tail = self._log_tail()
+        raise RuntimeError(f"mock-oauth2-server did not answer:\n{tail}")
+
+    def _log_tail(self) -> str:
+        return (self._work / "server.log").read_text(errors="replace")[-2000:]
+
+    def _pick_port(self) -> int:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+            port: int = probe.getsockname()[1]
+        return port
+
+    def _launch(self) -> bool:
+        self.port = self._pick_port()
         config = {"interactiveLogin": False, "tokenCallbacks": [{
             "issuerId": ISSUER, "tokenExpiry": 3600,
             # Dovecot's introspection check wants token_type Bearer, which this server copies from the claims.
@@ -108,8 +127,7 @@ class AuthorizationServer:
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True,
         )  # fmt: skip
         log.close()
-        self._wait_until_answering()
-        return self
+        return self._answering()
 
     def refresh_token_for(self, client_id: str, secret: str) -> str:
         """A refresh token the server issued, through the authorization code grant (what a person's
@@ -141,7 +159,8 @@ class AuthorizationServer:
         document = json.loads(body) if body.strip() else {}
         return document if isinstance(document, dict) else {}
 
-    def _wait_until_answering(self) -> None:
+    def _answering(self) -> bool:
+        """True once the server answers; False (and the process stopped) if it exited or never answered."""
         deadline = time.monotonic() + START_TIMEOUT
         url = f"{self.issuer}/.well-known/openid-configuration"
         while time.monotonic() < deadline:
@@ -150,12 +169,11 @@ class AuthorizationServer:
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
-                        return
+                        return True
             except OSError:
                 time.sleep(0.2)
         self.__exit__()
-        tail = (self._work / "server.log").read_text()[-2000:]
-        raise RuntimeError(f"mock-oauth2-server did not answer:\n{tail}")
+        return False
 
     def __exit__(self, *_: object) -> None:
         process, self._process = self._process, None
@@ -232,8 +250,7 @@ def authorization_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    maven = Path.home() / ".cache" / "popbridge" / "mock-oauth2-server" / "maven"
-    with AuthorizationServer(tmp_path_factory.mktemp("oauth2-server"), maven) as server:
+    with AuthorizationServer(tmp_path_factory.mktemp("oauth2-server"), MAVEN_CACHE) as server:
         yield server
 
 
