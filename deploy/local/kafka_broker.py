@@ -216,11 +216,11 @@ def start(directory: Path, ports: Ports, heap: str, timeout: float, *,
     java = find_java()
     libs = ensure_jars(libs_dir())
     properties, data_dir = directory / "server.properties", directory / "data"
+    names = [] if scram is None else ["SASL_PLAINTEXT"] + (["SASL_SSL"] if keystore is not None else [])
+    super_user = scram[0] if acls and scram is not None else None
     for attempt in range(1, BIND_TRIES + 1):
         port, controller_port = pick_ports(ports, previous_ports(properties))
-        names = [] if scram is None else ["SASL_PLAINTEXT"] + (["SASL_SSL"] if keystore is not None else [])
         secure = secure_ports(properties, names, [port, controller_port])
-        super_user = scram[0] if acls and scram is not None else None
         properties.write_text(server_properties(data_dir, port, controller_port, secure, keystore,
                                                 super_user=super_user))
         format_storage(java, libs, properties, data_dir, scram, more_users=more_users)

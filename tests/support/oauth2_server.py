@@ -92,8 +92,9 @@ class AuthorizationServer:
     def __enter__(self) -> Self:
         # The port is picked free and bound by the JVM seconds later; if something took it in between (another
         # session's pick, an outgoing connection's ephemeral port), pick again, as Dovecot and the broker do.
+        path = classpath(self._maven)  # resolved once: mvn takes seconds, a second pick needs none of it
         for _ in range(3):
-            if self._launch():
+            if self._launch(path):
                 return self
             if "Address already in use" not in self._log_tail():
                 break
@@ -109,7 +110,7 @@ class AuthorizationServer:
             port: int = probe.getsockname()[1]
         return port
 
-    def _launch(self) -> bool:
+    def _launch(self, path: str) -> bool:
         self.port = self._pick_port()
         config = {"interactiveLogin": False, "tokenCallbacks": [{
             "issuerId": ISSUER, "tokenExpiry": 3600,
@@ -123,7 +124,7 @@ class AuthorizationServer:
                "JSON_CONFIG": json.dumps(config)}
         log = (self._work / "server.log").open("ab")
         self._process = subprocess.Popen(
-            ["java", "-Xmx256m", "-cp", classpath(self._maven), MAIN],
+            ["java", "-Xmx256m", "-cp", path, MAIN],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True,
         )  # fmt: skip
         log.close()
